@@ -1,0 +1,329 @@
+"""The motion representation: HumanML3D's 263-dim features (251 for KIT-ML), joint positions and rotations.
+
+Feature layout per frame (J joints): root angular velocity about Y (1), root linear velocity in the root frame
+XZ (2), root height (1), root-relative joint positions (J-1)*3 ("ric"), 6D joint rotations (J-1)*6, joint
+velocities in the root frame J*3, foot contacts (4). This module reproduces HumanML3D's
+``motion_representation.py`` (``process_file``, ``recover_from_ric``) so that users who own HumanML3D or KIT-ML
+train on their files unchanged; ``tests/test_motion.py`` checks it against real HumanML3D clips.
+
+Every public function takes numpy arrays or torch tensors and returns the same kind. Torch inputs keep their
+dtype, device and autograd graph (for training losses); numpy inputs are computed in float64 and returned in
+their own float dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.quaternion import matrix_to_quat, qbetween, qfix, qinv, qmul, qnormalize, qrot, quat_to_cont6d
+from backend.skeleton import SKELETONS, SMPL22, Skeleton, skeleton_for_dim
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+FORWARD_SMOOTHING_SIGMA = 20.0  # frames; HumanML3D smooths the facing direction before computing root rotations
+
+
+def _as_tensor(x: Array, name: str, min_rank: int, last_dims: tuple[int, ...] | None) -> tuple[torch.Tensor, Callable]:
+    """Validate an array argument; return it as a tensor and a function that converts results back."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        out_dtype = x.dtype
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+
+        def back(r: torch.Tensor) -> np.ndarray:
+            return r.detach().numpy().astype(out_dtype, copy=False)
+    elif isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        t = x
+
+        def back(r: torch.Tensor) -> torch.Tensor:
+            return r
+    else:
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if t.dim() < min_rank:
+        raise ValueError(f"{name} must have at least {min_rank} dimensions, got shape {tuple(t.shape)}")
+    if last_dims is not None and tuple(t.shape[-len(last_dims) :]) != last_dims:
+        raise ValueError(f"{name} must end with shape {last_dims}, got shape {tuple(t.shape)}")
+    time_axis = t.dim() - (len(last_dims) if last_dims else 1) - 1
+    if t.shape[time_axis] == 0:
+        raise ValueError(f"{name} is empty: it has no frames (shape {tuple(t.shape)})")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t, back
+
+
+def _skeleton_for_joints(num_joints: int, skeleton: Skeleton | None) -> Skeleton:
+    if skeleton is None:
+        matches = [s for s in SKELETONS.values() if s.num_joints == num_joints]
+        if not matches:
+            known = ", ".join(f"{s.num_joints} ({s.name})" for s in SKELETONS.values())
+            raise ValueError(f"no skeleton has {num_joints} joints; known: {known}")
+        skeleton = matches[0]
+    if skeleton.num_joints != num_joints:
+        raise ValueError(f"positions have {num_joints} joints but skeleton {skeleton.name!r} has {skeleton.num_joints}")
+    return skeleton
+
+
+def _positions_arg(positions: Array, skeleton: Skeleton | None) -> tuple[torch.Tensor, Callable, Skeleton]:
+    if not isinstance(positions, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"positions must be a numpy array or a torch tensor, got {type(positions).__name__}")
+    if positions.ndim < 3 or positions.shape[-1] != 3:
+        raise ValueError(f"positions must have shape (..., T, J, 3), got {tuple(positions.shape)}")
+    skeleton = _skeleton_for_joints(positions.shape[-2], skeleton)
+    t, back = _as_tensor(positions, "positions", 3, (skeleton.num_joints, 3))
+    return t, back, skeleton
+
+
+def _features_arg(features: Array) -> tuple[torch.Tensor, Callable, Skeleton]:
+    if not isinstance(features, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"features must be a numpy array or a torch tensor, got {type(features).__name__}")
+    if features.ndim < 2:
+        raise ValueError(f"features must have shape (..., T, D), got {tuple(features.shape)}")
+    skeleton = skeleton_for_dim(features.shape[-1])
+    t, back = _as_tensor(features, "features", 2, (skeleton.feature_dim,))
+    return t, back, skeleton
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.linalg.norm(v, dim=-1, keepdim=True)
+
+
+def _up(like: torch.Tensor) -> torch.Tensor:
+    return like.new_tensor([0.0, 1.0, 0.0]).expand_as(like)
+
+
+def _facing(positions: torch.Tensor, skeleton: Skeleton, *, humanml3d_ik_order: bool) -> torch.Tensor:
+    """Forward direction (..., T, 3) from the hips and shoulders.
+
+    HumanML3D unpacks its face joints in two different orders: ``process_file`` as (r_hip, l_hip, r_sdr, l_sdr)
+    and ``Skeleton.inverse_kinematics_np`` as (l_hip, r_hip, r_sdr, l_sdr), so in the latter the hip term points
+    the other way and only the (wider) shoulders decide the direction. We keep both to reproduce its features.
+    """
+    a, b, sr, sl = skeleton.face_joints
+    hips = positions[..., a, :] - positions[..., b, :]
+    if humanml3d_ik_order:
+        hips = -hips
+    across = _unit(hips + positions[..., sr, :] - positions[..., sl, :])
+    return torch.cross(_up(across), across, dim=-1)
+
+
+def _gaussian_smooth_time(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """scipy.ndimage.gaussian_filter1d(x, sigma, axis=-2, mode='nearest') for x (..., T, C)."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    lead, (t, c) = x.shape[:-2], x.shape[-2:]
+    flat = x.reshape(-1, t, c).transpose(1, 2).reshape(-1, 1, t)
+    padded = F.pad(flat, (radius, radius), mode="replicate")
+    smoothed = F.conv1d(padded, kernel.view(1, 1, -1))
+    return smoothed.reshape(-1, c, t).transpose(1, 2).reshape(*lead, t, c)
+
+
+def canonicalize_positions(positions: Array, skeleton: Skeleton = SMPL22) -> Array:
+    """HumanML3D's steps before feature extraction, on joint positions (..., T, J, 3) in metres, Y up.
+
+    1. Uniform skeleton: every bone keeps its direction and gets the canonical length (the root trajectory is
+       scaled by the ratio of lower-leg lengths), as HumanML3D's ``uniform_skeleton`` IK/FK round trip does.
+    2. Put on the floor (lowest joint over the clip at y = 0). 3. Root XZ at the origin at frame 0.
+    4. Rotate about Y so the body faces +Z at frame 0.
+    """
+    p, back, skeleton = _positions_arg(positions, skeleton)
+    if skeleton.rest_offsets is None:
+        raise ValueError(f"skeleton {skeleton.name!r} has no canonical bone lengths to uniform to")
+    lengths = p.new_tensor(np.linalg.norm(skeleton.rest_offsets, axis=-1))
+    parents = skeleton.parents
+    shin, thigh = skeleton.kinematic_chains[0][2], skeleton.kinematic_chains[0][3]  # HumanML3D's l_idx1, l_idx2
+
+    def bone(q: torch.Tensor, j: int) -> torch.Tensor:
+        return q[..., j, :] - q[..., parents[j], :]
+
+    src_leg = torch.linalg.norm(bone(p[..., :1, :, :], shin), dim=-1) + torch.linalg.norm(
+        bone(p[..., :1, :, :], thigh), dim=-1
+    )
+    scale = (lengths[shin] + lengths[thigh]) / src_leg  # (..., 1)
+    joints = [p[..., 0, :] * scale[..., None]]
+    for j in range(1, skeleton.num_joints):
+        joints.append(joints[parents[j]] + _unit(bone(p, j)) * lengths[j])
+    p = torch.stack(joints, dim=-2)
+
+    floor = p[..., 1].amin(dim=(-2, -1), keepdim=True)
+    p = p - torch.stack([torch.zeros_like(floor), floor, torch.zeros_like(floor)], dim=-1)
+    origin = p[..., :1, :1, :] * p.new_tensor([1.0, 0.0, 1.0])
+    p = p - origin
+    forward = _unit(_facing(p[..., :1, :, :], skeleton, humanml3d_ik_order=False))  # (..., 1, 3)
+    turn = qbetween(forward, forward.new_tensor([0.0, 0.0, 1.0]).expand_as(forward))
+    return back(qrot(turn[..., None, :].expand((*p.shape[:-1], 4)), p))
+
+
+def positions_to_features(
+    positions: Array, skeleton: Skeleton | None = None, feet_threshold: float | None = None
+) -> Array:
+    """Joint positions (..., T, J, 3), already canonical, to features (..., T-1, D) exactly as HumanML3D does.
+
+    The input is what :func:`canonicalize_positions` returns (or HumanML3D's ``new_joints``). Known differences
+    from HumanML3D's shipped features when the input is HumanML3D's own ``new_joints``: those files hold one frame
+    fewer than the positions the features were made from, so the facing direction, smoothed over +-80 frames, is
+    smoothed over a shorter clip near its end; root-relative positions, 6D rotations and velocities of the last
+    ~80 frames then differ by a slightly different root yaw. Elsewhere every channel group agrees.
+    Like HumanML3D's released files, frame 0 uses the identity root rotation (the input already faces +Z).
+    """
+    p, back, skeleton = _positions_arg(positions, skeleton)
+    if p.shape[-3] < 2:
+        raise ValueError(f"positions need at least 2 frames to compute velocities, got {p.shape[-3]}")
+    threshold = skeleton.feet_threshold if feet_threshold is None else feet_threshold
+
+    def contacts(feet: tuple[int, int]) -> torch.Tensor:
+        step = p[..., 1:, list(feet), :] - p[..., :-1, list(feet), :]
+        return ((step**2).sum(-1) < threshold).to(p.dtype)
+
+    # Root rotation from the smoothed facing direction, then HumanML3D's per-chain inverse kinematics.
+    forward = _unit(_gaussian_smooth_time(_facing(p, skeleton, humanml3d_ik_order=True), FORWARD_SMOOTHING_SIGMA))
+    root_quat = qbetween(forward, forward.new_tensor([0.0, 0.0, 1.0]).expand_as(forward))
+    # HumanML3D's released files were made with the root rotation of frame 0 forced to identity (a line of its
+    # inverse_kinematics_np that is commented out in today's repository); the shipped features prove it.
+    root_quat = torch.cat(
+        [torch.ones_like(root_quat[..., :1, :1]) * root_quat.new_tensor([1.0, 0, 0, 0]), root_quat[..., 1:, :]], dim=-2
+    )
+    local = [root_quat] * skeleton.num_joints
+    raw = p.new_tensor(skeleton.raw_offsets)
+    for chain in skeleton.kinematic_chains:
+        accumulated = root_quat
+        for parent, child in itertools.pairwise(chain):
+            direction = _unit(p[..., child, :] - p[..., parent, :])
+            world = qbetween(raw[child].expand_as(direction), direction)
+            local[child] = qmul(qinv(accumulated), world)
+            accumulated = qmul(accumulated, local[child])
+    rot6d = quat_to_cont6d(torch.stack(local[1:], dim=-2))  # (..., T, J-1, 6)
+
+    root_velocity = qrot(root_quat[..., 1:, :], p[..., 1:, 0, :] - p[..., :-1, 0, :])
+    root_turn = qmul(root_quat[..., 1:, :], qinv(root_quat[..., :-1, :]))
+    relative = p - p[..., :1, :] * p.new_tensor([1.0, 0.0, 1.0])
+    ric = qrot(root_quat[..., None, :].expand((*p.shape[:-1], 4)), relative)
+    joint_velocity = qrot(
+        root_quat[..., :-1, None, :].expand((*p.shape[:-3], p.shape[-3] - 1, skeleton.num_joints, 4)),
+        p[..., 1:, :, :] - p[..., :-1, :, :],
+    )
+    t1 = p.shape[-3] - 1
+    features = torch.cat(
+        [
+            torch.arcsin(root_turn[..., 2:3]),
+            root_velocity[..., [0, 2]],
+            ric[..., :-1, 0, 1:2],
+            ric[..., :-1, 1:, :].reshape(*p.shape[:-3], t1, -1),
+            rot6d[..., :-1, :, :].reshape(*p.shape[:-3], t1, -1),
+            joint_velocity.reshape(*p.shape[:-3], t1, -1),
+            contacts(skeleton.foot_left),
+            contacts(skeleton.foot_right),
+        ],
+        dim=-1,
+    )
+    return back(features)
+
+
+def _root_rotation_and_position(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HumanML3D's ``recover_root_rot_pos``: root yaw quaternion (..., T, 4) and root position (..., T, 3)."""
+    angle = torch.cumsum(F.pad(f[..., :-1, 0], (1, 0)), dim=-1)
+    zeros = torch.zeros_like(angle)
+    root_quat = torch.stack([torch.cos(angle), zeros, torch.sin(angle), zeros], dim=-1)
+    step = torch.stack([f[..., :-1, 1], torch.zeros_like(f[..., :-1, 1]), f[..., :-1, 2]], dim=-1)
+    step = F.pad(step, (0, 0, 1, 0))
+    position = torch.cumsum(qrot(qinv(root_quat), step), dim=-2)
+    position = torch.stack([position[..., 0], f[..., 3], position[..., 2]], dim=-1)
+    return root_quat, position
+
+
+def features_to_positions(features: Array) -> Array:
+    """Features (..., T, D) to joint positions (..., T, J, 3): HumanML3D's ``recover_from_ric``."""
+    f, back, skeleton = _features_arg(features)
+    root_quat, root_position = _root_rotation_and_position(f)
+    j = skeleton.num_joints
+    ric = f[..., 4 : 4 + (j - 1) * 3].reshape(*f.shape[:-1], j - 1, 3)
+    joints = qrot(qinv(root_quat)[..., None, :].expand((*ric.shape[:-1], 4)), ric)
+    joints = joints + (root_position * root_position.new_tensor([1.0, 0.0, 1.0]))[..., None, :]
+    return back(torch.cat([root_position[..., None, :], joints], dim=-2))
+
+
+def _kabsch(rest: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices R (..., 3, 3) minimising sum |R rest_i - current_i|^2 over vectors i (rest: (N, 3))."""
+    h = torch.einsum("ni,...nj->...ij", rest, current)
+    u, _, vt = torch.linalg.svd(h)
+    d = torch.sign(torch.linalg.det(vt.transpose(-1, -2) @ u.transpose(-1, -2)))
+    fix = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], dim=-1))
+    return vt.transpose(-1, -2) @ fix @ u.transpose(-1, -2)
+
+
+def _swing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Smallest rotation from direction a to b, also where they are opposite (then 180 degrees about a normal)."""
+    a, b = _unit(a), _unit(b)
+    q = torch.cat([1.0 + (a * b).sum(-1, keepdim=True), torch.cross(a, b, dim=-1)], dim=-1)
+    opposite = torch.linalg.norm(q, dim=-1, keepdim=True) < 1e-6
+    helper = torch.where(a[..., :1].abs() < 0.9, a.new_tensor([1.0, 0.0, 0.0]), a.new_tensor([0.0, 1.0, 0.0]))
+    half_turn = torch.cat([torch.zeros_like(a[..., :1]), _unit(torch.cross(a, helper.expand_as(a), dim=-1))], dim=-1)
+    return qnormalize(torch.where(opposite, half_turn, q))
+
+
+def features_to_rotations(features: Array) -> tuple[Array, Array]:
+    """Features (T, D) to (root_translation (T, 3), local joint rotations (T, J, 4) as w, x, y, z).
+
+    The rotations are standard parent-relative ones over the rest pose ``SMPL22.rest_offsets`` (what the backend
+    streams and the add-on keys): :func:`forward_kinematics` of them lands on :func:`features_to_positions`.
+    Joints with several children (pelvis, spine3) take the best-fitting rotation of their rigid children
+    (Kabsch); a joint with one child takes the smallest swing from where its parent carries the bone to where
+    the bone is, so twist is inherited from the parent; end joints (head, wrists, feet) keep their parent's
+    orientation. Quaternion signs are made continuous over time.
+    """
+    f, back, skeleton = _features_arg(features)
+    if skeleton.rest_offsets is None:
+        raise ValueError(f"rotations need a rest pose; skeleton {skeleton.name!r} has none")
+    p = features_to_positions(f)
+    rest = p.new_tensor(skeleton.rest_offsets)
+    parents, children = skeleton.parents, skeleton.children
+    world: list[torch.Tensor | None] = [None] * skeleton.num_joints
+    local: list[torch.Tensor | None] = [None] * skeleton.num_joints
+    for j in range(skeleton.num_joints):  # parents come before children in both skeletons
+        kids = list(children[j])
+        parent_world = world[parents[j]] if j > 0 else None
+        if len(kids) > 1 or j == 0:
+            current = p[..., kids, :] - p[..., j : j + 1, :]
+            world[j] = matrix_to_quat(_kabsch(rest[kids], current))
+        elif len(kids) == 1:
+            carried = qrot(parent_world, rest[kids[0]].expand((*p.shape[:-2], 3)))
+            world[j] = qmul(_swing(carried, p[..., kids[0], :] - p[..., j, :]), parent_world)
+        else:
+            world[j] = parent_world
+        local[j] = world[j] if j == 0 else qmul(qinv(parent_world), world[j])
+    rotations = qfix(qnormalize(torch.stack(local, dim=-2)))
+    return back(p[..., 0, :]), back(rotations)
+
+
+def forward_kinematics(root_translation: Array, local_quaternions: Array, skeleton: Skeleton = SMPL22) -> Array:
+    """Joint positions (..., T, J, 3) from a root translation (..., T, 3) and local rotations (..., T, J, 4)."""
+    if skeleton.rest_offsets is None:
+        raise ValueError(f"skeleton {skeleton.name!r} has no rest pose")
+    q, back = _as_tensor(local_quaternions, "local_quaternions", 3, (skeleton.num_joints, 4))
+    root, _ = _as_tensor(root_translation, "root_translation", 2, (3,))
+    if root.shape[:-1] != q.shape[:-2]:
+        raise ValueError(f"root_translation {tuple(root.shape)} and rotations {tuple(q.shape)} disagree on frames")
+    root = root.to(q.dtype)
+    q = qnormalize(q)
+    rest = q.new_tensor(skeleton.rest_offsets)
+    parents = skeleton.parents
+    world: list[torch.Tensor] = []
+    joints: list[torch.Tensor] = []
+    for j in range(skeleton.num_joints):
+        if j == 0:
+            world.append(q[..., 0, :])
+            joints.append(root)
+        else:
+            world.append(qmul(world[parents[j]], q[..., j, :]))
+            joints.append(joints[parents[j]] + qrot(world[parents[j]], rest[j].expand_as(root)))
+    return back(torch.stack(joints, dim=-2))

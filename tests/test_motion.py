@@ -1,0 +1,147 @@
+"""The motion representation reproduces HumanML3D's own files (shared/data/humanml3d-samples)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.motion import (
+    canonicalize_positions,
+    features_to_positions,
+    features_to_rotations,
+    forward_kinematics,
+    positions_to_features,
+)
+from backend.skeleton import KIT21, SMPL22, skeleton_for_dim
+
+GROUPS = {
+    "root angular velocity": slice(0, 1),
+    "root linear velocity": slice(1, 3),
+    "root height": slice(3, 4),
+    "root-relative positions": slice(4, 67),
+    "6D rotations": slice(67, 193),
+    "joint velocities": slice(193, 259),
+    "foot contacts": slice(259, 263),
+}
+SMOOTHING_RADIUS = 80  # frames: HumanML3D's gaussian_filter1d(sigma=20) reaches 4 sigma
+
+
+def load_clips(samples):
+    clips = []
+    for path in sorted((samples / "new_joint_vecs").glob("*.npy")):
+        clips.append((path.stem, np.load(path), np.load(samples / "new_joints" / path.name)))
+    assert len(clips) == 3
+    return clips
+
+
+def test_feature_layout():
+    assert SMPL22.feature_dim == 263 and KIT21.feature_dim == 251
+    assert skeleton_for_dim(263) is SMPL22 and skeleton_for_dim(251) is KIT21
+    for skeleton in (SMPL22, KIT21):
+        assert all(p < j for j, p in enumerate(skeleton.parents) if j > 0), "parents must precede children"
+    bones = np.linalg.norm(SMPL22.rest_offsets, axis=1)
+    assert bones[0] == 0 and (bones[1:] > 0.05).all()
+    assert SMPL22.rest_offsets[SMPL22.joint_names.index("left_hip"), 0] > 0, "left is +X when facing +Z"
+    assert SMPL22.to_json()["parents"][0] == -1
+
+
+def test_features_to_positions_reproduces_new_joints(humanml3d_samples):
+    for name, features, joints in load_clips(humanml3d_samples):
+        positions = features_to_positions(features)
+        assert positions.shape == joints.shape and positions.dtype == np.float32
+        assert np.abs(positions - joints).max() < 1e-4, name
+
+
+def test_positions_to_features_matches_shipped_features(humanml3d_samples):
+    for name, features, joints in load_clips(humanml3d_samples):
+        ours = positions_to_features(joints)
+        assert ours.shape == (len(features) - 1, 263)
+        shipped = features[:-1]
+        head = len(ours) - SMOOTHING_RADIUS  # frames the missing last frame cannot reach
+        for group, cols in GROUPS.items():
+            assert np.abs(ours[:head, cols] - shipped[:head, cols]).max() < 1e-5, f"{name}: {group}"
+        # Near the end the facing direction is smoothed over a clip one frame shorter (see the docstring):
+        # only yaw-dependent groups may move there, and only a little.
+        for group in ("root height", "foot contacts"):
+            assert np.array_equal(ours[:, GROUPS[group]], shipped[:, GROUPS[group]]), f"{name}: {group}"
+        assert (
+            np.abs(ours[:, GROUPS["root-relative positions"]] - shipped[:, GROUPS["root-relative positions"]]).max()
+            < 0.01
+        )
+        assert np.abs(ours - shipped).max() < 0.05
+
+
+def test_rotations_forward_kinematics_round_trip(humanml3d_samples):
+    for name, features, _ in load_clips(humanml3d_samples):
+        root, quats = features_to_rotations(features)
+        assert root.shape == (len(features), 3) and quats.shape == (len(features), 22, 4)
+        np.testing.assert_allclose(np.linalg.norm(quats, axis=-1), 1.0, atol=1e-5)
+        assert (np.sum(quats[1:] * quats[:-1], axis=-1) >= 0).all(), "quaternion signs must be continuous"
+        error = np.linalg.norm(forward_kinematics(root, quats) - features_to_positions(features), axis=-1)
+        assert error.mean() < 0.01, f"{name}: mean FK error {error.mean():.4f} m"
+        assert error.max() < 0.03, f"{name}: max FK error {error.max():.4f} m"
+
+
+def test_canonicalize_is_idempotent_on_humanml3d_joints(humanml3d_samples):
+    _, _, joints = load_clips(humanml3d_samples)[0]
+    assert np.abs(canonicalize_positions(joints) - joints).max() < 1e-4
+
+
+def test_canonicalize_undoes_scale_turn_and_offset(humanml3d_samples):
+    _, _, joints = load_clips(humanml3d_samples)[1]
+    angle = 1.1
+    turn = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    moved = (joints @ turn.T) * 1.3 + np.array([2.0, 0.5, -3.0])
+    np.testing.assert_allclose(canonicalize_positions(moved), joints, atol=1e-4)
+
+
+def test_torch_batched_and_differentiable(humanml3d_samples):
+    clips = load_clips(humanml3d_samples)
+    batch = torch.tensor(np.stack([c[1][:150] for c in clips]), requires_grad=True)
+    positions = features_to_positions(batch)
+    assert positions.shape == (3, 150, 22, 3) and positions.dtype == torch.float32
+    for i, (_, _, joints) in enumerate(clips):
+        assert (positions[i].detach().numpy() - joints[:150]).__abs__().max() < 1e-4
+    positions.square().sum().backward()
+    assert batch.grad is not None and torch.isfinite(batch.grad).all() and batch.grad.abs().sum() > 0
+    features = positions_to_features(torch.tensor(np.stack([c[2][:100] for c in clips]), dtype=torch.float64))
+    assert features.shape == (3, 99, 263) and features.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (np.zeros((10, 262), np.float32), ValueError, "262-dimensional"),
+        (np.zeros((0, 263), np.float32), ValueError, "empty"),
+        (np.full((5, 263), np.nan, np.float32), ValueError, "NaN"),
+        (np.zeros(263, np.float32), ValueError, "shape"),
+        (np.zeros((5, 263), np.int64), TypeError, "floating-point"),
+        ([[0.0] * 263], TypeError, "numpy array or a torch tensor"),
+    ],
+)
+def test_bad_features_are_rejected(bad, error, message):
+    for fn in (features_to_positions, features_to_rotations):
+        with pytest.raises(error, match=message):
+            fn(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((10, 22, 2)), "shape"),
+        (np.zeros((10, 22)), "shape"),
+        (np.zeros((10, 23, 3)), "no skeleton has 23 joints"),
+        (np.zeros((0, 22, 3)), "empty"),
+        (np.zeros((1, 22, 3)), "at least 2 frames"),
+        (np.full((4, 22, 3), np.inf), "NaN or infinite"),
+    ],
+)
+def test_bad_positions_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        positions_to_features(bad)
+
+
+def test_forward_kinematics_rejects_mismatched_frames():
+    with pytest.raises(ValueError, match="disagree"):
+        forward_kinematics(np.zeros((4, 3)), np.tile([1.0, 0, 0, 0], (5, 22, 1)))
