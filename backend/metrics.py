@@ -1,0 +1,156 @@
+"""The text-to-motion metrics of Guo et al. 2022 ("Generating Diverse and Natural 3D Human Motions from Text"),
+computed on evaluator embeddings, as MLD, MDM, T2M-GPT, MoMask and Motion Mamba report them.
+
+All functions take numpy arrays (or anything ``np.asarray`` reads, e.g. CPU torch tensors), compute in float64,
+and raise ``ValueError`` on empty, non-finite or mismatched input. Randomness comes from a ``np.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "diversity",
+    "euclidean_distances",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "gaussian_stats",
+    "mean_ci",
+    "mm_dist",
+    "multimodality",
+    "r_precision",
+]
+
+
+def _matrix(x, name: str, min_rows: int = 1) -> np.ndarray:
+    """``x`` as a finite float64 (N, D) array with N >= min_rows, or ValueError."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"{name}: expected an (N, D) array of embeddings, got shape {a.shape}")
+    if a.shape[0] < min_rows:
+        raise ValueError(f"{name}: needs at least {min_rows} embeddings, got {a.shape[0]}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: embeddings contain NaN or infinity")
+    return a
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: shapes differ, {a.shape} vs {b.shape}")
+
+
+def gaussian_stats(x) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) (unbiased, rows are samples) of embeddings x (N, D), N >= 2."""
+    a = _matrix(x, "gaussian_stats", min_rows=2)
+    return a.mean(axis=0), np.cov(a, rowvar=False)
+
+
+def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues clipped)."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
+
+    tr((s1 s2)^(1/2)) is the sum of square roots of the eigenvalues of s1 s2, which equal those of the symmetric
+    PSD matrix s1^(1/2) s2 s1^(1/2); two symmetric eigendecompositions replace scipy's general ``sqrtm`` and stay
+    real and stable for singular covariances (few samples, many dimensions).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.shape != mu2.shape or mu1.ndim != 1 or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(
+            f"frechet_distance: inconsistent shapes mu {mu1.shape}, {mu2.shape}, sigma {s1.shape}, {s2.shape}"
+        )
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise ValueError("frechet_distance: statistics contain NaN or infinity")
+    root1 = _sqrtm_psd(s1)
+    eig = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean, 0.0))
+
+
+def frechet_distance(x, y) -> float:
+    """FID between two sets of embeddings x (N, D) and y (M, D), each fitted with a Gaussian."""
+    a, b = _matrix(x, "frechet_distance x", 2), _matrix(y, "frechet_distance y", 2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"frechet_distance: embedding sizes differ, {a.shape[1]} vs {b.shape[1]}")
+    return frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def euclidean_distances(x, y) -> np.ndarray:
+    """Pairwise Euclidean distances (N, M) between rows of x (N, D) and y (M, D)."""
+    a, b = _matrix(x, "euclidean_distances x"), _matrix(y, "euclidean_distances y")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"euclidean_distances: embedding sizes differ, {a.shape[1]} vs {b.shape[1]}")
+    sq = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
+    return np.sqrt(np.clip(sq, 0.0, None))
+
+
+def r_precision(
+    text, motion, top_k: int = 3, batch_size: int = 32, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """R-precision top-1..top_k: shuffle the N (text, motion) pairs, split into batches of ``batch_size``
+    (the remainder is dropped, as Guo et al.'s loader does), and count how often a text's own motion is among
+    the k motions nearest to it in its batch (itself + batch_size - 1 others). Returns (top_k,) accuracies."""
+    t, m = _matrix(text, "r_precision text"), _matrix(motion, "r_precision motion")
+    _same_shape(t, m, "r_precision")
+    if not 1 <= top_k <= batch_size:
+        raise ValueError(f"r_precision: need 1 <= top_k <= batch_size, got {top_k}, {batch_size}")
+    if t.shape[0] < batch_size:
+        raise ValueError(f"r_precision: needs at least batch_size={batch_size} pairs, got {t.shape[0]}")
+    order = (rng or np.random.default_rng()).permutation(t.shape[0])
+    batches = order[: t.shape[0] // batch_size * batch_size].reshape(-1, batch_size)
+    hits = np.zeros(top_k)
+    for idx in batches:
+        dist = euclidean_distances(t[idx], m[idx])
+        rank = (dist < np.diag(dist)[:, None]).sum(axis=1)  # motions strictly nearer than the right one
+        hits += (rank[:, None] < np.arange(1, top_k + 1)[None, :]).sum(axis=0)
+    return hits / batches.size
+
+
+def mm_dist(text, motion) -> float:
+    """Multimodal distance: mean Euclidean distance between each text embedding and its motion's."""
+    t, m = _matrix(text, "mm_dist text"), _matrix(motion, "mm_dist motion")
+    _same_shape(t, m, "mm_dist")
+    return float(np.linalg.norm(t - m, axis=1).mean())
+
+
+def diversity(x, pairs: int = 300, rng: np.random.Generator | None = None) -> float:
+    """Mean distance between ``pairs`` random pairs of embeddings x (N, D), N >= pairs (Guo et al. draw each
+    side's indices without replacement)."""
+    a = _matrix(x, "diversity", min_rows=max(pairs, 2))
+    rng = rng or np.random.default_rng()
+    first, second = rng.choice(a.shape[0], pairs, replace=False), rng.choice(a.shape[0], pairs, replace=False)
+    return float(np.linalg.norm(a[first] - a[second], axis=1).mean())
+
+
+def multimodality(x, pairs: int = 10, rng: np.random.Generator | None = None) -> float:
+    """MultiModality: x (P, S, D) holds S generated samples for each of P prompts; the mean distance between
+    ``pairs`` random pairs of samples of the same prompt (the same pair indices for every prompt, as Guo et al.)."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 3 or 0 in a.shape:
+        raise ValueError(f"multimodality: expected (prompts, samples, D) embeddings, got shape {a.shape}")
+    if a.shape[1] < pairs:
+        raise ValueError(f"multimodality: needs at least pairs={pairs} samples per prompt, got {a.shape[1]}")
+    if not np.isfinite(a).all():
+        raise ValueError("multimodality: embeddings contain NaN or infinity")
+    rng = rng or np.random.default_rng()
+    first, second = rng.choice(a.shape[1], pairs, replace=False), rng.choice(a.shape[1], pairs, replace=False)
+    return float(np.linalg.norm(a[:, first] - a[:, second], axis=2).mean())
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and 95% confidence half-width 1.96 * std / sqrt(n) of repeated measurements (population std, as
+    Guo et al.'s ``get_metric_statistics``)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"mean_ci: expected a non-empty 1-D sequence, got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError("mean_ci: values contain NaN or infinity")
+    return float(v.mean()), float(1.96 * v.std() / np.sqrt(v.size))
