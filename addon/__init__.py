@@ -1,0 +1,1 @@
+"""Motion Mamba Blender extension (bpy is imported only inside register() and submodules)."""

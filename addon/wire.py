@@ -1,0 +1,609 @@
+"""The wire between Blender (or any client) and the generation backend: schema, framing, validation, client.
+
+This module is the one place the protocol lives. It imports only the standard library, numpy and pyzmq, so
+Blender's Python, the batch tool and the backend all use it.
+
+Framing: every message is a ZeroMQ multipart. Frame 0 is a UTF-8 JSON object (the header) with ``type``,
+``id`` and ``version``; ``frames`` replies add frame 1, raw little-endian float32 data whose ``shape`` and
+``dtype`` the header gives. Nothing is ever pickled.
+
+Requests (client -> server)             Replies (server -> client, same ``id``)
+  hello                                   hello {model, device, fps, skeleton, limits}
+  generate {prompt, seconds, seed,        accepted {queue}, progress {step, total}*,
+            guidance, steps, samples}     frames {sample, start, count, shape, dtype}* + data,
+                                          done {frames, timings}
+  cancel   (id = the request to stop)     (the generate stream ends with error {code: "cancelled"})
+  ping                                    pong {queued, running}
+  anything wrong                          error {code, message[, step, cancel_step]}
+
+A ``frames`` data block is float32 (count, 3 + 4 * J): the root translation (metres, Y up) then one local
+rotation quaternion (w, x, y, z) per joint of the skeleton announced in ``hello``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+PROTOCOL_VERSION = 1
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+DTYPE = "<f4"
+
+REQUEST_TYPES = ("hello", "generate", "cancel", "ping")
+REPLY_TYPES = ("hello", "accepted", "progress", "frames", "done", "error", "pong")
+ERROR_CODES = (
+    "bad_request",  # malformed or out-of-range input; the message says what and why
+    "version",  # the client speaks another protocol version
+    "busy",  # the server's queue is full; retry later
+    "cancelled",  # the client cancelled the request
+    "shutting_down",  # the server is stopping
+    "internal",  # the model failed; the server keeps serving
+    "timeout",  # client side: the server went silent
+    "disconnected",  # client side: the connection to the server dropped
+)
+_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_INT_RANGE = (-(2**53), 2**53)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts; it announces its own values in the ``hello`` reply."""
+
+    max_prompt_chars: int = 1000
+    min_seconds: float = 0.5
+    max_seconds: float = 10.0
+    max_samples: int = 8
+    max_steps: int = 1000
+    max_guidance: float = 30.0
+    max_seed: int = 2**31 - 1
+    max_message_bytes: int = 4 * 2**20
+    max_queue: int = 32
+
+    def to_json(self) -> dict[str, Any]:
+        """The limits as a JSON-able dict (the ``limits`` field of ``hello``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Limits:
+        """Limits from a ``hello`` reply, ignoring keys this version does not know."""
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema: for every message type, its fields (name -> kind) and which are optional.
+# Kinds: "str", "int" (not bool), "number" (int or float, finite), "object", "list".
+_REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
+    "hello": ({}, frozenset()),
+    "generate": (
+        {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
+         "samples": "int"},
+        frozenset(),
+    ),
+    "cancel": ({}, frozenset()),
+    "ping": ({}, frozenset()),
+}
+_REPLIES: dict[str, tuple[dict[str, str], frozenset[str]]] = {
+    "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object"},
+              frozenset()),
+    "accepted": ({"queue": "int"}, frozenset()),
+    "progress": ({"step": "int", "total": "int"}, frozenset()),
+    "frames": ({"sample": "int", "start": "int", "count": "int", "shape": "list", "dtype": "str"},
+               frozenset()),
+    "done": ({"frames": "int", "timings": "object"}, frozenset()),
+    "error": ({"code": "str", "message": "str", "step": "int", "cancel_step": "int"},
+              frozenset({"step", "cancel_step"})),
+    "pong": ({"queued": "int", "running": "int"}, frozenset()),
+}
+_HEADER_KEYS = ("type", "id", "version")
+
+
+class WireError(ValueError):
+    """A message that breaks the protocol; ``code`` is the error code to answer with."""
+
+    def __init__(self, message: str, code: str = "bad_request", request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+@dataclass
+class Message:
+    """One decoded wire message: the JSON header and, for ``frames``, its float32 data."""
+
+    header: dict[str, Any]
+    data: np.ndarray | None = None
+
+    @property
+    def type(self) -> str:
+        return self.header["type"]
+
+    @property
+    def id(self) -> str | None:
+        return self.header["id"]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.header[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+
+def _check_kind(name: str, value: Any, kind: str) -> None:
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "list": isinstance(value, list),
+    }[kind]
+    if not ok:
+        raise WireError(f"field '{name}' must be {_KIND_WORDS[kind]}, "
+                        f"got {type(value).__name__} {_short(value)}")
+    if kind == "number" and not math.isfinite(value):
+        raise WireError(f"field '{name}' must be a finite number, got {value}")
+    if kind == "int" and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        raise WireError(f"field '{name}' is out of range: {_short(value)}")
+
+
+_KIND_WORDS = {"str": "a string", "int": "an integer", "number": "a number", "object": "a JSON object",
+               "list": "a JSON array"}
+
+
+def _short(value: Any, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise WireError(f"field '{name}' must be between {lo} and {hi}, got {_short(value)}")
+
+
+def check_generate(header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
+    """Range checks of a ``generate`` request whose field types are already valid; raises WireError."""
+    prompt = header["prompt"]
+    if len(prompt) > limits.max_prompt_chars:
+        raise WireError(f"prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
+    if not prompt.strip():
+        raise WireError("prompt is empty")
+    _check_range("seconds", header["seconds"], limits.min_seconds, limits.max_seconds)
+    _check_range("seed", header["seed"], 0, limits.max_seed)
+    _check_range("guidance", header["guidance"], 0.0, limits.max_guidance)
+    _check_range("steps", header["steps"], 1, limits.max_steps)
+    _check_range("samples", header["samples"], 1, limits.max_samples)
+
+
+def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Check a decoded header against the schema (requests when ``reply`` is False); returns it or raises.
+
+    The id is read first so that errors can name the request they answer (``WireError.request_id``).
+    """
+    if not isinstance(header, dict):
+        raise WireError(f"header must be a JSON object, got {type(header).__name__}")
+    rid = header.get("id")
+    rid = rid if isinstance(rid, str) and _ID.match(rid) else None
+    for key in _HEADER_KEYS:
+        if key not in header:
+            raise WireError(f"header is missing '{key}'", request_id=rid)
+    version = header["version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WireError(f"'version' must be an integer, got {_short(version)}", request_id=rid)
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version} is not supported; this side speaks version "
+                        f"{PROTOCOL_VERSION}", code="version", request_id=rid)
+    mtype = header["type"]
+    table = _REPLIES if reply else _REQUESTS
+    if not isinstance(mtype, str) or mtype not in table:
+        raise WireError(f"unknown message type {_short(mtype)}; expected one of {', '.join(table)}",
+                        request_id=rid)
+    if rid is None and not (reply and mtype == "error" and header.get("id") is None):
+        raise WireError(f"'id' must be a string of 1-64 letters, digits or _.:- , got {_short(header['id'])}")
+    fields, optional = table[mtype]
+    unknown = sorted(set(header) - set(fields) - set(_HEADER_KEYS))
+    if unknown:
+        raise WireError(f"unknown field(s) for '{mtype}': {', '.join(unknown)}", request_id=rid)
+    try:
+        for name, kind in fields.items():
+            if name not in header:
+                if name in optional:
+                    continue
+                raise WireError(f"'{mtype}' is missing field '{name}'")
+            _check_kind(name, header[name], kind)
+        if mtype == "generate" and not reply:
+            check_generate(header, limits)
+    except WireError as exc:
+        exc.request_id = rid
+        raise
+    return header
+
+
+def encode(header: dict[str, Any], data: np.ndarray | None = None) -> list[bytes]:
+    """Frames for one message: the JSON header (with ``version`` filled in) and the optional float32 data."""
+    header = {"version": PROTOCOL_VERSION, **header}
+    if data is None:
+        return [json.dumps(header, allow_nan=False, separators=(",", ":")).encode()]
+    array = np.ascontiguousarray(data, dtype=DTYPE)
+    header.update(shape=list(array.shape), dtype=DTYPE)
+    return [json.dumps(header, allow_nan=False, separators=(",", ":")).encode(), array.tobytes()]
+
+
+def decode(frames: list[bytes], *, reply: bool, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate one multipart message; raises WireError with a clear message on anything wrong."""
+    if not frames:
+        raise WireError("empty message")
+    size = sum(len(f) for f in frames)
+    if size > limits.max_message_bytes:
+        raise WireError(f"message is {size} bytes; the limit is {limits.max_message_bytes}")
+    try:
+        header = json.loads(bytes(frames[0]).decode("utf-8"))  # NaN/Infinity: refused by field checks
+    except UnicodeDecodeError:
+        raise WireError("header is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise WireError(f"header is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer, or arrays nested 100000 deep
+        raise WireError(f"header is not acceptable JSON ({_short(str(exc), 80)})") from None
+    header = validate_header(header, reply=reply, limits=limits)
+    wants_data = reply and header["type"] == "frames"
+    if len(frames) != (2 if wants_data else 1):
+        raise WireError(f"'{header['type']}' carries {'one data frame' if wants_data else 'no data frame'}, "
+                        f"got {len(frames) - 1}", request_id=header["id"])
+    if not wants_data:
+        return Message(header)
+    return Message(header, _decode_array(header, frames[1]))
+
+
+def _decode_array(header: dict[str, Any], blob: bytes) -> np.ndarray:
+    shape, rid = header["shape"], header["id"]
+    if header["dtype"] != DTYPE:
+        raise WireError(f"data dtype must be '{DTYPE}', got {_short(header['dtype'])}", request_id=rid)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) or len(shape) != 2:
+        raise WireError(f"data shape must be two non-negative integers, got {_short(shape)}", request_id=rid)
+    if shape[0] != header["count"] or shape[1] < 7 or (shape[1] - 3) % 4:
+        raise WireError(f"data shape {shape} does not match count {header['count']} and 3 + 4 * joints "
+                        "columns", request_id=rid)
+    if len(blob) != 4 * shape[0] * shape[1]:
+        raise WireError(f"data frame has {len(blob)} bytes; shape {shape} needs {4 * shape[0] * shape[1]}",
+                        request_id=rid)
+    return np.frombuffer(blob, dtype=DTYPE).reshape(shape)
+
+
+def pack_motion(root_translation: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """(n,3) root translation + (n,J,4) wxyz local quaternions -> the (n, 3 + 4J) float32 ``frames`` block."""
+    root = np.asarray(root_translation, dtype=np.float32)
+    rot = np.asarray(rotations, dtype=np.float32)
+    if root.ndim != 2 or root.shape[1] != 3 or rot.ndim != 3 or rot.shape[2] != 4 or len(root) != len(rot):
+        raise ValueError(f"expected (n,3) and (n,J,4) arrays, got {root.shape} and {rot.shape}")
+    return np.concatenate([root, rot.reshape(len(rot), -1)], axis=1)
+
+
+def unpack_motion(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of pack_motion: (n, 3 + 4J) -> root translation (n,3), rotations (n,J,4)."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 2 or data.shape[1] < 7 or (data.shape[1] - 3) % 4:
+        raise ValueError(f"expected an (n, 3 + 4J) array, got shape {data.shape}")
+    return data[:, :3], data[:, 3:].reshape(len(data), -1, 4)
+
+
+def request(mtype: str, request_id: str | None = None, limits: Limits = DEFAULT_LIMITS,
+            **fields: Any) -> tuple[str, list[bytes]]:
+    """Build a request, validated as the server will (bad fields raise WireError, a ValueError); returns
+    (id, frames). A fresh random id is used unless ``request_id`` is given."""
+    rid = request_id or uuid.uuid4().hex[:16]
+    header = {"type": mtype, "id": rid, "version": PROTOCOL_VERSION, **fields}
+    return rid, encode(validate_header(header, reply=False, limits=limits))
+
+
+def error_reply(request_id: str | None, code: str, message: str, **extra: int) -> list[bytes]:
+    """Frames of an ``error`` reply."""
+    return encode({"type": "error", "id": request_id, "code": code, "message": message, **extra})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CurveZMQ keys for a client: the server's public key and this client's key pair (z85 bytes)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, client: str = "client") -> CurveKeys:
+        """Keys as written by ``python -m backend.serve keygen DIR``: DIR/server.key and
+        DIR/<client>.key_secret."""
+        import zmq.auth
+
+        directory = Path(directory)
+        server_public, _ = zmq.auth.load_certificate(directory / "server.key")
+        public, secret = zmq.auth.load_certificate(directory / f"{client}.key_secret")
+        if secret is None:
+            raise ValueError(f"{directory / (client + '.key_secret')} holds no secret key")
+        return cls(server_public, public, secret)
+
+
+@dataclass
+class GeneratedMotion:
+    """A finished generate request reassembled from its ``frames``: one entry per sample."""
+
+    root_translation: list[np.ndarray]  # per sample (T,3)
+    rotations: list[np.ndarray]  # per sample (T,J,4)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class MotionAssembler:
+    """Collects the ``frames`` messages of one request into whole samples; checks nothing is missing."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, dict[int, np.ndarray]] = {}
+
+    def add(self, message: Message) -> None:
+        """Store one ``frames`` message; a repeated (sample, start) is a protocol error."""
+        chunks = self._chunks.setdefault(message["sample"], {})
+        if message["start"] in chunks:
+            raise WireError(f"duplicate frames for sample {message['sample']} at frame {message['start']}")
+        chunks[message["start"]] = message.data
+
+    def result(self, frames: int, timings: dict[str, float] | None = None) -> GeneratedMotion:
+        """The whole motion, once ``done`` said each sample has ``frames`` frames; raises if any are
+        missing."""
+        roots, rots = [], []
+        for sample in sorted(self._chunks):
+            chunks = self._chunks[sample]
+            starts = sorted(chunks)
+            expected = 0
+            for s in starts:
+                if s != expected:
+                    raise WireError(f"sample {sample}: frames {expected}..{s - 1} are missing")
+                expected += len(chunks[s])
+            if expected != frames:
+                raise WireError(f"sample {sample}: got {expected} frames, the server announced {frames}")
+            root, rot = unpack_motion(np.concatenate([chunks[s] for s in starts]))
+            roots.append(root)
+            rots.append(rot)
+        if sorted(self._chunks) != list(range(len(self._chunks))):
+            raise WireError(f"samples are missing: got {sorted(self._chunks)}")
+        return GeneratedMotion(roots, rots, dict(timings or {}))
+
+
+class ServerError(RuntimeError):
+    """The server answered a request with ``error``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class MotionClient:
+    """DEALER client of the generation backend.
+
+    Non-blocking use (Blender timers): ``rid = client.submit(prompt, ...)``, then call ``client.poll()`` from
+    a timer; it returns the messages that have arrived (``accepted``, ``progress``, ``frames``, ``done``,
+    ``error``) and never blocks. Blocking use (scripts, tests): ``hello()``, ``ping()``, ``generate()`` (an
+    iterator of messages) and ``generate_motion()`` (the reassembled result).
+
+    Liveness: while requests are in flight, ``poll`` pings the server after ``ping_interval`` seconds of
+    silence; after ``timeout`` seconds without any message, or when the connection drops, every in-flight
+    request ends with a client-side ``error`` (code ``timeout`` / ``disconnected``) and the socket is
+    recreated, so the client keeps working once the server is back (e.g. after a restart).
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 10.0, ping_interval: float = 1.0,
+                 curve: CurveKeys | None = None, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.ping_interval = ping_interval
+        self.curve = curve
+        self.limits = DEFAULT_LIMITS
+        self.server: dict[str, Any] | None = None  # the last hello reply
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._inbox: deque[Message] = deque()
+        self._in_flight: dict[str, float] = {}  # generate ids -> submit time
+        self._last_heard = time.monotonic()
+        self._last_ping = 0.0
+        self._keepalive_pings: set[str] = set()
+        self.connect()
+
+    # -- connection -------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """(Re)create the DEALER socket and connect; stale replies of an old connection are dropped."""
+        self.close()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 2**20)
+        if self.curve is not None:
+            sock.curve_serverkey = self.curve.server_public
+            sock.curve_publickey = self.curve.public
+            sock.curve_secretkey = self.curve.secret
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        self._socket = sock
+        self._last_heard = time.monotonic()
+
+    def close(self) -> None:
+        """Close the socket (pending requests are forgotten)."""
+        if self._socket is not None:
+            self._socket.disable_monitor()
+            self._socket.close(linger=0)
+            self._monitor.close(linger=0)
+            self._socket = self._monitor = None
+        self._inbox.clear()
+        self._in_flight.clear()
+
+    def __enter__(self) -> MotionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sending ----------------------------------------------------------------------------------------
+    def _send(self, frames: list[bytes]) -> None:
+        size = sum(len(f) for f in frames)
+        if size > self.limits.max_message_bytes:
+            raise ValueError(f"message is {size} bytes; the server accepts at most "
+                             f"{self.limits.max_message_bytes}")
+        try:
+            self._socket.send_multipart(frames)
+        except zmq.Again:
+            raise ConnectionError(f"could not send to {self.endpoint} within {self.timeout} s") from None
+
+    def submit(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5, steps: int = 50,
+               samples: int = 1, request_id: str | None = None) -> str:
+        """Send a ``generate`` request without waiting; returns its id. Bad arguments raise ValueError."""
+        rid, frames = request("generate", request_id, self.limits, prompt=prompt, seconds=seconds, seed=seed,
+                              guidance=guidance, steps=steps, samples=samples)
+        self._send(frames)
+        self._in_flight[rid] = time.monotonic()
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the server to stop a request; its stream then ends with ``error`` code ``cancelled``."""
+        self._send(request("cancel", request_id)[1])
+
+    # -- receiving --------------------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> list[Message]:
+        """Messages that have arrived (waiting at most ``timeout`` seconds for the first); never raises on
+        server trouble: in-flight requests end with a client-side ``error`` message instead."""
+        out = list(self._inbox)
+        self._inbox.clear()
+        if not out:
+            self._socket.poll(int(timeout * 1000), zmq.POLLIN)
+        while self._socket.poll(0, zmq.POLLIN):
+            frames = self._socket.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                message = decode(frames, reply=True, limits=Limits(max_message_bytes=64 * 2**20))
+            except WireError as exc:  # a broken reply: fail the request it names, if any
+                if exc.request_id is None:
+                    continue
+                message = Message({"type": "error", "id": exc.request_id, "version": PROTOCOL_VERSION,
+                                   "code": "bad_request", "message": f"unreadable reply: {exc}"})
+            if message.type in ("done", "error"):
+                self._in_flight.pop(message.id, None)
+            if message.type == "pong" and message.id in self._keepalive_pings:
+                self._keepalive_pings.discard(message.id)
+                continue
+            out.append(message)
+        out.extend(self._liveness())
+        return out
+
+    def _liveness(self) -> list[Message]:
+        """Client-side errors for in-flight requests when the connection dropped or the server went silent."""
+        dropped = False
+        while self._monitor.poll(0, zmq.POLLIN):
+            self._monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
+            dropped = True
+        now = time.monotonic()
+        silent = now - self._last_heard
+        if not self._in_flight:
+            return []
+        if dropped or silent > self.timeout:
+            code = "disconnected" if dropped else "timeout"
+            text = (f"lost the connection to {self.endpoint}" if dropped
+                    else f"no reply from {self.endpoint} for {silent:.1f} s")
+            failed = [Message({"type": "error", "id": rid, "version": PROTOCOL_VERSION, "code": code,
+                               "message": text}) for rid in self._in_flight]
+            self.connect()
+            return failed
+        if silent > self.ping_interval and now - self._last_ping > self.ping_interval:
+            self._last_ping = now
+            rid, frames = request("ping")
+            self._keepalive_pings.add(rid)
+            self._send(frames)
+        return []
+
+    def _wait_for(self, request_id: str, types: tuple[str, ...], timeout: float | None) -> Message:
+        """Block until the reply ``types`` (or an error) for ``request_id`` arrives; others stay queued."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        kept: list[Message] = []
+        try:
+            while True:
+                for message in self.poll(timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
+                    if message.id == request_id and message.type in (*types, "error"):
+                        if message.type == "error":
+                            raise ServerError(message["code"], message["message"])
+                        return message
+                    kept.append(message)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no '{types[0]}' reply from {self.endpoint} within "
+                                       f"{self.timeout if timeout is None else timeout} s")
+        finally:
+            self._inbox.extend(kept)
+
+    def hello(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the server who it is; returns the ``hello`` reply (model, device, fps, skeleton, limits)."""
+        rid, frames = request("hello")
+        self._send(frames)
+        reply = self._wait_for(rid, ("hello",), timeout).header
+        self.server = reply
+        self.limits = Limits.from_json(reply["limits"])
+        return reply
+
+    def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time of a ``ping`` in seconds."""
+        rid, frames = request("ping")
+        start = time.monotonic()
+        self._send(frames)
+        self._wait_for(rid, ("pong",), timeout)
+        return time.monotonic() - start
+
+    def generate(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
+                 steps: int = 50, samples: int = 1,
+                 on_message: Callable[[Message], None] | None = None) -> Iterator[Message]:
+        """Submit a request and yield its messages up to and including ``done``; an ``error`` reply raises
+        ServerError (after being passed to ``on_message``). Closing the iterator early cancels the request."""
+        rid = self.submit(prompt, seconds, seed, guidance, steps, samples)
+        finished = False
+        kept: list[Message] = []
+        try:
+            while not finished:
+                for message in self.poll(timeout=0.05):
+                    if message.id != rid or message.type in ("hello", "pong"):
+                        kept.append(message)
+                        continue
+                    if on_message is not None:
+                        on_message(message)
+                    if message.type == "error":
+                        finished = True
+                        raise ServerError(message["code"], message["message"])
+                    finished = message.type == "done"
+                    yield message
+        finally:
+            self._inbox.extend(kept)
+            if not finished and rid in self._in_flight:
+                self._in_flight.pop(rid, None)
+                self.cancel(rid)
+
+    def generate_motion(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
+                        steps: int = 50, samples: int = 1,
+                        on_message: Callable[[Message], None] | None = None) -> GeneratedMotion:
+        """Generate and reassemble the whole motion (all samples); raises ServerError / WireError."""
+        assembler = MotionAssembler()
+        for message in self.generate(prompt, seconds, seed, guidance, steps, samples, on_message):
+            if message.type == "frames":
+                assembler.add(message)
+            elif message.type == "done":
+                return assembler.result(message["frames"], message["timings"])
+        raise WireError("the stream ended without 'done'")
