@@ -1,0 +1,130 @@
+"""Motion VAE: normalised features (B, T, D) <-> a temporal latent (B, T/4, C), decoded window by window.
+
+The encoder and decoder are Mamba stacks along time (alternating scan direction, so every frame sees both
+its past and its future) with strided convolutions between them (x2 down twice; transposed convolutions
+x2 up twice). The decoder only ever decodes a *window* of latent tokens plus a few tokens of context on
+each side and keeps the window's frames: training and inference use that same windowed path, so the full
+decode is exactly the concatenation of the streamed windows and its cost is linear in the length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from backend.models.blocks import HierarchicalTemporalMamba
+
+DOWNSAMPLE = 4  # frames per latent token
+
+
+class TemporalMamba(nn.Module):
+    """``layers`` Mamba scans along time, alternating forwards and backwards; (B, L, d) -> (B, L, d).
+
+    ``scans_per_layer`` scans per direction (a Hierarchical Temporal Mamba block each); a padding mask
+    (B, L) True = valid keeps padded frames out of the valid ones in both directions.
+    """
+
+    def __init__(self, d_model: int, layers: int, scans_per_layer: int = 1, d_state: int = 16, expand: float = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(HierarchicalTemporalMamba(d_model, scans_per_layer, d_state=d_state,
+                                                              expand=expand) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if i % 2:
+                x = block(x.flip(1), None if mask is None else mask.flip(1)).flip(1)
+            else:
+                x = block(x, mask)
+        return x
+
+
+class _Conv(nn.Module):
+    """A (transposed) strided 1-D convolution on (B, L, d) tensors: x2 down or x2 up in time."""
+
+    def __init__(self, d_in: int, d_out: int, up: bool):
+        super().__init__()
+        conv = nn.ConvTranspose1d if up else nn.Conv1d
+        self.conv = conv(d_in, d_out, kernel_size=4, stride=2, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x.transpose(1, 2)).transpose(1, 2))
+
+
+class MotionVAE(nn.Module):
+    """KL-regularised VAE with a temporal latent of ``latent_dim`` channels per 4 frames.
+
+    Config keys: ``feature_dim`` (263), ``latent_dim``, ``width``, ``layers`` (Mamba layers per resolution),
+    ``d_state``, ``expand``, ``window`` (latent tokens decoded per window), ``context`` (extra tokens each side).
+    """
+
+    def __init__(self, feature_dim: int = 263, latent_dim: int = 8, width: int = 128, layers: int = 1,
+                 d_state: int = 16, expand: float = 2, window: int = 8, context: int = 2):
+        super().__init__()
+        if window < 1 or context < 0:
+            raise ValueError(f"window must be >= 1 and context >= 0, got {window}, {context}")
+        self.feature_dim, self.latent_dim = feature_dim, latent_dim
+        self.window, self.context = window, context
+
+        def mamba() -> TemporalMamba:
+            return TemporalMamba(width, layers, d_state=d_state, expand=expand)
+
+        self.enc_in = nn.Linear(feature_dim, width)
+        self.enc = nn.ModuleList([mamba(), _Conv(width, width, up=False), mamba(), _Conv(width, width, up=False),
+                                  mamba()])
+        self.enc_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * latent_dim))
+        self.dec_in = nn.Linear(latent_dim, width)
+        self.dec = nn.ModuleList([mamba(), _Conv(width, width, up=True), mamba(), _Conv(width, width, up=True),
+                                  mamba()])
+        self.dec_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, feature_dim))
+
+    @classmethod
+    def from_config(cls, config: dict) -> MotionVAE:
+        return cls(**config)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) normalised, T a multiple of 4 -> (mu, logvar), each (B, T/4, latent_dim)."""
+        if x.dim() != 3 or x.shape[-1] != self.feature_dim or x.shape[1] % DOWNSAMPLE or x.shape[1] == 0:
+            raise ValueError(f"expected (batch, frames, {self.feature_dim}) with frames a positive multiple of "
+                             f"{DOWNSAMPLE}, got {tuple(x.shape)}")
+        h = self.enc_in(x)
+        for layer in self.enc:
+            h = layer(h)
+        mu, logvar = self.enc_out(h).chunk(2, dim=-1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def windows(self, tokens: int) -> list[tuple[int, int]]:
+        """The decode windows [start, stop) (in latent tokens) covering ``tokens`` tokens."""
+        return [(s, min(s + self.window, tokens)) for s in range(0, tokens, self.window)]
+
+    def decode_window(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Frames 4*start .. 4*stop of the motion for latent z (B, N, C), read from tokens start-context ..
+        stop+context only -> (B, 4 * (stop - start), D)."""
+        lo, hi = max(0, start - self.context), min(z.shape[1], stop + self.context)
+        h = self.dec_in(z[:, lo:hi])
+        for layer in self.dec:
+            h = layer(h)
+        out = self.dec_out(h)
+        return out[:, DOWNSAMPLE * (start - lo): DOWNSAMPLE * (stop - lo)]
+
+    def decode_windows(self, z: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start_frame, frames (B, n, D)) window by window for latent z (B, N, C)."""
+        for start, stop in self.windows(z.shape[1]):
+            yield DOWNSAMPLE * start, self.decode_window(z, start, stop)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, N, C) -> features (B, 4N, D): the concatenation of the decode windows."""
+        return torch.cat([frames for _, frames in self.decode_windows(z)], dim=1)
+
+    def forward(self, x: torch.Tensor, kl_weight: float = 1e-4) -> dict[str, torch.Tensor]:
+        """Training losses for a batch x (B, T, D): reconstruction (MSE, plus MSE of frame-to-frame
+        velocities) + kl_weight * KL(q(z|x) || N(0, I)); returns {"loss", "recon", "vel", "kl"}."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        rec = self.decode(z)
+        recon = nn.functional.mse_loss(rec, x)
+        vel = nn.functional.mse_loss(rec[:, 1:] - rec[:, :-1], x[:, 1:] - x[:, :-1])
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        return {"loss": recon + vel + kl_weight * kl, "recon": recon, "vel": vel, "kl": kl}

@@ -1,0 +1,258 @@
+"""Text -> motion: the one generation API that the CLI, the server, the tools and the tests share.
+
+    pipe = MotionPipeline.from_checkpoint()              # backend/weights/default, or a run folder
+    motion = pipe("a person walks forward", seconds=10.0, seed=0)
+    for sample, start, chunk in pipe.stream(...):        # frames window by window, as the VAE decodes
+        ...
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
+from backend.models.denoiser import build_denoiser
+from backend.models.diffusion import Diffusion
+from backend.models.text_encoder import TextEncoder
+from backend.models.vae import DOWNSAMPLE, MotionVAE
+from backend.motion import features_to_positions, features_to_rotations
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
+MAX_PROMPT_CHARS = 1000
+MAX_SAMPLES = 64
+
+
+@dataclass
+class Motion:
+    """A generated motion (or a streamed chunk of one) on the canonical 22-joint skeleton."""
+
+    features: np.ndarray  # (T, 263) float32, de-normalised HumanML3D features
+    positions: np.ndarray  # (T, 22, 3) metres, Y up
+    root_translation: np.ndarray  # (T, 3)
+    rotations: np.ndarray  # (T, 22, 4) local quaternions w, x, y, z
+    fps: int
+    prompt: str
+    seed: int
+
+    @property
+    def frames(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+
+def concat_motions(chunks: Sequence[Motion]) -> Motion:
+    """Join consecutive chunks of one sample (as ``MotionPipeline.stream`` yields them) into one Motion."""
+    first = chunks[0]
+    return Motion(*(np.concatenate([getattr(c, k) for c in chunks]) for k in
+                    ("features", "positions", "root_translation", "rotations")),
+                  fps=first.fps, prompt=first.prompt, seed=first.seed)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_vae(config: dict) -> MotionVAE:
+    return MotionVAE(feature_dim=int(config["feature_dim"]), **config["vae"])
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class MotionPipeline:
+    """Text encoder + latent denoiser + DDIM + windowed VAE decoder + features -> positions/rotations."""
+
+    def __init__(self, config: dict, vae: MotionVAE, denoiser: nn.Module, text_encoder: TextEncoder,
+                 mean: np.ndarray, std: np.ndarray, device: torch.device, source: str):
+        self.config = config
+        self.device = device
+        self.vae = vae.to(device).eval()
+        self.denoiser = denoiser.to(device).eval()
+        self.text_encoder = text_encoder.to(device).eval()
+        self.diffusion = Diffusion.from_config(config["diffusion"])
+        self.latent_scale = float(config.get("latent_scale", 1.0))
+        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        self.fps = int(config["fps"])
+        self.max_seconds = float(config["max_seconds"])
+        self.source = source
+
+    @classmethod
+    def _build(cls, config: dict, source: str) -> MotionPipeline:
+        text = config.get("text_encoder", {})
+        encoder = TextEncoder(text.get("path"), max_length=int(text.get("max_length", 32)))
+        vae = build_vae(config)
+        denoiser = build_denoiser(config["denoiser"], vae.latent_dim, encoder.dim)
+        d = int(config["feature_dim"])
+        return cls(config, vae, denoiser, encoder, np.zeros(d, np.float32), np.ones(d, np.float32),
+                   torch.device("cpu"), source)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto") -> MotionPipeline:
+        """Load a generation checkpoint folder (a denoiser run folder, or ``backend/weights/default``)."""
+        if path is None:
+            path = DEFAULT_WEIGHTS
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"no shipped weights at {path}. Train a model (python -m backend.train vae --data DATASET "
+                    f"--out runs/vae; python -m backend.train denoiser --data DATASET --vae runs/vae --out "
+                    f"runs/mld), then pass its folder (--checkpoint runs/mld) or copy it to {path}")
+        path = Path(path)
+        config = load_config(path)
+        if config.get("kind") != "pipeline":
+            raise ValueError(f"{path} is a {config.get('kind')!r} run, not a generation checkpoint: train a "
+                             f"denoiser on it (python -m backend.train denoiser --vae {path} ...) and load that")
+        pipe = cls._build(config, str(path))
+        load_weights(pipe.vae, path / "vae.safetensors")
+        load_weights(pipe.denoiser, path / "denoiser.safetensors")
+        mean, std = load_normalizer(path)
+        if mean.shape != (pipe.vae.feature_dim,):
+            raise ValueError(f"{path}: normaliser has shape {mean.shape}, the VAE expects {pipe.vae.feature_dim}")
+        pipe.mean, pipe.std = mean, std
+        return pipe.to(resolve_device(device))
+
+    @classmethod
+    def random(cls, config: str | Path = "tiny", device: str = "cpu", seed: int = 0) -> MotionPipeline:
+        """Random weights from ``configs/<config>.json`` (tests, benchmarks): finite but meaningless motion."""
+        cfg = read_config_file(config)
+        torch.manual_seed(seed)
+        pipe = cls._build(cfg, f"random:{cfg['name']}")
+        return pipe.to(resolve_device(device))
+
+    def to(self, device: str | torch.device) -> MotionPipeline:
+        self.device = resolve_device(device)
+        for module in (self.vae, self.denoiser, self.text_encoder):
+            module.to(self.device)
+        return self
+
+    def describe(self) -> dict:
+        """Model name, architecture, device, parameter counts, limits."""
+        return {
+            "model": self.config.get("name", "unnamed"),
+            "arch": self.config["denoiser"]["arch"],
+            "source": self.source,
+            "device": str(self.device),
+            "fps": self.fps,
+            "max_seconds": self.max_seconds,
+            "text_encoder": self.text_encoder.name,
+            "latent_dim": self.vae.latent_dim,
+            "params": {"vae": _num_params(self.vae), "denoiser": _num_params(self.denoiser),
+                       "text_encoder": _num_params(self.text_encoder)},
+        }
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def _requests(self, prompt: str | Sequence[str], seconds: float, seed: int | Sequence[int], guidance: float,
+                  steps: int, samples: int) -> tuple[list[str], list[int], int]:
+        """Validate the arguments; return (prompt per sample, seed per sample, frames)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("prompt must be a non-empty string or a non-empty list of strings")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"every prompt must be a string, got {type(p).__name__}")
+            if not p.strip():
+                raise ValueError("prompt is empty: describe the motion, e.g. 'a person walks forward'")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
+        if not math.isfinite(seconds) or seconds <= 0 or seconds > self.max_seconds:
+            raise ValueError(f"seconds must be > 0 and <= {self.max_seconds:g}, got {seconds}")
+        frames = round(float(seconds) * self.fps)
+        if frames < 1:
+            raise ValueError(f"seconds={seconds} is shorter than one frame (1/{self.fps} s)")
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) \
+                or not 1 <= steps <= self.diffusion.num_timesteps:
+            raise ValueError(f"steps must be an integer in 1..{self.diffusion.num_timesteps}, got {steps!r}")
+        if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) \
+                or not 1 <= samples <= MAX_SAMPLES:
+            raise ValueError(f"samples must be an integer in 1..{MAX_SAMPLES}, got {samples!r}")
+        seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else seed
+        if not isinstance(seeds, (list, tuple)) or len(seeds) != len(prompts):
+            raise TypeError("seed must be an int or a list of ints, one per prompt")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**63 - MAX_SAMPLES:
+                raise ValueError(f"seed must be a non-negative integer, got {s!r}")
+        flat_prompts = [p for p in prompts for _ in range(samples)]
+        flat_seeds = [int(s) + k for s in seeds for k in range(samples)]
+        return flat_prompts, flat_seeds, frames
+
+    @torch.no_grad()
+    def _latents(self, prompts: list[str], seeds: list[int], tokens: int, guidance: float, steps: int,
+                 callback: Callable[[int, int], None] | None) -> torch.Tensor:
+        """DDIM in latent space: one noise tensor per sample from its own seeded generator."""
+        c = self.vae.latent_dim
+        noise = torch.stack([torch.randn(tokens, c, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        text = self.text_encoder(prompts)
+        n = len(prompts)
+        if guidance != 1.0:  # one batch: conditional first half, unconditional second half
+            args = (text.tokens.repeat(2, 1, 1), text.mask.repeat(2, 1), text.pooled.repeat(2, 1),
+                    torch.arange(2 * n, device=self.device) >= n)
+        else:
+            args = (text.tokens, text.mask, text.pooled, None)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if guidance == 1.0:
+                return self.denoiser(x, t, *args)
+            cond, uncond = self.denoiser(x.repeat(2, 1, 1), t.repeat(2), *args).chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        z = self.diffusion.ddim_sample(model_fn, noise.to(self.device), steps=steps, callback=callback)
+        return z / self.latent_scale
+
+    def stream(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
+               guidance: float = 2.5, steps: int = 50, samples: int = 1,
+               callback: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, Motion]]:
+        """Yield (sample_index, start_frame, chunk) window by window as the VAE decodes.
+
+        Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of a prompt uses seed + k.
+        ``callback(step, total)`` runs after every denoising step; an exception it raises propagates.
+        Arguments are checked at the call (ValueError / TypeError), before the first chunk is asked for.
+        """
+        prompts, seeds, frames = self._requests(prompt, seconds, seed, guidance, steps, samples)
+        return self._stream(prompts, seeds, frames, float(guidance), int(steps), callback)
+
+    @torch.no_grad()
+    def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
+                callback: Callable[[int, int], None] | None) -> Iterator[tuple[int, int, Motion]]:
+        z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback)
+        decoded: list[list[np.ndarray]] = [[] for _ in prompts]
+        for start, window in self.vae.decode_windows(z):
+            if start >= frames:
+                break
+            chunk = window[:, : frames - start].float().cpu().numpy() * self.std + self.mean
+            for k in range(len(prompts)):
+                decoded[k].append(chunk[k])
+                features = np.concatenate(decoded[k])  # the prefix: root motion integrates over it
+                stop = features.shape[0]
+                root, rotations = features_to_rotations(features)
+                yield k, start, Motion(chunk[k], features_to_positions(features)[start:stop], root[start:stop],
+                                       rotations[start:stop], self.fps, prompts[k], seeds[k])
+
+    def __call__(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
+                 guidance: float = 2.5, steps: int = 50, samples: int = 1,
+                 callback: Callable[[int, int], None] | None = None) -> Motion | list[Motion]:
+        """Generate: one Motion for one prompt and samples=1, else a list (prompt by prompt, then samples)."""
+        chunks: dict[int, list[Motion]] = {}
+        for k, _, chunk in self.stream(prompt, seconds, seed, guidance, steps, samples, callback):
+            chunks.setdefault(k, []).append(chunk)
+        motions = [concat_motions(chunks[k]) for k in sorted(chunks)]
+        return motions[0] if isinstance(prompt, str) and samples == 1 else motions
