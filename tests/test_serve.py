@@ -1,0 +1,409 @@
+"""The generation backend over real ZeroMQ sockets on 127.0.0.1, with the tiny random-weight pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from addon.wire import (
+    PROTOCOL_VERSION,
+    CurveKeys,
+    Message,
+    MotionClient,
+    ServerError,
+    decode,
+    encode,
+    request,
+)
+from backend.serve import Server, is_loopback, keygen
+
+pipeline = pytest.importorskip("backend.pipeline")
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(120)
+PROMPT = "a person walks forward and waves"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return pipeline.MotionPipeline.random(config="tiny", device="cpu", seed=0)
+
+
+@contextlib.contextmanager
+def running(pipe, bind: str = "tcp://127.0.0.1:*", **options) -> Iterator[Server]:
+    """A server on a random free loopback port, in a thread; stopped and joined afterwards."""
+    server = Server(pipe, bind, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    with running(pipe) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    with MotionClient(server.endpoint, timeout=20) as c:
+        yield c
+
+
+def collect_all(client: MotionClient, rids: list[str], until: float = 60.0) -> dict[str, list[Message]]:
+    """All messages of several requests, each through its final done/error."""
+    out: dict[str, list[Message]] = {rid: [] for rid in rids}
+    deadline = time.monotonic() + until
+    while time.monotonic() < deadline:
+        for message in client.poll(0.05):
+            if message.id in out:
+                out[message.id].append(message)
+        if all(msgs and msgs[-1].type in ("done", "error") for msgs in out.values()):
+            return out
+    raise AssertionError(f"requests did not finish: { {rid: [m.type for m in msgs] for rid, msgs in out.items()} }")
+
+
+def collect(client: MotionClient, rid: str) -> list[Message]:
+    """All messages of one request, through its final done/error."""
+    return collect_all(client, [rid])[rid]
+
+
+def wait_for(client: MotionClient, rid: str, mtype: str) -> list[Message]:
+    """Messages of ``rid`` up to and including the first of type ``mtype``."""
+    out: list[Message] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for message in client.poll(0.05):
+            assert message.id == rid, message.header
+            out.append(message)
+            if message.type == mtype:
+                return out
+            assert message.type not in ("done", "error"), message.header
+    raise AssertionError(f"no {mtype} for {rid}")
+
+
+def assert_serves(endpoint: str, pipe) -> None:
+    """The server still answers a good request correctly."""
+    with MotionClient(endpoint, timeout=20) as c:
+        motion = c.generate_motion(PROMPT, seconds=1.0, seed=1, steps=2)
+    expected = pipe(PROMPT, seconds=1.0, seed=1, steps=2)
+    np.testing.assert_allclose(motion.rotations[0], expected.rotations, atol=1e-5)
+
+
+def test_hello_announces_model_skeleton_and_limits(client, pipe):
+    from backend.skeleton import SMPL22
+
+    hello = client.hello()
+    assert hello["skeleton"] == json.loads(json.dumps(SMPL22.to_json()))
+    assert hello["fps"] == pipe.fps and hello["device"] == str(pipe.device)
+    assert hello["model"] == json.loads(json.dumps(pipe.describe()))
+    assert hello["limits"]["max_seconds"] <= pipe.max_seconds
+    assert client.limits.max_message_bytes == hello["limits"]["max_message_bytes"]
+
+
+def test_stream_reassembles_to_the_in_process_result(client, pipe):
+    types: list[str] = []
+    motion = client.generate_motion(PROMPT, seconds=3.0, seed=7, guidance=3.0, steps=4, samples=2,
+                                    on_message=lambda m: types.append(m.type))
+    expected = pipe(PROMPT, seconds=3.0, seed=7, guidance=3.0, steps=4, samples=2)
+    assert len(motion.rotations) == len(expected) == 2
+    for got_root, got_rot, want in zip(motion.root_translation, motion.rotations, expected):
+        assert np.array_equal(got_root, want.root_translation.astype(np.float32))
+        assert np.array_equal(got_rot, want.rotations.astype(np.float32))
+    assert types[0] == "accepted" and types[1:5] == ["progress"] * 4 and types[-1] == "done"
+    assert types.count("frames") >= 2, "frames must be streamed"
+    assert set(motion.timings) >= {"queued_s", "generate_s", "total_s"}
+
+
+def test_cancel_stops_within_one_denoising_step(client, server):
+    rid = client.submit(PROMPT, seconds=2.0, steps=400)
+    seen = wait_for(client, rid, "progress")
+    client.cancel(rid)
+    rest = collect(client, rid)
+    error = rest[-1]
+    assert error.type == "error" and error["code"] == "cancelled", error.header
+    assert error["step"] - error["cancel_step"] <= 1, error["message"]
+    assert error["step"] < 400
+    steps = [m["step"] for m in seen + rest if m.type == "progress"]
+    assert max(steps) <= error["step"]
+    assert not any(m.type == "frames" for m in rest)
+    client.cancel(rid)  # cancelling a finished request is harmless
+    assert_serves(server.endpoint, server.pipe)
+
+
+def test_cancel_of_a_queued_request_is_immediate(client):
+    first = client.submit(PROMPT, seconds=2.0, steps=400)
+    second = client.submit(PROMPT, seconds=1.0, steps=400)  # other settings: not batched with the first
+    client.cancel(second)
+    error = collect(client, second)[-1]
+    assert error["code"] == "cancelled" and error["step"] == 0
+    client.cancel(first)
+    assert collect(client, first)[-1]["code"] == "cancelled"
+
+
+def test_ping_is_answered_during_a_generation(client):
+    rid = client.submit(PROMPT, seconds=2.0, steps=400)
+    wait_for(client, rid, "progress")
+    pongs = [client.ping(timeout=5) for _ in range(3)]
+    assert all(pong["running"] == 1 for pong in pongs), pongs
+    progress = [m for m in client.poll(0.2) if m.type == "progress"]
+    assert progress, "the generation went on while pings were answered"
+    client.cancel(rid)
+    assert collect(client, rid)[-1]["code"] == "cancelled"
+
+
+def test_two_clients_interleaved_get_their_own_streams(server, pipe):
+    with MotionClient(server.endpoint, timeout=20) as a, MotionClient(server.endpoint, timeout=20) as b:
+        ra = a.submit(PROMPT, seconds=2.0, seed=11, steps=6)
+        rb = b.submit("a person jumps twice", seconds=1.5, seed=12, steps=5)
+        got = {ra: [], rb: []}
+        while not all(msgs and msgs[-1].type in ("done", "error") for msgs in got.values()):
+            for c, rid in ((a, ra), (b, rb)):
+                for m in c.poll(0.02):
+                    assert m.id == rid, f"{m.id} leaked to the wrong client"
+                    got[rid].append(m)
+    for rid, prompt, seconds, seed, steps in ((ra, PROMPT, 2.0, 11, 6), (rb, "a person jumps twice", 1.5, 12, 5)):
+        frames = [m for m in got[rid] if m.type == "frames"]
+        assert got[rid][-1].type == "done"
+        rot = np.concatenate([m.data[:, 3:] for m in sorted(frames, key=lambda m: m["start"])])
+        want = pipe(prompt, seconds=seconds, seed=seed, steps=steps)
+        np.testing.assert_allclose(rot.reshape(want.rotations.shape), want.rotations, atol=1e-5)
+
+
+def test_compatible_waiting_requests_are_batched(pipe):
+    with running(pipe, batch=True) as srv, MotionClient(srv.endpoint, timeout=20) as c:
+        blocker = c.submit(PROMPT, seconds=1.0, steps=30)
+        wait_for(c, blocker, "progress")
+        rids = [c.submit(p, seconds=2.0, seed=s, steps=3) for p, s in ((PROMPT, 3), ("a person sits down", 4))]
+        results = collect_all(c, [blocker, *rids])
+    for rid, (prompt, seed) in zip(rids, ((PROMPT, 3), ("a person sits down", 4))):
+        done = results[rid][-1]
+        assert done.type == "done" and done["timings"]["batch"] == 2, done.header
+        frames = sorted((m for m in results[rid] if m.type == "frames"), key=lambda m: m["start"])
+        rot = np.concatenate([m.data[:, 3:] for m in frames])
+        want = pipe(prompt, seconds=2.0, seed=seed, steps=3)
+        np.testing.assert_allclose(rot.reshape(want.rotations.shape), want.rotations, atol=1e-4)
+
+
+def test_a_full_queue_answers_busy(pipe):
+    with running(pipe, max_queue=2, batch=False) as srv, MotionClient(srv.endpoint, timeout=20) as c:
+        running_id = c.submit(PROMPT, seconds=2.0, steps=400)
+        wait_for(c, running_id, "progress")
+        queued = [c.submit(PROMPT, seconds=2.0, steps=400) for _ in range(2)]
+        with pytest.raises(ServerError, match=r"busy: the server's queue is full \(2 requests waiting\)"):
+            list(c.generate(PROMPT, seconds=1.0, steps=2))
+        for rid in [running_id, *queued]:
+            c.cancel(rid)
+            assert collect(c, rid)[-1]["code"] == "cancelled"
+        assert_serves(srv.endpoint, pipe)
+
+
+def test_a_reused_request_id_is_refused(client):
+    rid = client.submit(PROMPT, seconds=2.0, steps=400)
+    client.submit("x", seconds=1.0, steps=1, request_id=rid)
+    refusal = None
+    while refusal is None:
+        refusal = next((m for m in client.poll(0.05) if m.type == "error" and m["code"] == "bad_request"), None)
+    assert "already in use" in refusal["message"]
+    client.cancel(rid)
+    assert collect(client, rid)[-1]["code"] == "cancelled"
+
+
+GOOD = {"type": "generate", "id": "bad-1", "version": PROTOCOL_VERSION, "prompt": PROMPT, "seconds": 1.0,
+        "seed": 0, "guidance": 2.5, "steps": 2, "samples": 1}
+
+
+def js(header) -> list[bytes]:
+    return [json.dumps(header).encode()]
+
+
+BAD_INPUT = {
+    "non-JSON header": ([b"\x00\x01 not json {"], "bad_request", "not valid"),
+    "JSON that is not an object": ([b"[1, 2, 3]"], "bad_request", "must be a JSON object"),
+    "unknown type": (js({**GOOD, "type": "explode"}), "bad_request", "unknown message type 'explode'"),
+    "missing fields": (js({"type": "generate", "id": "bad-1", "version": 1, "prompt": "walk"}), "bad_request",
+                       "missing field 'seconds'"),
+    "wrong types": (js({**GOOD, "seconds": "ten"}), "bad_request", "'seconds' must be a number"),
+    "NaN": ([json.dumps({**GOOD, "guidance": float("nan")}).encode()], "bad_request", "finite number, got nan"),
+    "inf": ([json.dumps({**GOOD, "seconds": float("inf")}).encode()], "bad_request", "finite number, got inf"),
+    "negative": (js({**GOOD, "seconds": -3.0}), "bad_request", "'seconds' must be between"),
+    "huge number": (js({**GOOD, "steps": 10**12}), "bad_request", "'steps' must be between 1 and 1000"),
+    "huge integer literal": ([b'{"type":"ping","id":"bad-1","version":1,"n":' + b"9" * 10_000 + b"}"],
+                             "bad_request", "not acceptable JSON"),
+    "unknown field": (js({**GOOD, "eval": "rm -rf /"}), "bad_request", "unknown field(s) for 'generate': eval"),
+    "1 MB prompt": (js({**GOOD, "prompt": "walk " * 200_000}), "bad_request",
+                    "prompt is 1000000 characters long; the limit is 1000"),
+    "unknown protocol version": (js({**GOOD, "version": 99}), "version", "protocol version 99 is not supported"),
+    "garbage data frame": ([*js({**GOOD}), os.urandom(1000)], "bad_request", "carries no data frame"),
+    "a reply type sent as request": (js({"type": "done", "id": "bad-1", "version": 1}), "bad_request",
+                                     "unknown message type 'done'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_a_clear_error_and_the_server_survives(server, pipe, case):
+    frames, code, words = BAD_INPUT[case]
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(server.endpoint)
+        sock.send_multipart(frames)
+        assert sock.poll(10_000), f"no reply to {case}"
+        reply = decode(sock.recv_multipart(), reply=True)
+    assert reply.type == "error" and reply["code"] == code, reply.header
+    assert words in reply["message"], reply["message"]
+    if case not in ("non-JSON header", "JSON that is not an object", "huge integer literal"):  # unparseable
+        assert reply.id == "bad-1"
+    assert_serves(server.endpoint, pipe)
+
+
+def test_a_100_mb_message_is_dropped_by_the_transport_and_the_server_survives(server, pipe):
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(server.endpoint)
+        sock.send_multipart([b"{" + b" " * 100 * 2**20])
+        assert not sock.poll(1000), "an oversized message must not be processed"
+        sock.send_multipart(request("ping", "after")[1])  # the DEALER reconnects by itself
+        assert sock.poll(10_000)
+        assert decode(sock.recv_multipart(), reply=True).type == "pong"
+    with MotionClient(server.endpoint) as c, pytest.raises(ValueError, match="at most 4194304"):
+        c._send([b" " * 100 * 2**20])  # the client refuses to send one at all
+    assert_serves(server.endpoint, pipe)
+
+
+def test_a_client_vanishing_mid_stream_costs_only_its_own_request(server, pipe):
+    with MotionClient(server.endpoint, timeout=20) as other:
+        other_id = other.submit(PROMPT, seconds=2.0, seed=5, steps=40)
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(server.endpoint)
+        sock.send_multipart(request("generate", "gone", prompt="a person runs", seconds=2.0, seed=1,
+                                    guidance=2.5, steps=400, samples=1)[1])
+        while decode(sock.recv_multipart(), reply=True).type != "progress":
+            pass
+        sock.close(linger=0)  # vanish mid-stream
+        messages = collect(other, other_id)
+        assert messages[-1].type == "done"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the vanished request is dropped, not run to its end
+            pong = other.ping()
+            if pong["running"] == 0 and pong["queued"] == 0:
+                break
+        assert pong["running"] == 0 and pong["queued"] == 0
+    assert_serves(server.endpoint, pipe)
+
+
+def test_is_loopback():
+    for endpoint in ("tcp://127.0.0.1:5557", "tcp://127.1.2.3:1", "tcp://[::1]:5557", "tcp://localhost:1",
+                     "ipc:///tmp/x", "inproc://x"):
+        assert is_loopback(endpoint), endpoint
+    for endpoint in ("tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://192.168.1.4:5557", "tcp://eth0:5557",
+                     "tcp://[::]:1", "tcp://example.com:1", "udp://127.0.0.1:1"):
+        assert not is_loopback(endpoint), endpoint
+
+
+def test_a_non_loopback_bind_without_keys_refuses_to_start(pipe):
+    with pytest.raises(PermissionError, match=r"refusing to listen on tcp://0\.0\.0\.0:5557 without authentication"):
+        Server(pipe, "tcp://0.0.0.0:5557")
+    proc = subprocess.run([sys.executable, "-m", "backend.serve", "--bind", "tcp://*:5557", "--config", "tiny"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "refusing to listen on tcp://*:5557 without CurveZMQ keys" in proc.stderr
+    assert "keygen" in proc.stderr
+
+
+def test_with_keys_only_authorized_clients_get_through(pipe, tmp_path):
+    keygen(tmp_path / "keys", ("alice",))
+    keygen(tmp_path / "other", ("mallory",))  # a valid key pair the server does not know
+    alice = CurveKeys.from_dir(tmp_path / "keys", "alice")
+    mallory_keys = CurveKeys.from_dir(tmp_path / "other", "mallory")
+    mallory = CurveKeys(alice.server_public, mallory_keys.public, mallory_keys.secret)
+    ctx = zmq.Context()  # the authenticator is per context
+    try:
+        with running(pipe, keys=tmp_path / "keys", context=ctx) as srv:
+            with MotionClient(srv.endpoint, curve=mallory, timeout=1.5) as c, pytest.raises(TimeoutError):
+                c.hello()
+            with MotionClient(srv.endpoint, timeout=1.5) as c, pytest.raises(TimeoutError):
+                c.hello()  # no keys at all
+            with MotionClient(srv.endpoint, curve=alice, timeout=20) as c:
+                assert c.hello()["device"] == str(pipe.device)
+                assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
+    finally:
+        ctx.term()
+
+
+def test_keygen_cli_and_a_curve_server_off_loopback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend.serve", "keygen", str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60, check=True).stdout
+    assert f"--keys {tmp_path}" in out
+    assert (tmp_path / "server.key_secret").is_file() and (tmp_path / "authorized" / "client.key").is_file()
+    assert CurveKeys.from_dir(tmp_path).secret
+
+
+def _start(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", "tiny", *args], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        found = re.search(r"on (tcp://\S+)", line)
+        if found:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the log
+            return proc, found.group(1)
+    raise AssertionError(f"server did not start (exit {proc.wait()})")
+
+
+def test_cli_shuts_down_gracefully_and_clients_reconnect_after_a_restart():
+    proc, endpoint = _start("--bind", "tcp://127.0.0.1:*")
+    port = endpoint.rsplit(":", 1)[1]
+    try:
+        with MotionClient(endpoint, timeout=20) as c:
+            assert c.hello()["fps"] > 0
+            rid = c.submit(PROMPT, seconds=2.0, steps=1000)
+            wait_for(c, rid, "progress")
+            proc.send_signal(signal.SIGTERM)
+            error = collect(c, rid)[-1]
+            assert error["code"] == "shutting_down", error.header
+            assert proc.wait(timeout=30) == 0
+
+            proc, _ = _start("--bind", f"tcp://127.0.0.1:{port}")  # same address, new process
+            assert c.hello()["fps"] > 0  # the same client object works again
+            rid = c.submit(PROMPT, seconds=2.0, steps=1000)
+            wait_for(c, rid, "progress")
+            proc.kill()  # no goodbye at all: the client notices the dropped connection
+            error = collect(c, rid)[-1]
+            assert error["code"] == "disconnected", error.header
+            proc.wait(timeout=30)
+
+            proc, _ = _start("--bind", f"tcp://127.0.0.1:{port}")
+            assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_server_refuses_keys_folder_without_keys(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="keygen"):
+        Server(pipe, "tcp://127.0.0.1:*", keys=tmp_path)
+
+
+def test_replies_validate_against_the_schema():
+    frames = encode({"type": "progress", "id": "r", "step": 1, "total": 2})
+    assert decode(frames, reply=True).header == {"version": PROTOCOL_VERSION, "type": "progress", "id": "r",
+                                                 "step": 1, "total": 2}
