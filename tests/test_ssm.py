@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scan_reference import selective_scan_ref
 
-from backend.models import ssm
+from backend.models import scan_kernel, ssm
 from backend.models.ssm import selective_scan
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -148,3 +151,34 @@ def test_cuda_dispatch_uses_mamba_ssm_and_matches_oracle(groups):
     cpu_out = selective_scan(**cpu_inputs, delta_softplus=True)
     torch.testing.assert_close(out.cpu(), cpu_out, atol=1e-4, rtol=1e-4)
     assert_matches_oracle(cuda_inputs, delta_softplus=True)
+
+
+def test_scan_runs_the_compiled_kernel_here():
+    """On a machine with a C compiler (this one, CI) the fast kernel is what selective_scan uses."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert ssm._implementation() is scan_kernel.CompiledScan
+
+
+def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    if scan_kernel._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("MOTION_MAMBA_CACHE", str(tmp_path))
+    scan_kernel.build()
+    (built,) = (tmp_path / "motion_mamba").glob("scan_kernel_*")
+    stamp = built.stat().st_mtime_ns
+    scan_kernel.build()
+    assert built.stat().st_mtime_ns == stamp and len(list(built.parent.iterdir())) == 1
+
+
+@pytest.mark.parametrize(("compiler", "reason"), [("no-such-compiler", "no C compiler found"),
+                                                  ("false", "compiling the scan kernel failed")])
+def test_fallback_to_pytorch_scan_is_logged(monkeypatch, tmp_path, caplog, compiler, reason):
+    """No compiler (e.g. a Windows user's Python) or a failing build: a warning, then the PyTorch scan."""
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("MOTION_MAMBA_CACHE", str(tmp_path))
+    monkeypatch.setattr(scan_kernel, "load", scan_kernel.build)  # bypass this process's cached build
+    with caplog.at_level(logging.WARNING, logger=ssm.__name__):
+        impl = ssm._choose_implementation()
+    assert impl is ssm._TorchScan
+    assert reason in caplog.text and "using the PyTorch scan" in caplog.text

@@ -5,7 +5,7 @@
     out_t  = (C_t . x_t + D * u_t) * silu(z_t)
 
 Dispatch: CUDA tensors with mamba_ssm importable -> mamba_ssm's CUDA kernel; anything else -> the project's
-CPU scan: the recurrence runs in a small C kernel compiled at first use (see `_scan_kernel.py`), with a
+CPU scan: the recurrence runs in a small C kernel compiled at first use (backend.models.scan_kernel), with a
 hand-written backward (a reverse scan over checkpointed states). Where no C compiler exists, a plain PyTorch
 scan with the same hand-written backward takes over, with a logged warning.
 """
@@ -17,6 +17,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from backend.models import scan_kernel
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +181,15 @@ class _TorchScan:
         return du, ddelta, dA_param, dB, dC
 
 
-@functools.cache
-def _implementation():
-    """The CPU scan implementation in use (compiled kernel, or the PyTorch fallback), chosen once."""
-    return _TorchScan
+def _choose_implementation():
+    """The compiled C kernel when it builds here, else the PyTorch scan (with a warning saying why)."""
+    try:
+        scan_kernel.load()
+    except Exception as exc:  # no compiler, a failed build, or a library that will not load
+        log.warning("selective_scan: the compiled CPU scan is unavailable (%s); using the PyTorch scan, "
+                    "which is several times slower", exc)
+        return _TorchScan
+    return scan_kernel.CompiledScan
+
+
+_implementation = functools.cache(_choose_implementation)
