@@ -1,0 +1,94 @@
+"""Command line: ``python -m backend.data {prepare-bvh,preview} ...`` (``--help`` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from backend.data.prepare import prepare_bvh
+
+    start = time.perf_counter()
+    info = prepare_bvh(args.source, args.out, labels=args.labels, joint_map=args.map, workers=args.workers,
+                       force=args.force)
+    counts = info["counts"]
+    print(f"prepared {counts['prepared']} of {counts['bvh_files']} clips ({counts['failed']} failed) into {args.out} "
+          f"in {time.perf_counter() - start:.1f} s with {info['workers']} worker(s)")
+    print(f"{counts['frames']} frames at {info['fps']:g} fps ({counts['hours']} h); splits: "
+          + ", ".join(f"{k} {v}" for k, v in counts["splits"].items()))
+    print(f"held-out (content, style) pairs: {len(info['splits']['test_unseen_pairs'])}; "
+          f"features->positions round trip max error {info['checks']['roundtrip_max_error_m']:.2e} m")
+    print(f"license: {info['license']}")
+    for failure in info["failures"]:
+        print(f"  failed: {failure['member']}: {failure['error']}")
+
+
+def _load_positions(target: Path, clip_id: str | None) -> tuple[np.ndarray, str]:
+    """Joint positions (T, J, 3) of a dataset clip, or of a .npy of positions (T, J, 3) or features (T, D)."""
+    from backend.motion import features_to_positions
+
+    if target.is_dir():
+        if clip_id is None:
+            raise ValueError("give a clip ID to preview from a dataset folder")
+        joints, vecs = target / "new_joints" / f"{clip_id}.npy", target / "new_joint_vecs" / f"{clip_id}.npy"
+        path = joints if joints.is_file() else vecs
+        if not path.is_file():
+            raise ValueError(f"clip {clip_id!r} not found in {target} (no new_joints/ or new_joint_vecs/ file)")
+        title = clip_id
+        texts = target / "texts" / f"{clip_id}.txt"
+        if texts.is_file():
+            title = f"{clip_id}: {texts.read_text(encoding='utf-8').split('#', 1)[0]}"
+    elif target.suffix == ".npy" and target.is_file():
+        path, title = target, target.stem
+    else:
+        raise ValueError(f"{target}: expected a dataset folder or a .npy file")
+    data = np.load(path)
+    if data.ndim == 3 and data.shape[-1] == 3:
+        return data, title
+    if data.ndim == 2:
+        return features_to_positions(data.astype(np.float64)), title
+    raise ValueError(f"{path}: expected positions (T, J, 3) or features (T, D), got shape {data.shape}")
+
+
+def _preview(args: argparse.Namespace) -> None:
+    from backend.preview import render_preview
+
+    positions, title = _load_positions(Path(args.target), args.id)
+    out = render_preview(positions, Path(args.out), title=args.title or title, fps=args.fps)
+    print(f"wrote {out} ({positions.shape[0]} frames)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare-bvh", help="BVH folder/archive -> HumanML3D-layout dataset")
+    p.add_argument("source", help="folder or .tar.xz/.tar.gz/.zip of .bvh files (with label .json beside them)")
+    p.add_argument("out", help="output dataset folder (its parent must exist)")
+    p.add_argument("--labels", help="JSON {clip_id: {content, style}} (default: the .json beside each .bvh)")
+    p.add_argument("--map", help="joint map name or JSON file (default: the shipped map that fits each skeleton)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_prepare)
+    v = sub.add_parser("preview", help="stick-figure .gif animation or .png contact sheet of a clip")
+    v.add_argument("target", help="dataset folder, or a .npy of positions (T, J, 3) or features (T, D)")
+    v.add_argument("id", nargs="?", help="clip id (when target is a dataset folder)")
+    v.add_argument("--out", required=True, help="FILE.gif or FILE.png")
+    v.add_argument("--title", default=None)
+    v.add_argument("--fps", type=float, default=20.0)
+    v.set_defaults(func=_preview)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

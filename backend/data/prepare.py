@@ -1,0 +1,395 @@
+"""Prepare a folder or archive of labelled BVH clips as a dataset in HumanML3D's layout.
+
+Pipeline per clip: BVH -> retarget (joint map) to SMPL22 world positions, 20 fps, metres, Y up ->
+``backend.motion.canonicalize_positions`` -> ``positions_to_features`` -> ``new_joint_vecs/ID.npy`` (T-1, 263);
+``new_joints/ID.npy`` = ``features_to_positions(features)`` (T-1, 22, 3). Then captions (``texts/ID.txt``),
+deterministic splits, ``Mean.npy``/``Std.npy`` over the train split, and ``dataset.json``.
+
+Sources: a folder (searched recursively), or a .tar/.tar.gz/.tgz/.tar.xz/.tar.bz2/.zip archive read in one
+streaming pass (never unpacked to disk). Labels: ``--labels FILE.json`` ({id: {"content": ..., "style": ...}}),
+else a ``.json`` beside each ``.bvh`` ({"content": N, "style": M}, names or indices into the nearest
+``cfg/content_label.txt`` / ``cfg/style_label.txt``, the Bandai-Namco layout). A clip that fails (parse error,
+unknown skeleton, no labels, ...) is reported by name on stderr and in dataset.json, and skipped.
+The dataset is built in a temporary sibling folder and moved into place at the end, so a reader of OUT never
+sees a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from backend.data.bvh import parse_bvh
+from backend.data.captions import caption_lines, label_key, make_captions
+from backend.data.retarget import JointMap, find_map, load_map, retarget, unmapped_joints
+from backend.data.splits import RULES, held_out_pairs, make_splits
+from backend.motion import canonicalize_positions, features_to_positions, positions_to_features
+from backend.skeleton import SMPL22
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
+CAPTIONS_PER_CLIP = 4
+SPLIT_NAMES = ("train", "val", "test", "test_unseen_pairs")
+ROUNDTRIP_TOLERANCE_M = 0.01  # features_to_positions(features) must land this close to the canonical positions
+KNOWN_LICENSES = {"Attribution-NonCommercial 4.0 International": "CC BY-NC 4.0"}
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """What preparing one clip gave: frame counts and checks, or the error that made it fail."""
+
+    clip_id: str
+    member: str
+    error: str | None = None
+    frames: int = 0  # feature frames written (T - 1 at 20 fps)
+    source_frames: int = 0
+    source_fps: float = 0.0
+    joint_map: str = ""
+    unmapped: tuple[str, ...] = ()
+    roundtrip_error_m: float = 0.0  # max |features_to_positions(features) - canonical positions|
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def iter_source(source: Path) -> Iterator[tuple[str, bytes]]:
+    """(relative member path, bytes) for every .bvh, .json, .txt and LICENSE file of a folder or archive."""
+
+    def wanted(name: str) -> bool:
+        name = name.lower()
+        return name.endswith((".bvh", ".json", ".txt")) or PurePosixPath(name).name.startswith("license")
+
+    if source.is_dir():
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and wanted(path.name):
+                yield path.relative_to(source).as_posix(), path.read_bytes()
+    elif source.name.lower().endswith(".zip"):
+        try:
+            with zipfile.ZipFile(source) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir() and wanted(info.filename):
+                        yield PurePosixPath(info.filename).as_posix(), zf.read(info)
+        except zipfile.BadZipFile as exc:
+            raise ValueError(f"{source}: not a readable zip archive ({exc})") from None
+    else:
+        try:
+            with tarfile.open(source, mode="r|*") as tf:
+                for member in tf:
+                    if member.isfile() and wanted(member.name):
+                        handle = tf.extractfile(member)
+                        if handle is not None:
+                            yield PurePosixPath(member.name).as_posix(), handle.read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ValueError(f"{source}: not a readable tar archive ({exc})") from None
+
+
+def _clip_id(member: str) -> str:
+    return PurePosixPath(member).stem
+
+
+_WORKER_MAP: JointMap | None = None
+_WORKER_OUT: Path | None = None
+
+
+def _init_worker(jmap: JointMap | None, out: Path) -> None:
+    global _WORKER_MAP, _WORKER_OUT
+    _WORKER_MAP, _WORKER_OUT = jmap, out
+    torch.set_num_threads(1)  # one process per core; torch's own threads only contend for it
+
+
+def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
+    """Parse, retarget and featurise one clip, write its .npy files; never raises."""
+    member, data = item
+    clip_id = _clip_id(member)
+    try:
+        bvh = parse_bvh(data.decode("utf-8", errors="replace"), name=member)
+        jmap = _WORKER_MAP or find_map(bvh.joint_names)
+        positions = retarget(bvh, jmap)
+        if positions.shape[0] < 2:
+            raise ValueError(f"{member}: {bvh.num_frames} source frames give {positions.shape[0]} at 20 fps; need >= 2")
+        canonical = canonicalize_positions(positions, jmap.skeleton)
+        features = positions_to_features(canonical, jmap.skeleton)
+        joints = features_to_positions(features)
+        if not (np.isfinite(features).all() and np.isfinite(joints).all()):
+            raise ValueError(f"{member}: features are not finite")
+        roundtrip = float(np.abs(joints - canonical[:-1]).max())
+        if roundtrip > ROUNDTRIP_TOLERANCE_M:
+            raise ValueError(f"{member}: features_to_positions(features) is {roundtrip:.3f} m off the retargeted "
+                             f"positions (tolerance {ROUNDTRIP_TOLERANCE_M} m)")
+        assert _WORKER_OUT is not None
+        np.save(_WORKER_OUT / "new_joint_vecs" / f"{clip_id}.npy", features.astype(np.float32))
+        np.save(_WORKER_OUT / "new_joints" / f"{clip_id}.npy", joints.astype(np.float32))
+        return ClipResult(
+            clip_id, member, frames=features.shape[0], source_frames=bvh.num_frames, source_fps=round(bvh.fps, 3),
+            joint_map=jmap.name, unmapped=tuple(unmapped_joints(bvh, jmap)),
+            roundtrip_error_m=roundtrip,
+        )
+    except Exception as exc:  # reported by name and skipped, never silently
+        return ClipResult(clip_id, member, error=f"{type(exc).__name__}: {exc}")
+
+
+def _label_names(files: dict[str, bytes], member: str, kind: str) -> list[str] | None:
+    """Lines of the nearest ``cfg/{kind}_label.txt`` above ``member``."""
+    for parent in PurePosixPath(member).parents:
+        key = (parent / "cfg" / f"{kind}_label.txt").as_posix()
+        if key in files:
+            return [line.strip() for line in files[key].decode("utf-8").splitlines() if line.strip()]
+    return None
+
+
+def _sidecar_label(files: dict[str, bytes], member: str) -> tuple[str, str]:
+    """(content, style) from the .json beside a .bvh (names, or indices into the cfg label lists)."""
+    key = str(PurePosixPath(member).with_suffix(".json"))
+    if key not in files:
+        raise ValueError(f"{member}: no labels (no {PurePosixPath(key).name} beside it and no --labels entry)")
+    try:
+        raw = json.loads(files[key])
+        values = []
+        for kind in ("content", "style"):
+            value = raw[kind]
+            if isinstance(value, int):
+                names = _label_names(files, member, kind)
+                if names is None:
+                    raise ValueError(f"index {value} but no cfg/{kind}_label.txt found")
+                value = names[value]
+            values.append(str(value))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"{member}: bad label file {PurePosixPath(key).name} ({exc!r})") from None
+    return values[0], values[1]
+
+
+def _load_labels_file(path: Path | None) -> dict[str, tuple[str, str]]:
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {str(k): (str(v["content"]), str(v["style"])) for k, v in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        expected = "{clip_id: {'content': ..., 'style': ...}}"
+        raise ValueError(f"labels file {path}: expected {expected} ({exc!r})") from None
+
+
+def _license(files: dict[str, bytes]) -> str:
+    found = set()
+    for member, data in files.items():
+        if PurePosixPath(member).name.upper().startswith("LICENSE"):
+            head = data[:200].decode("utf-8", errors="replace")
+            found.update(name for text, name in KNOWN_LICENSES.items() if text in head)
+    return ", ".join(sorted(found)) or "unknown (no recognised LICENSE file in the source; check its terms)"
+
+
+def compute_normalizer(features: list[np.ndarray], num_joints: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and Std over all frames, with HumanML3D's Std: each feature group gets its group's mean std."""
+    data = np.concatenate(features, axis=0).astype(np.float64)
+    mean, std = data.mean(axis=0), data.std(axis=0)
+    j = num_joints
+    bounds = [0, 1, 3, 4, 4 + (j - 1) * 3, 4 + (j - 1) * 9, 4 + (j - 1) * 9 + j * 3, data.shape[1]]
+    for lo, hi in itertools.pairwise(bounds):
+        std[lo:hi] = std[lo:hi].mean()
+    if not (std > 0).all():
+        raise ValueError("a feature group has zero variance over the train split: too little data")
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _check_paths(source: Path, out: Path, force: bool) -> None:
+    if not source.exists():
+        raise ValueError(f"source {source} does not exist")
+    if not (source.is_dir() or _is_archive(source)):
+        raise ValueError(f"source {source}: expected a folder or one of {', '.join(ARCHIVE_SUFFIXES)}")
+    if not out.parent.is_dir():
+        raise ValueError(f"output parent folder {out.parent} does not exist; create it first")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ValueError(f"output {out} exists and is not empty; pass --force to replace it")
+
+
+def prepare_bvh(
+    source: str | Path,
+    out: str | Path,
+    labels: str | Path | None = None,
+    joint_map: str | Path | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare SOURCE into OUT (see the module docstring); returns the dataset.json content.
+
+    Raises ValueError for unusable arguments (missing source, missing OUT parent, an empty source, a bad map or
+    labels file) before writing anything; single clips that fail are listed, not raised.
+    """
+    start = time.perf_counter()
+    source, out = Path(source), Path(out)
+    _check_paths(source, out, force)
+    jmap = load_map(joint_map) if joint_map is not None else None
+    label_overrides = _load_labels_file(Path(labels) if labels is not None else None)
+    workers = max(1, workers or os.cpu_count() or 1)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for sub in ("new_joint_vecs", "new_joints", "texts"):
+            (tmp / sub).mkdir()
+        files: dict[str, bytes] = {}
+        seen: Counter[str] = Counter()
+
+        def bvh_items() -> Iterator[tuple[str, bytes]]:
+            for member, data in iter_source(source):
+                if member.lower().endswith(".bvh"):
+                    seen[_clip_id(member)] += 1
+                    yield member, data
+                else:
+                    files[member] = data
+
+        results: list[ClipResult] = []
+        bar = tqdm(desc="prepare-bvh", unit="clip", disable=not progress, file=sys.stderr)
+        if workers == 1:
+            previous = torch.get_num_threads()
+            _init_worker(jmap, tmp)
+            try:
+                for item in bvh_items():
+                    results.append(_prepare_clip(item))
+                    bar.update()
+            finally:
+                torch.set_num_threads(previous)
+        else:
+            with mp.get_context("fork").Pool(workers, _init_worker, (jmap, tmp)) as pool:
+                for result in pool.imap_unordered(_prepare_clip, bvh_items(), chunksize=4):
+                    results.append(result)
+                    bar.update()
+        bar.close()
+        if not results:
+            raise ValueError(f"source {source} holds no .bvh files")
+
+        results.sort(key=lambda r: r.member)
+        duplicates = {c for c, n in seen.items() if n > 1}
+        ok: dict[str, ClipResult] = {}
+        failures: dict[str, str] = {}
+        pair_of: dict[str, tuple[str, str]] = {}
+        for r in results:
+            error = r.error
+            if error is None and r.clip_id in duplicates:
+                error = f"duplicate clip id {r.clip_id!r} (several files share this name)"
+            if error is None:
+                try:
+                    content, style = label_overrides.get(r.clip_id) or _sidecar_label(files, r.member)
+                    captions = make_captions(r.clip_id, content, style, CAPTIONS_PER_CLIP)
+                except ValueError as exc:
+                    error = str(exc)
+            if error is not None:
+                failures[r.member] = error
+                for sub in ("new_joint_vecs", "new_joints"):
+                    (tmp / sub / f"{r.clip_id}.npy").unlink(missing_ok=True)
+                continue
+            (tmp / "texts" / f"{r.clip_id}.txt").write_text(caption_lines(captions), encoding="utf-8")
+            ok[r.clip_id] = r
+            pair_of[r.clip_id] = (label_key(content), label_key(style))
+        for member, error in failures.items():
+            print(f"prepare-bvh: skipped {member}: {error}", file=sys.stderr)
+        if not ok:
+            raise ValueError(f"no clip of {source} could be prepared; first error: {next(iter(failures.values()))}")
+
+        splits = make_splits(pair_of)
+        for name in SPLIT_NAMES:
+            (tmp / f"{name}.txt").write_text("".join(f"{i}\n" for i in splits[name]), encoding="utf-8")
+        (tmp / "all.txt").write_text("".join(f"{i}\n" for i in sorted(ok)), encoding="utf-8")
+        train_features = [np.load(tmp / "new_joint_vecs" / f"{i}.npy") for i in splits["train"]]
+        skeleton = jmap.skeleton if jmap is not None else SMPL22
+        mean, std = compute_normalizer(train_features or [np.load(tmp / "new_joint_vecs" / f"{i}.npy") for i in ok],
+                                       skeleton.num_joints)
+        np.save(tmp / "Mean.npy", mean)
+        np.save(tmp / "Std.npy", std)
+
+        frames = sum(r.frames for r in ok.values())
+        worst = max(ok.values(), key=lambda r: r.roundtrip_error_m)
+        info = {
+            "name": out.name,
+            "format": "HumanML3D (new_joint_vecs (T, 263) float32, new_joints (T, 22, 3) float32, "
+                      "texts/ID.txt lines 'caption#tokens#start#end')",
+            "fps": skeleton.fps,
+            "feature_dim": skeleton.feature_dim,
+            "skeleton": skeleton.to_json(),
+            "provenance": {
+                "source": source.name,
+                "source_bytes": source.stat().st_size if source.is_file() else None,
+                "source_sha256": _sha256(source) if source.is_file() else None,
+                "joint_maps": sorted({r.joint_map for r in ok.values()}),
+                "unmapped_source_joints": sorted({j for r in ok.values() for j in r.unmapped}),
+                "pipeline": "BVH -> backend.data.retarget (resample to 20 fps, metres, Y up) -> "
+                            "backend.motion.canonicalize_positions -> positions_to_features; "
+                            "new_joints = features_to_positions(features)",
+                "captions": f"{CAPTIONS_PER_CLIP} per clip from backend/data/caption_templates.json, "
+                            "seeded by clip id",
+                "normalizer": "Mean/Std over the train split; Std averaged within each feature group (HumanML3D)",
+            },
+            "license": _license(files),
+            "attribution": _attribution(files),
+            "counts": {
+                "bvh_files": len(results),
+                "prepared": len(ok),
+                "failed": len(failures),
+                "frames": frames,
+                "hours": round(frames / skeleton.fps / 3600, 3),
+                "source_frames": sum(r.source_frames for r in ok.values()),
+                "splits": {name: len(splits[name]) for name in SPLIT_NAMES},
+                "contents": dict(sorted(Counter(c for c, _ in pair_of.values()).items())),
+                "styles": dict(sorted(Counter(s for _, s in pair_of.values()).items())),
+                "pairs": len(set(pair_of.values())),
+            },
+            "splits": {"rules": RULES, "test_unseen_pairs": held_out_pairs(pair_of, splits)},
+            "checks": {
+                "roundtrip_max_error_m": worst.roundtrip_error_m,
+                "roundtrip_worst_clip": worst.clip_id,
+                "roundtrip_tolerance_m": ROUNDTRIP_TOLERANCE_M,
+            },
+            "failures": [{"member": m, "error": e} for m, e in failures.items()],
+            "seconds": round(time.perf_counter() - start, 1),
+            "workers": workers,
+        }
+        (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, out)
+        return info
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _attribution(files: dict[str, bytes]) -> str:
+    if any("Bandai-Namco-Research-Motiondataset" in m for m in files):
+        return ("Bandai-Namco-Research-Motiondataset-1 and -2, (c) 2022 Bandai Namco Research Inc., CC BY-NC 4.0; "
+                "non-commercial use only, and so is any model trained on it")
+    return "see the source's own license and attribution terms"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
