@@ -39,21 +39,26 @@ def action_fcurves(action):
 
 
 class ActionKeyer:
-    """A new Action on `obj`, filled by successive `append(result)` calls; `discard()` removes it again."""
+    """A new Action for `obj` (made its active action when `assign`), filled by successive `append(result)`
+    calls; `discard()` removes it again."""
 
-    def __init__(self, obj, name: str, frame_start: float = 1.0, frame_step: float = 1.0) -> None:
+    def __init__(
+        self, obj, name: str, frame_start: float = 1.0, frame_step: float = 1.0, assign: bool = True
+    ) -> None:
         self.obj, self.frame_start, self.frame_step = obj, frame_start, frame_step
         anim = obj.animation_data
         self.previous = (anim.action, getattr(anim, "action_slot", None)) if anim else (None, None)
         # keep the user's action alive once unassigned (undone again by discard())
-        self.faked = self.previous[0] is not None and not self.previous[0].use_fake_user
+        self.faked = assign and self.previous[0] is not None and not self.previous[0].use_fake_user
         if self.faked:
             self.previous[0].use_fake_user = True
         self.action = bpy.data.actions.new(name)
         self.action.use_fake_user = True  # results stay in the history list while not assigned
         self.slot = self.action.slots.new(id_type="OBJECT", name=obj.name) if hasattr(self.action, "slots") else None
-        assign_action(obj, self.action)
+        if assign:
+            assign_action(obj, self.action)
         self.fcurves: list = []
+        self.rotation_modes: dict[str, str] = {}  # restored by discard()
         self.frames = np.zeros(0)
         self.values = np.zeros((0, 0))
 
@@ -67,7 +72,9 @@ class ActionKeyer:
             else:
                 self.fcurves.append(self.action.fcurves.new(path, index=index, action_group=group))
         for bone in result.bones:
-            self.obj.pose.bones[bone].rotation_mode = "QUATERNION"
+            pose_bone = self.obj.pose.bones[bone]
+            self.rotation_modes[bone] = pose_bone.rotation_mode
+            pose_bone.rotation_mode = "QUATERNION"
 
     def append(self, result: RetargetResult) -> None:
         """Key the next frames (the chunk's rotations and root location) after those already written."""
@@ -90,11 +97,13 @@ class ActionKeyer:
     def discard(self) -> None:
         """Remove the action and give the object back its previous action."""
         anim = self.obj.animation_data
-        if anim is not None:
+        if anim is not None and anim.action == self.action:
             anim.action = self.previous[0]
             if self.previous[1] is not None and self.previous[0] is not None:
                 anim.action_slot = self.previous[1]
         if self.faked:
             self.previous[0].use_fake_user = False
+        for bone, mode in self.rotation_modes.items():
+            self.obj.pose.bones[bone].rotation_mode = mode
         bpy.data.actions.remove(self.action)
         self.action = None

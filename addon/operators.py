@@ -1,0 +1,177 @@
+"""Operators: generate, cancel, canonical armature, local backend, history (apply / delete)."""
+
+from __future__ import annotations
+
+import random
+
+import bpy
+
+from .armature import create_canonical_armature
+from .canonical import SMPL22_BUILTIN
+from .keying import assign_action
+from .properties import preferences, target_armature
+from .session import Session, Settings
+
+_session: Session | None = None
+UNDOABLE = {"REGISTER", "UNDO"}
+
+
+def session(context) -> Session:
+    """The add-on's connection, (re)made when the backend address or keys in the preferences change."""
+    global _session
+    prefs = preferences(context)
+    if _session is None or (_session.endpoint, _session.keys_dir) != (prefs.endpoint, prefs.keys_dir):
+        close_session()
+        _session = Session(prefs.endpoint, prefs.keys_dir)
+    return _session
+
+
+def close_session() -> None:
+    """Close the connection, discarding a running generation and stopping a backend the add-on started."""
+    global _session
+    if _session is not None:
+        _session.close()
+        _session.stop_backend()
+        _session = None
+
+
+def current_session() -> Session | None:
+    """The session if one exists (the panel shows its state without connecting)."""
+    return _session
+
+
+def redraw_panels() -> None:
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()
+
+
+class MOTION_OT_generate(bpy.types.Operator):
+    """Generate a motion from the prompt onto the target armature (a new Action; yours stay untouched)"""
+
+    bl_idname = "motion_mamba.generate"
+    bl_label = "Generate"
+
+    def execute(self, context):
+        props = context.scene.motion_mamba
+        if props.randomise_seed:
+            props.seed = random.randrange(2**31 - 1)
+        settings = Settings(props.prompt, props.seconds, props.seed, props.guidance, props.steps, props.samples,
+                            props.preset, props.root_motion)  # fmt: skip
+        try:
+            session(context).generate(settings, target_armature(context))
+        except (ValueError, TypeError, ConnectionError) as exc:  # UnmappableArmatureError is a ValueError
+            session(context).error = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        redraw_panels()
+        return {"FINISHED"}
+
+
+class MOTION_OT_cancel(bpy.types.Operator):
+    """Stop the running generation; its partial Action is removed"""
+
+    bl_idname = "motion_mamba.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, _context):
+        return _session is not None and _session.job is not None
+
+    def execute(self, _context):
+        _session.cancel()
+        redraw_panels()
+        return {"FINISHED"}
+
+
+class MOTION_OT_create_armature(bpy.types.Operator):
+    """Add an armature with the backend's canonical skeleton (the built-in one when offline) and target it"""
+
+    bl_idname = "motion_mamba.create_armature"
+    bl_label = "Create canonical armature"
+    bl_options = UNDOABLE
+
+    def execute(self, context):
+        skeleton = (_session.skeleton if _session is not None else None) or SMPL22_BUILTIN
+        obj = create_canonical_armature(context.scene.collection, skeleton)
+        context.scene.motion_mamba.target = obj
+        return {"FINISHED"}
+
+
+class MOTION_OT_start_backend(bpy.types.Operator):
+    """Start `python -m backend.serve` with the interpreter and project folder from the add-on preferences"""
+
+    bl_idname = "motion_mamba.start_backend"
+    bl_label = "Start local backend"
+
+    def execute(self, context):
+        prefs = preferences(context)
+        if not prefs.python or not prefs.project:
+            self.report({"ERROR"}, "Set the Python interpreter and project folder in the add-on preferences first.")
+            return {"CANCELLED"}
+        try:
+            session(context).start_backend(bpy.path.abspath(prefs.python), bpy.path.abspath(prefs.project))
+        except (OSError, ValueError) as exc:
+            self.report({"ERROR"}, f"Could not start the backend: {exc}")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class MOTION_OT_stop_backend(bpy.types.Operator):
+    """Stop the backend this add-on started"""
+
+    bl_idname = "motion_mamba.stop_backend"
+    bl_label = "Stop local backend"
+
+    @classmethod
+    def poll(cls, _context):
+        return _session is not None and _session.backend_process is not None
+
+    def execute(self, _context):
+        _session.stop_backend()
+        return {"FINISHED"}
+
+
+def _history_action(context):
+    props = context.scene.motion_mamba
+    actions = bpy.data.actions
+    if 0 <= props.history_index < len(actions) and "motion_mamba" in actions[props.history_index]:
+        return actions[props.history_index]
+    return None
+
+
+class MOTION_OT_apply_action(bpy.types.Operator):
+    """Put the selected generated Action on the target armature"""
+
+    bl_idname = "motion_mamba.apply_action"
+    bl_label = "Apply"
+    bl_options = UNDOABLE
+
+    @classmethod
+    def poll(cls, context):
+        return _history_action(context) is not None and target_armature(context) is not None
+
+    def execute(self, context):
+        assign_action(target_armature(context), _history_action(context))
+        return {"FINISHED"}
+
+
+class MOTION_OT_delete_action(bpy.types.Operator):
+    """Delete the selected generated Action"""
+
+    bl_idname = "motion_mamba.delete_action"
+    bl_label = "Delete"
+    bl_options = UNDOABLE
+
+    @classmethod
+    def poll(cls, context):
+        return _history_action(context) is not None
+
+    def execute(self, context):
+        bpy.data.actions.remove(_history_action(context))
+        return {"FINISHED"}
+
+
+CLASSES = (MOTION_OT_generate, MOTION_OT_cancel, MOTION_OT_create_armature, MOTION_OT_start_backend,
+           MOTION_OT_stop_backend, MOTION_OT_apply_action, MOTION_OT_delete_action)  # fmt: skip

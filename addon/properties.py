@@ -1,0 +1,95 @@
+"""The panel's settings (per scene) and the add-on preferences."""
+
+from __future__ import annotations
+
+import os
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+
+from . import wire
+from .retarget import PRESET_LABELS
+
+ADDON_ID = __package__
+# MOTION_MAMBA_ENDPOINT overrides the default address (headless runs, tests)
+DEFAULT_ENDPOINT = os.environ.get("MOTION_MAMBA_ENDPOINT", wire.DEFAULT_ENDPOINT)
+
+
+def _is_armature(_self, obj) -> bool:
+    return obj.type == "ARMATURE"
+
+
+class MotionSettings(bpy.types.PropertyGroup):
+    prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'")
+    seconds: FloatProperty(name="Duration", description="Length of the motion in seconds", default=4.0, min=0.5,
+                           max=60.0, subtype="TIME_ABSOLUTE", unit="TIME_ABSOLUTE")  # fmt: skip
+    seed: IntProperty(name="Seed", description="Same prompt + seed + settings give the same motion", default=0,
+                      min=0, max=2**31 - 1)  # fmt: skip
+    randomise_seed: BoolProperty(name="Randomise", description="Pick a new seed for every generation", default=True)
+    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance: how closely to follow the prompt",
+                            default=2.5, min=0.0, max=30.0)  # fmt: skip
+    steps: IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=50, min=1, max=1000)
+    samples: IntProperty(name="Samples", description="Variations to generate (one Action each)", default=1, min=1,
+                         max=8)  # fmt: skip
+    target: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature,
+                            description="Armature to animate (empty: the active armature)")  # fmt: skip
+    preset: EnumProperty(name="Bone map", description="How the armature's bones are named",
+                         items=[(k, v, "") for k, v in PRESET_LABELS.items()], default="AUTO")  # fmt: skip
+    root_motion: BoolProperty(name="Root motion", default=True,
+                              description="Move the character through space (off: in place, height kept)")  # fmt: skip
+    history_index: IntProperty(name="History", default=-1)
+
+
+class MotionPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    endpoint: StringProperty(name="Backend address", default=DEFAULT_ENDPOINT,
+                             description="ZeroMQ address of the generation backend")  # fmt: skip
+    python: StringProperty(name="Python interpreter", subtype="FILE_PATH",
+                           description="Python with the backend installed (e.g. <project>/.venv/bin/python)")
+    project: StringProperty(name="Project folder", subtype="DIR_PATH",
+                            description="Folder holding the backend package (python -m backend.serve runs there)")
+    keys_dir: StringProperty(name="Remote keys", subtype="DIR_PATH",
+                             description="For a remote backend: folder from `python -m backend.serve keygen` "
+                             "(server.key, client.key_secret)")  # fmt: skip
+
+    def draw(self, _context) -> None:
+        layout = self.layout
+        layout.prop(self, "endpoint")
+        layout.prop(self, "keys_dir")
+        box = layout.box()
+        box.label(text="Start local backend")
+        box.prop(self, "python")
+        box.prop(self, "project")
+
+
+def preferences(context):
+    """The add-on preferences, or their defaults when the add-on runs unregistered with Blender (tests)."""
+    addon = context.preferences.addons.get(ADDON_ID)
+    if addon is not None:
+        return addon.preferences
+    endpoint = os.environ.get("MOTION_MAMBA_ENDPOINT", wire.DEFAULT_ENDPOINT)
+    return type("Defaults", (), {"endpoint": endpoint, "python": "", "project": "", "keys_dir": ""})
+
+
+def target_armature(context):
+    """The armature to animate: the chosen one, else the active object if it is an armature."""
+    target = context.scene.motion_mamba.target
+    if target is None and context.active_object is not None and context.active_object.type == "ARMATURE":
+        return context.active_object
+    return target
+
+
+CLASSES = (MotionSettings, MotionPreferences)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.motion_mamba = PointerProperty(type=MotionSettings)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.motion_mamba
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

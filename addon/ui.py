@@ -1,0 +1,86 @@
+"""The "Motion" tab of the 3D View sidebar and its history list."""
+
+from __future__ import annotations
+
+import bpy
+
+from .operators import current_session
+from .properties import target_armature
+
+
+class MOTION_UL_history(bpy.types.UIList):
+    """Generated Actions (those carrying the add-on's settings); double-click a name to rename."""
+
+    def draw_item(self, _context, layout, _data, item, _icon, _active_data, _active_prop, _index=0, _flt_flag=0):
+        row = layout.row(align=True)
+        row.prop(item, "name", text="", emboss=False, icon="ACTION")
+        info = item["motion_mamba"]
+        row.label(text=f"seed {info['seed']}")
+
+    def filter_items(self, _context, data, propname):
+        actions = getattr(data, propname)
+        flags = [self.bitflag_filter_item if "motion_mamba" in a else 0 for a in actions]
+        return flags, []
+
+
+class MOTION_PT_panel(bpy.types.Panel):
+    bl_label = "Motion Mamba"
+    bl_idname = "MOTION_PT_panel"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Motion"
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.motion_mamba
+        session = current_session()
+
+        layout.prop(props, "prompt", text="")
+        col = layout.column(align=True)
+        col.prop(props, "seconds")
+        row = col.row(align=True)
+        row.prop(props, "seed")
+        row.prop(props, "randomise_seed", text="", icon="FILE_REFRESH", toggle=True)
+        col.prop(props, "guidance")
+        col.prop(props, "steps")
+        col.prop(props, "samples")
+
+        box = layout.box()
+        box.prop(props, "target")
+        target = target_armature(context)
+        if target is None:
+            box.label(text="No armature selected", icon="ERROR")
+            box.operator("motion_mamba.create_armature", icon="ARMATURE_DATA")
+        elif props.target is None:
+            box.label(text=f"Using the active armature: {target.name}", icon="INFO")
+        box.prop(props, "preset")
+        box.prop(props, "root_motion")
+
+        job = session.job if session is not None else None
+        if job is None:
+            layout.operator("motion_mamba.generate", icon="PLAY")
+        else:
+            row = layout.row(align=True)
+            row.progress(factor=job.progress, type="BAR",
+                         text=f"Step {job.step}/{job.total}" if job.total else "Waiting for the backend...")
+            row.operator("motion_mamba.cancel", text="", icon="CANCEL")
+
+        if session is not None and session.error:
+            layout.label(text=session.error, icon="ERROR")
+        elif session is not None and session.result:
+            layout.label(text=session.result, icon="CHECKMARK")
+        status = layout.box()
+        status.label(text=session.describe() if session is not None else "Backend: not connected yet",
+                     icon="LINKED" if session is not None and session.connected else "UNLINKED")
+        row = status.row(align=True)
+        row.operator("motion_mamba.start_backend", icon="CONSOLE")
+        row.operator("motion_mamba.stop_backend", text="", icon="X")
+
+        layout.label(text="Generated actions")
+        layout.template_list("MOTION_UL_history", "", bpy.data, "actions", props, "history_index", rows=3)
+        row = layout.row(align=True)
+        row.operator("motion_mamba.apply_action", icon="CHECKMARK")
+        row.operator("motion_mamba.delete_action", icon="TRASH")
+
+
+CLASSES = (MOTION_UL_history, MOTION_PT_panel)

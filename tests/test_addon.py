@@ -1,0 +1,262 @@
+"""The add-on in real Blender (the bpy module): registration, panel drawing, bad input, a garbage backend.
+
+Tests that need the real generation backend are in test_addon_backend.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+zmq = pytest.importorskip("zmq")
+
+import addon  # noqa: E402
+from addon import operators, wire  # noqa: E402
+from addon.canonical import SMPL22_BUILTIN  # noqa: E402
+from addon.session import Session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generated_actions() -> list[str]:
+    return [a.name for a in bpy.data.actions if "motion_mamba" in a]
+
+
+@pytest.fixture
+def fresh():
+    """An empty scene with the add-on registered (unregistered afterwards)."""
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    addon.register()
+    yield bpy.context
+    addon.unregister()
+
+
+def test_import_wire_does_not_import_bpy():
+    code = "import sys, addon.wire; assert 'bpy' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_register_unregister_twice():
+    for _ in range(2):
+        addon.register()
+        assert hasattr(bpy.types.Scene, "motion_mamba")
+        assert bpy.ops.motion_mamba.generate.get_rna_type().identifier == "MOTION_MAMBA_OT_generate"
+        assert hasattr(bpy.types, "MOTION_PT_panel")
+        addon.unregister()
+        assert not hasattr(bpy.types.Scene, "motion_mamba")
+        assert not hasattr(bpy.types, "MOTION_PT_panel")
+        assert operators.current_session() is None
+
+
+DRAW_SCRIPT = """
+import json, os, sys, traceback
+sys.path.insert(0, {root!r})
+import bpy
+import addon
+from addon import operators
+from addon.armature import create_canonical_armature
+from addon.canonical import SMPL22_BUILTIN
+from addon.retarget import map_bones
+from addon.session import Job, Session, Settings
+from addon.ui import MOTION_PT_panel, MOTION_UL_history
+
+bpy.ops.wm.read_factory_settings(use_empty=False)
+addon.register()
+
+class FakeList:  # filter_items only reads this flag
+    bitflag_filter_item = 1 << 30
+
+def draw(menu, context):
+    states = []
+    try:
+        MOTION_PT_panel.draw(menu, context)  # no session, no armature
+        states.append("empty")
+        rig = create_canonical_armature(context.scene.collection, SMPL22_BUILTIN)
+        context.view_layer.objects.active = rig
+        action = bpy.data.actions.new("walk (seed 1)")
+        action["motion_mamba"] = {{"prompt": "walk", "seed": 1}}
+        operators._session = Session("tcp://127.0.0.1:9", hello_timeout=0.0)
+        operators._session.error = "Backend error (bad_request): prompt is empty"
+        MOTION_PT_panel.draw(menu, context)  # dead backend, an error, a history entry
+        MOTION_UL_history.draw_item(None, context, menu.layout, bpy.data, action, 0, None, "", 0)
+        flags, _ = MOTION_UL_history.filter_items(FakeList(), context, bpy.data, "actions")
+        items = [a.name for a, f in zip(bpy.data.actions, flags) if f]
+        states.append("error")
+        operators._session.job = Job("id", Settings("walk"), rig.name, map_bones(SMPL22_BUILTIN.names))
+        operators._session.job.step, operators._session.job.total = 3, 10
+        MOTION_PT_panel.draw(menu, context)  # a running generation: progress bar + cancel
+        states.append("running")
+        operators._session.job = None
+        result = {{"states": states, "items": items}}
+    except Exception:
+        result = {{"states": states, "error": traceback.format_exc()}}
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)  # popups cannot be shown headless: leave before Blender tries
+
+window = bpy.context.window
+area = next(a for a in window.screen.areas if a.type == "VIEW_3D")
+region = next(r for r in area.regions if r.type == "UI")
+with bpy.context.temp_override(window=window, area=area, region=region):
+    bpy.context.window_manager.popup_menu(draw, title="Motion")
+"""
+
+
+def test_panel_draws_in_every_state(tmp_path):
+    """Panel.draw with a real UILayout: a popup menu's draw callback gets one even headless (then we exit)."""
+    script = tmp_path / "draw.py"
+    script.write_text(textwrap.dedent(DRAW_SCRIPT.format(root=str(ROOT))))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(line[len("RESULT ") :])
+    assert "error" not in result, result.get("error")
+    assert result["states"] == ["empty", "error", "running"]
+    assert "walk (seed 1)" in result["items"]  # the history list drew the generated action
+
+
+def use_session(monkeypatch, session: Session) -> Session:
+    """Make `session` the add-on's connection (the preferences' address must match, or it is replaced)."""
+    monkeypatch.setenv("MOTION_MAMBA_ENDPOINT", session.endpoint)
+    operators._session = session
+    return session
+
+
+def test_bad_input_changes_nothing(fresh, monkeypatch):
+    """Empty prompt, no armature, unmappable bones, no backend: a clear report and an untouched scene."""
+    context = fresh
+    settings = context.scene.motion_mamba
+    session = use_session(monkeypatch, Session("tcp://127.0.0.1:9", hello_timeout=0.2))  # nothing listens
+    time.sleep(0.3)
+
+    def generate() -> str:
+        with pytest.raises(RuntimeError) as err:
+            bpy.ops.motion_mamba.generate()
+        assert generated_actions() == [] and session.job is None
+        assert session.error and session.error in str(err.value)
+        return session.error
+
+    settings.prompt = "   "
+    assert "Type a prompt" in generate()
+    settings.prompt = "a person walks forward"
+    assert "No target armature" in generate()
+
+    arm = bpy.data.armatures.new("Odd")
+    rig = bpy.data.objects.new("Odd", arm)
+    context.scene.collection.objects.link(rig)
+    context.view_layer.objects.active = rig
+    bpy.ops.object.mode_set(mode="EDIT")
+    for name in ("Bone", "Bone.001", "Hips"):
+        bone = arm.edit_bones.new(name)
+        bone.tail = (0, 0, 1)
+    bpy.ops.object.mode_set(mode="OBJECT")
+    session.server = {"device": "cpu", "fps": 20.0, "model": {"model": "x"}}  # pretend connected
+    session._hello_heard = time.monotonic() + 60
+    message = generate()
+    assert "'Odd'" in message and "left_knee" in message and "Bone.001" in message
+
+    session.server = None
+    bpy.ops.motion_mamba.create_armature()
+    assert "No backend at tcp://127.0.0.1:9" in generate()
+    assert session.describe().startswith("No backend at")
+
+
+class GarbageServer:
+    """A real ROUTER socket that answers hello correctly and generate with the given broken replies."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        skeleton = {"joint_names": list(SMPL22_BUILTIN.names), "parents": list(SMPL22_BUILTIN.parents),
+                    "rest_offsets": SMPL22_BUILTIN.offsets.tolist()}  # fmt: skip
+        while not self.stop.is_set():
+            if not self.socket.poll(50):
+                continue
+            peer, *frames = self.socket.recv_multipart()
+            header = json.loads(frames[0])
+            if header["type"] == "hello":
+                reply = wire.encode({"type": "hello", "id": header["id"], "model": {"model": "garbage"},
+                                     "device": "cpu", "fps": 20.0, "skeleton": skeleton,
+                                     "limits": wire.DEFAULT_LIMITS.to_json()})  # fmt: skip
+                self.socket.send_multipart([peer, *reply])
+            elif header["type"] == "generate":
+                for reply in self.replies(header["id"]):
+                    self.socket.send_multipart([peer, *reply])
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.socket.close()
+
+
+def frames(rid: str, data: np.ndarray, start: int = 0) -> list[bytes]:
+    data = np.asarray(data, dtype=np.float32)
+    return wire.encode({"type": "frames", "id": rid, "sample": 0, "start": start, "count": len(data),
+                        "shape": list(data.shape), "dtype": "<f4"}, data)  # fmt: skip
+
+
+def good_chunk(n: int = 10) -> np.ndarray:
+    return wire.pack_motion(np.zeros((n, 3)), np.tile([1.0, 0, 0, 0], (n, 22, 1)))
+
+
+GARBAGE = {
+    "NaN rotations": (lambda rid: [frames(rid, good_chunk() * np.nan)], "NaN"),
+    "wrong joint count": (lambda rid: [frames(rid, np.zeros((10, 3 + 4 * 5)))], "rotations must be"),
+    "not a motion array": (lambda rid: [frames(rid, np.zeros((10, 9)))], "does not match"),
+    "frames out of order": (lambda rid: [frames(rid, good_chunk()), frames(rid, good_chunk(), start=30)],
+                            "out of order"),
+    "short motion": (lambda rid: [frames(rid, good_chunk()),
+                                  wire.encode({"type": "done", "id": rid, "frames": 80, "timings": {}})],
+                     "announced 80 frames"),
+    "unparseable header": (lambda rid: [[b"{not json", b""]], "no reply"),
+    "unknown field": (lambda rid: [wire.encode({"type": "progress", "id": rid, "step": 1, "total": 2,
+                                                "junk": 1})], "unreadable reply"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(GARBAGE))
+def test_garbage_from_the_backend_leaves_no_action(fresh, monkeypatch, case):
+    replies, expected = GARBAGE[case]
+    server = GarbageServer(replies)
+    try:
+        context = fresh
+        bpy.ops.motion_mamba.create_armature()
+        rig = context.scene.motion_mamba.target
+        user_action = bpy.data.actions.new("users own")
+        rig.animation_data_create().action = user_action
+        modes = [pb.rotation_mode for pb in rig.pose.bones]
+        session = use_session(monkeypatch, Session(server.endpoint, timeout=1.0))
+        deadline = time.monotonic() + 10
+        while not session.connected and time.monotonic() < deadline:
+            addon._timer()
+            time.sleep(0.02)
+        assert session.connected, session.describe()
+        context.scene.motion_mamba.prompt = "a person waves"
+        assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+        while session.job is not None and time.monotonic() < deadline:
+            addon._timer()
+            time.sleep(0.02)
+        assert session.job is None, "the job never ended"
+        assert expected in session.error, session.error
+        assert generated_actions() == []
+        assert rig.animation_data.action == user_action and not user_action.use_fake_user
+        assert [pb.rotation_mode for pb in rig.pose.bones] == modes
+    finally:
+        server.close()

@@ -1,0 +1,99 @@
+"""Benchmark: retarget 300 frames of a 22-joint motion onto a Mixamo-named armature and key a new Action.
+
+    .venv/bin/python tools/bench_keying.py [--frames 300] [--repeats 20]
+
+Prints the median time of each stage (set-up, retarget, keying) and the total against the 50 ms budget, plus the
+per-key rate of the bulk path (keyframe_points.add + foreach_set) against pose_bone.keyframe_insert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="mm-bench-"))
+HUMANML3D = ROOT.parent / "shared" / "data" / "humanml3d-samples" / "new_joint_vecs" / "007005.npy"
+
+
+def source_motion(frames: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Root translation and rotations of a real HumanML3D clip (looped to length), else a random one."""
+    try:
+        from backend.motion import features_to_rotations
+
+        root, quats = features_to_rotations(np.load(HUMANML3D))
+        reps = -(-frames // len(root))
+        return np.tile(root, (reps, 1))[:frames], np.tile(quats, (reps, 1, 1))[:frames], "HumanML3D 007005"
+    except (ImportError, OSError):
+        rng = np.random.default_rng(0)
+        quats = rng.normal(size=(frames, 22, 4))
+        return rng.normal(size=(frames, 3)), quats / np.linalg.norm(quats, axis=-1, keepdims=True), "random"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    import bpy
+
+    from addon.armature import build_armature, canonical_bones
+    from addon.canonical import SMPL22_BUILTIN as SKEL
+    from addon.keying import ActionKeyer
+    from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    heads, tails = canonical_bones(SKEL)
+    names = ["mixamorig:" + PRESETS["MIXAMO"][j] for j in SKEL.names]
+    obj = build_armature(bpy.context.scene.collection, "Rig", names, SKEL.parents, heads, tails)
+    root, quats, source = source_motion(args.frames)
+
+    stages: dict[str, list[float]] = {"set-up (map + rig + rest alignment)": [], "retarget": [], "keying": []}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        retargeter = Retargeter(SKEL, TargetRig.from_armature(obj), map_bones(names))
+        t1 = time.perf_counter()
+        result = retargeter(root, quats)
+        t2 = time.perf_counter()
+        keyer = ActionKeyer(obj, "bench")
+        keyer.append(result)
+        t3 = time.perf_counter()
+        for stage, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
+            stages[stage].append(dt)
+        keyer.discard()
+    keys = args.frames * (4 * len(result.bones) + 3)
+    print(f"source: {source}, {args.frames} frames x {len(result.bones)} bones = {keys} keys; "
+          f"median of {args.repeats} runs, Blender {bpy.app.version_string}")  # fmt: skip
+    total = 0.0
+    for stage, times in stages.items():
+        ms = 1000 * float(np.median(times))
+        total += ms
+        print(f"  {stage:<36} {ms:7.2f} ms")
+    print(f"  {'total':<36} {total:7.2f} ms  (budget 50 ms: {'OK' if total < 50 else 'OVER'}, {50 / total:.1f}x)")
+
+    # The per-key path the bulk path replaces, on a slice (it is slow): pose_bone.keyframe_insert.
+    n = min(30, args.frames)
+    bpy.context.scene.frame_set(1)
+    obj.animation_data_clear()
+    t0 = time.perf_counter()
+    for f in range(n):
+        for b, name in enumerate(result.bones):
+            pb = obj.pose.bones[name]
+            pb.rotation_quaternion = result.rotations[f, b]
+            pb.keyframe_insert("rotation_quaternion", frame=f + 1)
+    slow_per_key = (time.perf_counter() - t0) / (n * 4 * len(result.bones))
+    fast_per_key = float(np.median(stages["keying"])) / keys
+    print(f"  per key: bulk {1e6 * fast_per_key:.2f} us, keyframe_insert {1e6 * slow_per_key:.2f} us "
+          f"({slow_per_key / fast_per_key:.0f}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
