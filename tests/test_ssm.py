@@ -182,3 +182,13 @@ def test_fallback_to_pytorch_scan_is_logged(monkeypatch, tmp_path, caplog, compi
         impl = ssm._choose_implementation()
     assert impl is ssm._TorchScan
     assert reason in caplog.text and "using the PyTorch scan" in caplog.text
+
+
+def test_softplus_and_gating_over_extreme_values(implementation):
+    """The kernel's own exp/log1p/sigmoid against PyTorch's over the whole range delta and z can take."""
+    values = torch.tensor([-80.0, -30.0, -15.0, -5.0, -1e-3, 0.0, 1e-3, 0.7, 5.0, 15.0, 30.0, 80.0])
+    inputs = make_inputs(1, 2, 4, values.numel(), seed=7)
+    inputs["delta"] = values.repeat(1, 2, 1).requires_grad_()
+    inputs["z"] = values.flip(0).repeat(1, 2, 1).requires_grad_()
+    inputs["A"] = (inputs["A"].detach() * 0.01).requires_grad_()  # keep exp(delta A) finite over delta = 80
+    assert_matches_oracle(inputs, delta_softplus=True)

@@ -37,8 +37,18 @@ SOURCE = r"""
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* exp(x), ~2 ulp on [-87, 88] (Cephes expf polynomial). Branch-free and integer-conversion-free (round via
-   the 1.5 * 2^23 trick), so the compiler vectorises loops that call it. */
+typedef struct {
+    const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;  /* D, z, delta_bias may be NULL */
+    float *out, *last, *ckpt;                                   /* forward outputs */
+    const float *dout;                                          /* backward: gradient of out */
+    float *du, *ddelta, *dz;                                    /* backward outputs, per row */
+    int64_t dim, groups, L, n, K, softplus;
+} Scan;
+
+typedef struct { float *dA, *dB, *dC, *dD, *ddelta_bias, *work; } Slot;  /* one backward task's sums */
+
+/* exp(x), ~2 ulp on [-87, 88] (Cephes expf polynomial). Branch-free, no float->int conversion (rounding by
+   the 1.5 * 2^23 trick), so loops calling it vectorise. */
 INLINE float vexp(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     union { float f; int32_t i; } m = { x * 1.44269504088896341f + 12582912.0f };
@@ -55,98 +65,134 @@ INLINE float vexp(float x) {
     return p * s.f;
 }
 
-/* A block is W consecutive rows d0..d0+W-1 of one batch element b, all in one group of B/C; the W rows are
-   the SIMD lanes (B_t, C_t are shared by the block). x[k * W + w] is the state of lane w. */
-#define BLOCK_SETUP                                                                         \
-    const int64_t blocks_per_batch = dim / W, b = blk / blocks_per_batch;                   \
-    const int64_t d0 = (blk % blocks_per_batch) * W, g = d0 / (dim / groups);               \
-    const int64_t row0 = b * dim + d0, nck = (L + K - 1) / K;                               \
-    const float *Bg = B + (b * groups + g) * L * n, *Cg = C + (b * groups + g) * L * n;     \
-    float *ck = (float *)ckpt + (b * dim + d0) * nck * n;  /* (W rows) x nck x n */        \
-    float Ab[n * W];                                                                        \
-    for (int64_t k = 0; k < n; k++)                                                         \
-        for (int w = 0; w < W; w++) Ab[k * W + w] = A[(d0 + w) * n + k];
-
-INLINE void load_lanes(const float *src, int64_t row0, int64_t L, int64_t t, float *dst, const int W) {
-    for (int w = 0; w < W; w++) dst[w] = src[(row0 + w) * L + t];
+/* log(1 + e) for e in [0, 1] (Cephes logf polynomial on 1 + e, corrected by e / ((1 + e) - 1)). */
+INLINE float vlog1p(float e) {
+    float v = 1.0f + e, big = v > 1.41421356f ? 1.0f : 0.0f;
+    float x = v * (1.0f - 0.5f * big) - 1.0f, z = x * x;
+    float y = 7.0376836292e-2f;
+    y = y * x - 1.1514610310e-1f;
+    y = y * x + 1.1676998740e-1f;
+    y = y * x - 1.2420140846e-1f;
+    y = y * x + 1.4249322787e-1f;
+    y = y * x - 1.6668057665e-1f;
+    y = y * x + 2.0000714765e-1f;
+    y = y * x - 2.4999993993e-1f;
+    y = y * x + 3.3333331174e-1f;
+    y = y * x * z - 2.12194440e-4f * big - 0.5f * z;
+    float lg = x + y + 0.693359375f * big, d = v - 1.0f;
+    return d == 0.0f ? e : lg * (e / d);
 }
 
-INLINE void save_checkpoint(float *ck, const float *x, int64_t c, int64_t nck, int64_t n, const int W) {
-    for (int w = 0; w < W; w++)
-        for (int64_t k = 0; k < n; k++) ck[(w * nck + c) * n + k] = x[k * W + w];
+/* delta of row w at step t: (+ delta_bias), (softplus); sig = d(delta)/d(raw delta). */
+INLINE void load_step(const Scan *s, int64_t row0, int64_t d0, int64_t t, float *dt, float *sig, float *ut,
+                      const int W) {
+    for (int w = 0; w < W; w++) {
+        float r = s->delta[(row0 + w) * s->L + t] + (s->delta_bias ? s->delta_bias[d0 + w] : 0.0f);
+        ut[w] = s->u[(row0 + w) * s->L + t];
+        if (s->softplus) {
+            float e = vexp(r < 0.0f ? r : -r);  /* exp(-|r|) */
+            dt[w] = (r > 0.0f ? r : 0.0f) + vlog1p(e);
+            sig[w] = (r >= 0.0f ? 1.0f : e) / (1.0f + e);
+        } else {
+            dt[w] = r;
+            sig[w] = 1.0f;
+        }
+    }
 }
 
-INLINE void fwd_block(const float *u, const float *delta, const float *A, const float *B, const float *C,
-                      float *y, float *last, float *ckpt, int64_t dim, int64_t groups, int64_t L, int64_t n,
-                      int64_t K, int64_t blk, const int W) {
+/* A block is W consecutive rows d0..d0+W-1 of one batch element b, all in one group of B/C: the W rows are
+   the SIMD lanes and share B_t, C_t. x[k * W + w] is the state of lane w. */
+#define BLOCK_SETUP                                                                           \
+    const int64_t dim = s->dim, L = s->L, n = s->n, K = s->K, nck = (L + K - 1) / K;          \
+    const int64_t b = blk / (dim / W), d0 = (blk % (dim / W)) * W, row0 = b * dim + d0;       \
+    const int64_t g = d0 / (dim / s->groups);                                                 \
+    const float *Bg = s->B + (b * s->groups + g) * L * n, *Cg = s->C + (b * s->groups + g) * L * n; \
+    float *ck = s->ckpt + row0 * nck * n;  /* W rows x nck x n */                             \
+    float Ab[n * W];                                                                          \
+    for (int64_t k = 0; k < n; k++)                                                           \
+        for (int w = 0; w < W; w++) Ab[k * W + w] = s->A[(d0 + w) * n + k];
+
+/* x_t = exp(dt A) x_{t-1} + dt u B_t for the W lanes; decay (may be NULL) gets exp(dt A); returns C_t . x_t. */
+INLINE void step(const float *Ab, const float *Bt, const float *Ct, const float *dt, const float *dtu,
+                 const float *prev, float *x, float *decay, float *y, int64_t n, const int W) {
+    for (int w = 0; w < W; w++) y[w] = 0.0f;
+    for (int64_t k = 0; k < n; k++) {
+        const float bk = Bt[k], ck = Ct[k], *Ak = Ab + k * W, *pk = prev + k * W;
+        float *xk = x + k * W;
+        #pragma omp simd
+        for (int w = 0; w < W; w++) {
+            float a = vexp(dt[w] * Ak[w]);
+            float v = a * pk[w] + dtu[w] * bk;
+            if (decay) decay[k * W + w] = a;
+            xk[w] = v;
+            y[w] += ck * v;
+        }
+    }
+}
+
+INLINE void fwd_block(const Scan *s, int64_t blk, const int W) {
     BLOCK_SETUP
-    float x[n * W], dt[W], dtu[W], acc[W];
+    float x[n * W], dt[W], sig[W], ut[W], dtu[W], y[W];
     memset(x, 0, sizeof x);
     for (int64_t t = 0; t < L; t++) {
-        if (t % K == 0) save_checkpoint(ck, x, t / K, nck, n, W);
-        load_lanes(delta, row0, L, t, dt, W);
-        load_lanes(u, row0, L, t, dtu, W);
-        for (int w = 0; w < W; w++) { dtu[w] *= dt[w]; acc[w] = 0.0f; }
-        const float *Bt = Bg + t * n, *Ct = Cg + t * n;
-        for (int64_t k = 0; k < n; k++) {
-            const float bk = Bt[k], ck_ = Ct[k];
-            float *xk = x + k * W;
-            const float *Ak = Ab + k * W;
-            #pragma omp simd
-            for (int w = 0; w < W; w++) {
-                float v = vexp(dt[w] * Ak[w]) * xk[w] + dtu[w] * bk;
-                xk[w] = v;
-                acc[w] += ck_ * v;
+        if (t % K == 0)
+            for (int w = 0; w < W; w++)
+                for (int64_t k = 0; k < n; k++) ck[(w * nck + t / K) * n + k] = x[k * W + w];
+        load_step(s, row0, d0, t, dt, sig, ut, W);
+        for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
+        step(Ab, Bg + t * n, Cg + t * n, dt, dtu, x, x, NULL, y, n, W);
+        for (int w = 0; w < W; w++) {
+            float o = y[w] + (s->D ? s->D[d0 + w] * ut[w] : 0.0f);
+            if (s->z) {
+                float zz = s->z[(row0 + w) * L + t];
+                o *= zz / (1.0f + vexp(-zz));
             }
+            s->out[(row0 + w) * L + t] = o;
         }
-        for (int w = 0; w < W; w++) y[(row0 + w) * L + t] = acc[w];
     }
     for (int w = 0; w < W; w++)
-        for (int64_t k = 0; k < n; k++) last[(row0 + w) * n + k] = x[k * W + w];
+        for (int64_t k = 0; k < n; k++) s->last[(row0 + w) * n + k] = x[k * W + w];
 }
 
-/* Backward of one block: du, ddelta of its rows; adds into dA (d, n), dB, dC (g, L, n) of this task.
-   work: 2 * K * n * W floats (the recomputed states and decays of one chunk). */
-INLINE void bwd_block(const float *u, const float *delta, const float *A, const float *B, const float *C,
-                      const float *ckpt, const float *dy, float *du, float *ddelta, float *dA, float *dB,
-                      float *dC, float *work, int64_t dim, int64_t groups, int64_t L, int64_t n, int64_t K,
-                      int64_t blk, const int W) {
+/* Backward of one block, a chunk of K steps at a time from the last: recompute the chunk's states from its
+   checkpoint, then the reverse scan gx = dLoss/dx_t (carried as exp(dt_t A) * G_t). */
+INLINE void bwd_block(const Scan *s, const Slot *sl, int64_t blk, const int W) {
     BLOCK_SETUP
-    float gx[n * W], dAb[n * W], x0[n * W], dt[W], ut[W], dtu[W], dyt[W], gB[W], gA[W];
-    float *X = work, *decay = work + K * n * W;
-    float *dBg = dB + g * L * n, *dCg = dC + g * L * n;
+    float gx[n * W], dAb[n * W], x0[n * W];
+    float dt[W], sig[W], ut[W], dtu[W], gy[W], gB[W], gA[W], dDb[W], dbias[W];
+    float *X = sl->work, *decay = X + K * n * W, *Y = decay + K * n * W;
+    float *dBg = sl->dB + g * L * n, *dCg = sl->dC + g * L * n;
     memset(gx, 0, sizeof gx);
     memset(dAb, 0, sizeof dAb);
+    memset(dDb, 0, sizeof dDb);
+    memset(dbias, 0, sizeof dbias);
     for (int64_t c = nck - 1; c >= 0; c--) {
         const int64_t t0 = c * K, m = (L - t0 < K) ? L - t0 : K;
         for (int w = 0; w < W; w++)
             for (int64_t k = 0; k < n; k++) x0[k * W + w] = ck[(w * nck + c) * n + k];
-        const float *prev = x0;
-        for (int64_t j = 0; j < m; j++) {  /* recompute the chunk's states and decays */
-            const int64_t t = t0 + j;
-            load_lanes(delta, row0, L, t, dt, W);
-            load_lanes(u, row0, L, t, dtu, W);
-            for (int w = 0; w < W; w++) dtu[w] *= dt[w];
-            const float *Bt = Bg + t * n;
-            float *Xj = X + j * n * W, *aj = decay + j * n * W;
-            for (int64_t k = 0; k < n; k++) {
-                const float bk = Bt[k], *Ak = Ab + k * W, *pk = prev + k * W;
-                float *ak = aj + k * W, *Xk = Xj + k * W;
-                #pragma omp simd
-                for (int w = 0; w < W; w++) {
-                    float a = vexp(dt[w] * Ak[w]);
-                    ak[w] = a;
-                    Xk[w] = a * pk[w] + dtu[w] * bk;
-                }
-            }
-            prev = Xj;
+        for (int64_t j = 0; j < m; j++) {
+            load_step(s, row0, d0, t0 + j, dt, sig, ut, W);
+            for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
+            step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, dt, dtu, j ? X + (j - 1) * n * W : x0,
+                 X + j * n * W, decay + j * n * W, Y + j * W, n, W);
         }
-        for (int64_t j = m - 1; j >= 0; j--) {  /* reverse scan: gx = dLoss/dx_t, carried as a_t * G_t */
+        for (int64_t j = m - 1; j >= 0; j--) {
             const int64_t t = t0 + j;
-            load_lanes(delta, row0, L, t, dt, W);
-            load_lanes(u, row0, L, t, ut, W);
-            load_lanes(dy, row0, L, t, dyt, W);
-            for (int w = 0; w < W; w++) { dtu[w] = dt[w] * ut[w]; gB[w] = 0.0f; gA[w] = 0.0f; }
+            load_step(s, row0, d0, t, dt, sig, ut, W);
+            for (int w = 0; w < W; w++) {
+                const int64_t i = (row0 + w) * L + t;
+                float go = s->dout[i], Du = s->D ? s->D[d0 + w] * ut[w] : 0.0f;
+                if (s->z) {  /* out = (y + D u) * silu(z) */
+                    float zz = s->z[i], sz = 1.0f / (1.0f + vexp(-zz));
+                    s->dz[i] = go * (Y[j * W + w] + Du) * sz * (1.0f + zz * (1.0f - sz));
+                    go *= zz * sz;
+                }
+                gy[w] = go;
+                dDb[w] += go * ut[w];
+                dtu[w] = dt[w] * ut[w];
+                gB[w] = 0.0f;
+                gA[w] = 0.0f;
+            }
             const float *Bt = Bg + t * n, *Ct = Cg + t * n, *Xj = X + j * n * W, *aj = decay + j * n * W;
             const float *Xp = j > 0 ? X + (j - 1) * n * W : x0;
             float *dBt = dBg + t * n, *dCt = dCg + t * n;
@@ -157,9 +203,9 @@ INLINE void bwd_block(const float *u, const float *delta, const float *A, const 
                 float sB = 0.0f, sC = 0.0f;
                 #pragma omp simd reduction(+:sB, sC)
                 for (int w = 0; w < W; w++) {
-                    float G = dyt[w] * ck_ + gk[w];
+                    float G = gy[w] * ck_ + gk[w];
                     float ta = G * Xpk[w] * ak[w];
-                    sC += dyt[w] * Xk[w];
+                    sC += gy[w] * Xk[w];
                     sB += G * dtu[w];
                     gB[w] += G * bk;
                     gA[w] += ta * Ak[w];
@@ -170,38 +216,39 @@ INLINE void bwd_block(const float *u, const float *delta, const float *A, const 
                 dCt[k] += sC;
             }
             for (int w = 0; w < W; w++) {
-                du[(row0 + w) * L + t] = dt[w] * gB[w];
-                ddelta[(row0 + w) * L + t] = ut[w] * gB[w] + gA[w];
+                const int64_t i = (row0 + w) * L + t;
+                float dd = (ut[w] * gB[w] + gA[w]) * sig[w];
+                s->du[i] = dt[w] * gB[w] + (s->D ? gy[w] * s->D[d0 + w] : 0.0f);
+                s->ddelta[i] = dd;
+                dbias[w] += dd;
             }
         }
     }
-    for (int w = 0; w < W; w++)
-        for (int64_t k = 0; k < n; k++) dA[(d0 + w) * n + k] += dAb[k * W + w];
+    for (int w = 0; w < W; w++) {
+        for (int64_t k = 0; k < n; k++) sl->dA[(d0 + w) * n + k] += dAb[k * W + w];
+        sl->dD[d0 + w] += dDb[w];
+        sl->ddelta_bias[d0 + w] += dbias[w];
+    }
 }
 
-#define DISPATCH(CALL)                                                \
-    switch (W) {                                                      \
-    case 16: for (int64_t blk = b0; blk < b1; blk++) CALL(16); break; \
-    case 8: for (int64_t blk = b0; blk < b1; blk++) CALL(8); break;   \
-    case 4: for (int64_t blk = b0; blk < b1; blk++) CALL(4); break;   \
-    case 2: for (int64_t blk = b0; blk < b1; blk++) CALL(2); break;   \
-    default: for (int64_t blk = b0; blk < b1; blk++) CALL(1); break;  \
+#define DISPATCH(CALL)                                                            \
+    switch (W) {                                                                  \
+    case 16: for (int64_t blk = b0; blk < b1; blk++) CALL(16); break;             \
+    case 8: for (int64_t blk = b0; blk < b1; blk++) CALL(8); break;               \
+    case 4: for (int64_t blk = b0; blk < b1; blk++) CALL(4); break;               \
+    case 2: for (int64_t blk = b0; blk < b1; blk++) CALL(2); break;               \
+    default: for (int64_t blk = b0; blk < b1; blk++) CALL(1); break;              \
     }
 
-/* Forward over blocks b0 <= blk < b1 (W rows each): y, the last state, and the state before every chunk. */
-void scan_fwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
-              float *y, float *last, float *ckpt, int64_t dim, int64_t groups, int64_t L, int64_t n,
-              int64_t K, int64_t W, int64_t b0, int64_t b1) {
-#define FWD(w) fwd_block(u, delta, A, B, C, y, last, ckpt, dim, groups, L, n, K, blk, w)
+/* Forward over blocks b0 <= blk < b1 of W rows: out, the last state, the state before every chunk. */
+void scan_fwd(const Scan *s, int64_t W, int64_t b0, int64_t b1) {
+#define FWD(w) fwd_block(s, blk, w)
     DISPATCH(FWD)
 }
 
-/* Backward over blocks b0 <= blk < b1, all of one batch element (dA, dB, dC are this task's slots). */
-void scan_bwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
-              const float *ckpt, const float *dy, float *du, float *ddelta, float *dA, float *dB, float *dC,
-              float *work, int64_t dim, int64_t groups, int64_t L, int64_t n, int64_t K, int64_t W,
-              int64_t b0, int64_t b1) {
-#define BWD(w) bwd_block(u, delta, A, B, C, ckpt, dy, du, ddelta, dA, dB, dC, work, dim, groups, L, n, K, blk, w)
+/* Backward over blocks b0 <= blk < b1, all of one batch element, summing into this task's slot. */
+void scan_bwd(const Scan *s, const Slot *slot, int64_t W, int64_t b0, int64_t b1) {
+#define BWD(w) bwd_block(s, slot, blk, w)
     DISPATCH(BWD)
 }
 """
@@ -259,9 +306,8 @@ def build() -> ctypes.CDLL:
             os.replace(out, target)  # atomic: concurrent first uses never load a half-written file
         log.info("built the CPU scan kernel: %s", target)
     lib = ctypes.CDLL(str(target))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.scan_fwd.argtypes = [ptr] * 8 + [i64] * 8
-    lib.scan_bwd.argtypes = [ptr] * 13 + [i64] * 8
+    lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), *[ctypes.c_int64] * 3]
     lib.scan_fwd.restype = lib.scan_bwd.restype = None
     return lib
 
@@ -290,53 +336,73 @@ def _lanes(dim: int, groups: int) -> int:
     return next(w for w in (16, 8, 4, 2, 1) if (dim // groups) % w == 0)
 
 
-def _ptrs(*tensors: torch.Tensor) -> list[int]:
-    return [t.data_ptr() for t in tensors]
+_PTRS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out", "last", "ckpt", "dout", "du", "ddelta", "dz")
+
+
+class _Scan(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_void_p) for name in _PTRS),
+                *((name, ctypes.c_int64) for name in ("dim", "groups", "L", "n", "K", "softplus"))]
+
+
+class _Slot(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("dA", "dB", "dC", "dD", "ddelta_bias", "work")]
+
+
+def _scan_struct(dim: int, groups: int, L: int, n: int, softplus: bool, **tensors) -> _Scan:
+    """The kernel's argument block; absent tensors (None or not given) become NULL."""
+    ptrs = {k: (None if tensors.get(k) is None else tensors[k].data_ptr()) for k in _PTRS}
+    return _Scan(**ptrs, dim=dim, groups=groups, L=L, n=n, K=CHUNK, softplus=int(softplus))
 
 
 class CompiledScan:
-    """The `_ScanCore` implementation backed by the C kernel."""
+    """`selective_scan`'s CPU implementation backed by the C kernel (float32, contiguous, B/C (b, g, L, n))."""
 
     name = "compiled"
 
     @staticmethod
-    def forward(u, delta, A, B, C):
+    def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
         lib = load()
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
-        y = torch.empty_like(u)
+        out = torch.empty_like(u)
         last = u.new_empty(batch, dim, n)
         ckpt = u.new_empty(batch, dim, (L + CHUNK - 1) // CHUNK, n)
+        args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                            delta_bias=delta_bias, out=out, last=last, ckpt=ckpt)
         blocks = batch * dim // lanes
         parts = min(blocks, 4 * max(1, torch.get_num_threads()))
         bounds = [blocks * i // parts for i in range(parts + 1)]
-        args = [*_ptrs(u, delta, A, B, C, y, last, ckpt), dim, groups, L, n, CHUNK, lanes]
-        _run([functools.partial(lib.scan_fwd, *args, b0, b1) for b0, b1 in itertools.pairwise(bounds)])
-        return y, last, ckpt
+        _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1)
+              for b0, b1 in itertools.pairwise(bounds)])
+        return out, last, ckpt
 
     @staticmethod
-    def backward(u, delta, A, B, C, ckpt, dy):
+    def backward(u, delta, A, B, C, D, z, delta_bias, softplus, ckpt, dout):
         lib = load()
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
         per_batch = dim // lanes
-        # Tasks: (batch element, slice of its blocks). The slices of one batch element all add into its
-        # dB/dC, so each slice gets its own partial buffer (summed below); dA gets a slot per batch element.
-        slices = max(1, min(per_batch, -(-2 * max(1, torch.get_num_threads()) // batch)))
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dA = A.new_zeros(batch, dim, n)
+        dz = None if z is None else torch.empty_like(z)
+        args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                            delta_bias=delta_bias, ckpt=ckpt, dout=dout, du=du, ddelta=ddelta, dz=dz)
+        # Tasks: (batch element, slice of its blocks). The slices of one batch element all add into its
+        # dB/dC, so each slice gets its own partial buffer (summed below); dA, dD, ddelta_bias get a slot per
+        # batch element.
+        slices = max(1, min(per_batch, -(-2 * max(1, torch.get_num_threads()) // batch)))
+        dA, dD, dbias = A.new_zeros(batch, dim, n), u.new_zeros(batch, dim), u.new_zeros(batch, dim)
         dB = B.new_zeros(slices, batch, groups, L, n)
         dC = C.new_zeros(slices, batch, groups, L, n)
-        work = u.new_empty(batch, slices, 2 * CHUNK * n * lanes)
-        common = _ptrs(u, delta, A, B, C, ckpt, dy, du, ddelta)
-        calls = []
+        work = u.new_empty(batch, slices, (2 * n + 1) * CHUNK * lanes)
+        calls, slots = [], []
         for b in range(batch):
             for s in range(slices):
                 b0, b1 = b * per_batch + per_batch * s // slices, b * per_batch + per_batch * (s + 1) // slices
-                if b1 > b0:
-                    calls.append(functools.partial(lib.scan_bwd, *common, *_ptrs(dA[b], dB[s, b], dC[s, b], work[b, s]),
-                                                   dim, groups, L, n, CHUNK, lanes, b0, b1))
+                slots.append(_Slot(*(t.data_ptr() for t in (dA[b], dB[s, b], dC[s, b], dD[b], dbias[b], work[b, s]))))
+                calls.append(functools.partial(lib.scan_bwd, ctypes.byref(args), ctypes.byref(slots[-1]),
+                                               lanes, b0, b1))
         _run(calls)
-        return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
+        return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), None if D is None else dD.sum(0), dz,
+                None if delta_bias is None else dbias.sum(0))

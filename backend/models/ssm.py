@@ -91,94 +91,100 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return _mamba_selective_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                           return_last_state)
     dtype_in = u.dtype
-    u = u.float()
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    groups = B.shape[1] if B.dim() == 4 else 1
-    # The scan core wants B, C as (batch, groups, L, d_state): each step reads d_state contiguous numbers.
-    B_t = B.float().reshape(u.shape[0], -1, *B.shape[-2:]).transpose(-1, -2).contiguous()
-    C_t = C.float().reshape(u.shape[0], -1, *C.shape[-2:]).transpose(-1, -2).contiguous()
+    # The scan wants B, C as (batch, groups, L, d_state): each step reads d_state contiguous numbers.
+    B_t, C_t = (t.float().reshape(u.shape[0], -1, *t.shape[-2:]).transpose(-1, -2).contiguous() for t in (B, C))
     if B_t.shape[1] != C_t.shape[1]:  # B and C grouped differently: give both the finer grouping
         groups = max(B_t.shape[1], C_t.shape[1])
         B_t = B_t.repeat_interleave(groups // B_t.shape[1], dim=1)
         C_t = C_t.repeat_interleave(groups // C_t.shape[1], dim=1)
-    y, last_state = _ScanCore.apply(u.contiguous(), delta.contiguous(), A.float().contiguous(), B_t, C_t)
-    out = y if D is None else y + u * D.float()[:, None]
-    if z is not None:
-        out = out * F.silu(z.float())
+    out, last_state = _SelectiveScan.apply(*(None if t is None else t.float().contiguous() for t in
+                                             (u, delta, A, B_t, C_t, D, z, delta_bias)), bool(delta_softplus))
     out = out.to(dtype_in)
     return (out, last_state) if return_last_state else out
 
 
-class _ScanCore(torch.autograd.Function):
-    """y_t = C_t . x_t with x_t = exp(delta_t A) x_{t-1} + delta_t u_t B_t; forward and reverse-scan backward.
-
-    u, delta: (b, d, L) float32 contiguous; A: (d, n); B, C: (b, g, L, n), d divisible by g.
-    """
+class _SelectiveScan(torch.autograd.Function):
+    """The whole selective scan on float32 contiguous tensors, B/C as (b, g, L, n); delegates to the CPU
+    implementation in use (`_implementation()`), whose backward is hand-written."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         impl = _implementation()
-        y, last_state, saved = impl.forward(u, delta, A, B, C)
-        ctx.impl = impl
-        ctx.save_for_backward(u, delta, A, B, C, saved)
+        out, last_state, saved = impl.forward(u, delta, A, B, C, D, z, delta_bias, softplus)
+        ctx.impl, ctx.softplus = impl, softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
         ctx.mark_non_differentiable(last_state)
-        return y, last_state
+        return out, last_state
 
     @staticmethod
-    def backward(ctx, dy, _dlast):
-        u, delta, A, B, C, saved = ctx.saved_tensors
-        return ctx.impl.backward(u, delta, A, B, C, saved, dy.contiguous())
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
+        grads = ctx.impl.backward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, saved, dout.contiguous())
+        return (*grads, None)
 
 
 class _TorchScan:
-    """Plain-PyTorch scan: a Python loop over L on (b, d, n) slices; saves every state for the backward."""
+    """Plain-PyTorch implementation: a Python loop over L on (b, d, n) slices; keeps every state for the
+    backward. The fallback where the C kernel cannot be built; several times slower."""
 
     name = "torch"
 
     @staticmethod
-    def _split(u, delta, A, B, C):
+    def _prepare(u, delta, A, B, C, delta_bias, softplus):
+        """(b, g, h, L[, n]) views (row d = group * h + i; B, C broadcast over h), raw and final step sizes."""
         b, d, L = u.shape
         g, n = B.shape[1], A.shape[1]
-        # (b, g, h, L, n) views: row d = group * h + i, B and C broadcast over h.
         shape = (b, g, d // g, L)
-        dA = torch.exp(delta.view(*shape, 1) * A.view(1, g, d // g, 1, n))
-        return shape, dA, B.unsqueeze(2), C.unsqueeze(2)
+        raw = delta if delta_bias is None else delta + delta_bias[:, None]
+        dt = F.softplus(raw) if softplus else raw
+        decay = torch.exp(dt.view(*shape, 1) * A.view(1, g, d // g, 1, n))
+        return shape, raw, dt, decay, B.unsqueeze(2), C.unsqueeze(2)
 
     @staticmethod
-    def forward(u, delta, A, B, C):
-        shape, dA, Bh, Ch = _TorchScan._split(u, delta, A, B, C)
-        dBu = (delta * u).view(*shape, 1) * Bh
-        states = torch.empty_like(dA)
-        x = torch.zeros_like(dA[..., 0, :])
+    def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
+        shape, _, dt, decay, Bh, Ch = _TorchScan._prepare(u, delta, A, B, C, delta_bias, softplus)
+        dBu = (dt * u).view(*shape, 1) * Bh
+        states = torch.empty_like(decay)
+        x = torch.zeros_like(decay[..., 0, :])
         for t in range(shape[-1]):
-            x = dA[..., t, :] * x + dBu[..., t, :]
+            x = decay[..., t, :] * x + dBu[..., t, :]
             states[..., t, :] = x
-        y = (states * Ch).sum(-1).view_as(u)
-        return y, x.reshape(u.shape[0], u.shape[1], -1), states
+        out = (states * Ch).sum(-1).view_as(u)
+        if D is not None:
+            out = out + u * D[:, None]
+        if z is not None:
+            out = out * F.silu(z)
+        return out, x.reshape(u.shape[0], u.shape[1], -1), states
 
     @staticmethod
-    def backward(u, delta, A, B, C, states, dy):
-        shape, dA, Bh, Ch = _TorchScan._split(u, delta, A, B, C)
+    def backward(u, delta, A, B, C, D, z, delta_bias, softplus, states, dout):
+        shape, raw, dt, decay, Bh, Ch = _TorchScan._prepare(u, delta, A, B, C, delta_bias, softplus)
         _, g, h, L = shape
-        dy = dy.view(*shape, 1)
+        dz = None
+        if z is not None:  # out = (y + D u) * silu(z)
+            sz = torch.sigmoid(z)
+            pre = (states * Ch).sum(-1).view_as(u) + (0 if D is None else u * D[:, None])
+            dz = dout * pre * sz * (1 + z * (1 - sz))
+            dout = dout * z * sz
+        gy = dout.view(*shape, 1)
         grads = torch.empty_like(states)  # dLoss/dx_t, through every later step
         gx = torch.zeros_like(states[..., 0, :])
         for t in range(L - 1, -1, -1):
-            gx = dy[..., t, :] * Ch[..., t, :] + (dA[..., t + 1, :] * gx if t + 1 < L else 0)
+            gx = gy[..., t, :] * Ch[..., t, :] + (decay[..., t + 1, :] * gx if t + 1 < L else 0)
             grads[..., t, :] = gx
         prev = torch.cat([torch.zeros_like(states[..., :1, :]), states[..., :-1, :]], dim=-2)
-        through_a = grads * prev * dA  # dLoss/d(delta_t A) per state
-        grad_b = (grads * Bh).sum(-1)  # dLoss/d(delta_t u_t)
-        du = (grad_b * delta.view(shape)).view_as(u)
-        ddelta = ((through_a * A.view(1, g, h, 1, -1)).sum(-1) + grad_b * u.view(shape)).view_as(u)
-        dA_param = (through_a * delta.view(*shape, 1)).sum(dim=(0, 3)).reshape_as(A)
-        dB = (grads * (delta * u).view(*shape, 1)).sum(2)
-        dC = (dy * states).sum(2)
-        return du, ddelta, dA_param, dB, dC
+        through_decay = grads * prev * decay  # dLoss/d(dt_t A) per state
+        grad_b = (grads * Bh).sum(-1).view_as(u)  # dLoss/d(dt_t u_t)
+        du = grad_b * dt + (0 if D is None else dout * D[:, None])
+        ddelta = (through_decay * A.view(1, g, h, 1, -1)).sum(-1).view_as(u) + grad_b * u
+        if softplus:
+            ddelta = ddelta * torch.sigmoid(raw)
+        dA = (through_decay * dt.view(*shape, 1)).sum(dim=(0, 3)).reshape_as(A)
+        dB = (grads * (dt * u).view(*shape, 1)).sum(2)
+        dC = (gy * states).sum(2)
+        dD = None if D is None else (dout * u).sum(dim=(0, 2))
+        dbias = None if delta_bias is None else ddelta.sum(dim=(0, 2))
+        return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
 def _choose_implementation():
