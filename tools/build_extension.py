@@ -14,8 +14,9 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".whl"
