@@ -192,3 +192,11 @@ def test_softplus_and_gating_over_extreme_values(implementation):
     inputs["z"] = values.flip(0).repeat(1, 2, 1).requires_grad_()
     inputs["A"] = (inputs["A"].detach() * 0.01).requires_grad_()  # keep exp(delta A) finite over delta = 80
     assert_matches_oracle(inputs, delta_softplus=True)
+
+
+def test_inference_forward_equals_training_forward(implementation):
+    """Under no_grad the kernel skips its checkpoints; the result must not change."""
+    inputs = make_inputs(2, 16, 8, 70)
+    with torch.no_grad():
+        inference = selective_scan(**inputs, delta_softplus=True)
+    torch.testing.assert_close(inference, selective_scan(**inputs, delta_softplus=True), atol=0, rtol=0)

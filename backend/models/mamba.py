@@ -115,7 +115,7 @@ class Mamba(nn.Module):
                              f"got {tuple(getattr(hidden_states, 'shape', ()))}")
         check_mask(mask, hidden_states)
         seqlen = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, L)
+        xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()  # (B, 2 * d_inner, L), L innermost
         A = -torch.exp(self.A_log.float())
         cuda_ops = _cuda_ops() if xz.is_cuda else None
         if cuda_ops is not None and self.use_fast_path and mask is None:

@@ -1,12 +1,16 @@
-"""The compiled CPU selective-scan kernel: a small C file, built at first use with the machine's C compiler and
-cached, called through ctypes (no torch headers, no Python headers: it builds in about a second).
+"""The compiled CPU selective scan: a small C file, built at first use with the machine's C compiler and cached
+(~/.cache/motion_mamba, or $MOTION_MAMBA_CACHE), called through ctypes. It needs no torch or Python headers
+and builds in a few seconds.
 
-Layout: u, delta, y (b, d, L); A (d, n); B, C (b, g, L, n) with row d in group d // (d / g). The forward keeps
-the state x (n floats) in registers and checkpoints it every `CHUNK` steps; the backward walks the chunks from
-the last, recomputes each chunk's states from its checkpoint and runs the reverse (adjoint) scan over it. The
-exp is a Cephes-style polynomial written so the compiler vectorises the d_state loop (no -ffast-math, which
-would change the floating-point mode of the whole process). ctypes releases the GIL, so a thread pool runs the
-rows in parallel with torch's thread count.
+It computes all of `selective_scan` (delta_bias, softplus, the recurrence, D and the silu(z) gate) and its
+backward, on float32 contiguous u, delta, z (b, d, L), A (d, n), B, C (b, g, L, n). The SIMD lanes are W
+consecutive channels d of one batch element (W = 16 where d allows), which share B_t and C_t, so the d_state
+loop has no horizontal reductions and the state stays in L1. The forward checkpoints the state every `CHUNK`
+steps; the backward walks the chunks from the last, recomputes each chunk's states from its checkpoint and
+runs the reverse (adjoint) scan over it, so memory is O(L / CHUNK) states per channel, not O(L).
+exp and log1p are Cephes-style polynomials written so that gcc/clang vectorise them, without -ffast-math
+(which would change the floating-point mode of the whole process). ctypes releases the GIL, so a thread pool
+of torch.get_num_threads() workers runs blocks of channels in parallel.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ INLINE void load_step(const Scan *s, int64_t row0, int64_t d0, int64_t t, float 
     const int64_t b = blk / (dim / W), d0 = (blk % (dim / W)) * W, row0 = b * dim + d0;       \
     const int64_t g = d0 / (dim / s->groups);                                                 \
     const float *Bg = s->B + (b * s->groups + g) * L * n, *Cg = s->C + (b * s->groups + g) * L * n; \
-    float *ck = s->ckpt + row0 * nck * n;  /* W rows x nck x n */                             \
+    float *ck = s->ckpt ? s->ckpt + row0 * nck * n : NULL;  /* W rows x nck x n */           \
     float Ab[n * W];                                                                          \
     for (int64_t k = 0; k < n; k++)                                                           \
         for (int w = 0; w < W; w++) Ab[k * W + w] = s->A[(d0 + w) * n + k];
@@ -135,7 +139,7 @@ INLINE void fwd_block(const Scan *s, int64_t blk, const int W) {
     float x[n * W], dt[W], sig[W], ut[W], dtu[W], y[W];
     memset(x, 0, sizeof x);
     for (int64_t t = 0; t < L; t++) {
-        if (t % K == 0)
+        if (ck && t % K == 0)  /* checkpoints only when a backward will follow */
             for (int w = 0; w < W; w++)
                 for (int64_t k = 0; k < n; k++) ck[(w * nck + t / K) * n + k] = x[k * W + w];
         load_step(s, row0, d0, t, dt, sig, ut, W);
@@ -316,7 +320,8 @@ load = functools.cache(build)  # one build/load per process
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process (keyed by pid: a forked child, e.g. a DataLoader worker, gets its own threads)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
 
 
@@ -327,7 +332,7 @@ def _run(calls) -> None:
         for call in calls:
             call()
         return
-    for future in [_pool(workers).submit(call) for call in calls]:
+    for future in [_pool(workers, os.getpid()).submit(call) for call in calls]:
         future.result()
 
 
@@ -360,14 +365,14 @@ class CompiledScan:
     name = "compiled"
 
     @staticmethod
-    def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
+    def forward(u, delta, A, B, C, D, z, delta_bias, softplus, for_backward=True):
         lib = load()
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
         out = torch.empty_like(u)
         last = u.new_empty(batch, dim, n)
-        ckpt = u.new_empty(batch, dim, (L + CHUNK - 1) // CHUNK, n)
+        ckpt = u.new_empty(batch, dim, (L + CHUNK - 1) // CHUNK, n) if for_backward else None
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, out=out, last=last, ckpt=ckpt)
         blocks = batch * dim // lanes

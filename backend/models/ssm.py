@@ -110,7 +110,8 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         impl = _implementation()
-        out, last_state, saved = impl.forward(u, delta, A, B, C, D, z, delta_bias, softplus)
+        out, last_state, saved = impl.forward(u, delta, A, B, C, D, z, delta_bias, softplus,
+                                              for_backward=any(ctx.needs_input_grad))
         ctx.impl, ctx.softplus = impl, softplus
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
         ctx.mark_non_differentiable(last_state)
@@ -141,7 +142,7 @@ class _TorchScan:
         return shape, raw, dt, decay, B.unsqueeze(2), C.unsqueeze(2)
 
     @staticmethod
-    def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
+    def forward(u, delta, A, B, C, D, z, delta_bias, softplus, for_backward=True):
         shape, _, dt, decay, Bh, Ch = _TorchScan._prepare(u, delta, A, B, C, delta_bias, softplus)
         dBu = (dt * u).view(*shape, 1) * Bh
         states = torch.empty_like(decay)
