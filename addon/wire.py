@@ -82,6 +82,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts from a server
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ class MotionClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 2**20)
+        sock.setsockopt(zmq.MAXMSGSIZE, _REPLY_LIMITS.max_message_bytes)
         if self.curve is not None:
             sock.curve_serverkey = self.curve.server_public
             sock.curve_publickey = self.curve.public
@@ -474,6 +475,9 @@ class MotionClient:
         """Send a ``generate`` request without waiting; returns its id. Bad arguments raise ValueError."""
         rid, frames = request("generate", request_id, self.limits, prompt=prompt, seconds=seconds, seed=seed,
                               guidance=guidance, steps=steps, samples=samples)
+        if not self._in_flight:  # the silence clock and old connection events start over
+            self._last_heard = time.monotonic()
+            self._connection_dropped()
         self._send(frames)
         self._in_flight[rid] = time.monotonic()
         return rid
@@ -494,7 +498,7 @@ class MotionClient:
             frames = self._socket.recv_multipart()
             self._last_heard = time.monotonic()
             try:
-                message = decode(frames, reply=True, limits=Limits(max_message_bytes=64 * 2**20))
+                message = decode(frames, reply=True, limits=_REPLY_LIMITS)
             except WireError as exc:  # a broken reply: fail the request it names, if any
                 if exc.request_id is None:
                     continue
@@ -509,12 +513,17 @@ class MotionClient:
         out.extend(self._liveness())
         return out
 
-    def _liveness(self) -> list[Message]:
-        """Client-side errors for in-flight requests when the connection dropped or the server went silent."""
+    def _connection_dropped(self) -> bool:
+        """Whether the connection dropped since the last call (drains the socket monitor)."""
         dropped = False
         while self._monitor.poll(0, zmq.POLLIN):
             self._monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
             dropped = True
+        return dropped
+
+    def _liveness(self) -> list[Message]:
+        """Client-side errors for in-flight requests when the connection dropped or the server went silent."""
+        dropped = self._connection_dropped()
         now = time.monotonic()
         silent = now - self._last_heard
         if not self._in_flight:
@@ -561,13 +570,14 @@ class MotionClient:
         self.limits = Limits.from_json(reply["limits"])
         return reply
 
-    def ping(self, timeout: float | None = None) -> float:
-        """Round-trip time of a ``ping`` in seconds."""
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """The server's state: ``{"queued": waiting requests, "running": requests being generated,
+        "rtt_s": round-trip time in seconds}``."""
         rid, frames = request("ping")
         start = time.monotonic()
         self._send(frames)
-        self._wait_for(rid, ("pong",), timeout)
-        return time.monotonic() - start
+        pong = self._wait_for(rid, ("pong",), timeout)
+        return {"queued": pong["queued"], "running": pong["running"], "rtt_s": time.monotonic() - start}
 
     def generate(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
                  steps: int = 50, samples: int = 1,

@@ -15,6 +15,7 @@ then only clients whose public key is in DIR/authorized get through.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import queue
@@ -143,21 +144,30 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         sock.setsockopt(zmq.LINGER, 1000)
-        if keys is not None:
-            keys = Path(keys)
-            authorized = keys / "authorized"
-            if not (keys / "server.key_secret").is_file() or not authorized.is_dir():
-                raise FileNotFoundError(f"{keys} holds no server.key_secret and authorized/ folder; create them "
-                                        "with `python -m backend.serve keygen DIR`")
-            self._auth = ThreadAuthenticator(self._context)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(authorized))
-            public, secret = zmq.auth.load_certificate(keys / "server.key_secret")
-            sock.curve_server = True
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-        sock.bind(bind)
+        try:
+            if keys is not None:
+                self._configure_curve(sock, Path(keys))
+            sock.bind(bind)
+        except BaseException:
+            sock.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
+            raise
         return sock
+
+    def _configure_curve(self, sock: zmq.Socket, keys: Path) -> None:
+        """Make ``sock`` a CurveZMQ server that admits only the public keys in ``keys/authorized``."""
+        authorized = keys / "authorized"
+        if not (keys / "server.key_secret").is_file() or not authorized.is_dir():
+            raise FileNotFoundError(f"{keys} holds no server.key_secret and authorized/ folder; create them "
+                                    "with `python -m backend.serve keygen DIR`")
+        self._auth = ThreadAuthenticator(self._context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(authorized))
+        public, secret = zmq.auth.load_certificate(keys / "server.key_secret")
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -172,7 +182,7 @@ class Server:
         poller.register(self._doorbell, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
-                ready = dict(poller.poll(100))
+                ready = dict(poller.poll(0 if not self._events.empty() else 100))
                 if self._doorbell in ready:
                     while self._doorbell.poll(0):
                         self._doorbell.recv()
@@ -333,7 +343,8 @@ class Server:
 
         def emit(*event: Any) -> None:
             self._events.put(event)
-            doorbell.send(b"")
+            with contextlib.suppress(zmq.Again):  # a full doorbell already says "events waiting"
+                doorbell.send(b"", zmq.NOBLOCK)
 
         try:
             while (batch := self._todo.get()) is not None:

@@ -148,6 +148,26 @@ def test_cancel_stops_within_one_denoising_step(client, server):
     assert_serves(server.endpoint, server.pipe)
 
 
+def test_leaving_the_generate_iterator_early_cancels_the_request(client):
+    stream = client.generate(PROMPT, seconds=2.0, steps=400)
+    assert next(stream).type == "accepted"
+    assert next(stream).type == "progress"
+    stream.close()
+    deadline = time.monotonic() + 30
+    while client.ping()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pong = client.ping()
+    assert (pong["running"], pong["queued"]) == (0, 0)
+
+
+def test_an_idle_client_is_not_timed_out_on_its_next_request(server):
+    with MotionClient(server.endpoint, timeout=1.0, ping_interval=0.2) as c:
+        c.hello()
+        time.sleep(1.5)  # idle for longer than the timeout
+        types = [m.type for m in c.generate(PROMPT, seconds=1.0, steps=3)]
+    assert types[0] == "accepted" and types[-1] == "done"
+
+
 def test_cancel_of_a_queued_request_is_immediate(client):
     first = client.submit(PROMPT, seconds=2.0, steps=400)
     second = client.submit(PROMPT, seconds=1.0, steps=400)  # other settings: not batched with the first
@@ -369,21 +389,21 @@ def _start(*args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"server did not start (exit {proc.wait()})")
 
 
-def test_cli_shuts_down_gracefully_and_clients_reconnect_after_a_restart():
+def test_cli_survives_hangs_crashes_and_restarts_and_shuts_down_gracefully():
     proc, endpoint = _start("--bind", "tcp://127.0.0.1:*")
-    port = endpoint.rsplit(":", 1)[1]
     try:
         with MotionClient(endpoint, timeout=20) as c:
             assert c.hello()["fps"] > 0
             rid = c.submit(PROMPT, seconds=2.0, steps=1000)
             wait_for(c, rid, "progress")
-            proc.send_signal(signal.SIGTERM)
-            error = collect(c, rid)[-1]
-            assert error["code"] == "shutting_down", error.header
-            assert proc.wait(timeout=30) == 0
-
-            proc, _ = _start("--bind", f"tcp://127.0.0.1:{port}")  # same address, new process
-            assert c.hello()["fps"] > 0  # the same client object works again
+            c.timeout = 2.0
+            proc.send_signal(signal.SIGSTOP)  # a hung server: silent, connection still up
+            try:
+                error = collect(c, rid)[-1]
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert error["code"] == "timeout", error.header
+            c.timeout = 20.0
             rid = c.submit(PROMPT, seconds=2.0, steps=1000)
             wait_for(c, rid, "progress")
             proc.kill()  # no goodbye at all: the client notices the dropped connection
@@ -391,8 +411,14 @@ def test_cli_shuts_down_gracefully_and_clients_reconnect_after_a_restart():
             assert error["code"] == "disconnected", error.header
             proc.wait(timeout=30)
 
-            proc, _ = _start("--bind", f"tcp://127.0.0.1:{port}")
+            proc, _ = _start("--bind", endpoint)  # same address, new process
             assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
+            rid = c.submit(PROMPT, seconds=2.0, steps=1000)
+            wait_for(c, rid, "progress")
+            proc.send_signal(signal.SIGTERM)
+            error = collect(c, rid)[-1]
+            assert error["code"] == "shutting_down", error.header
+            assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         proc.wait(timeout=30)
