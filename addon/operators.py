@@ -111,7 +111,8 @@ class MOTION_OT_start_backend(bpy.types.Operator):
             self.report({"ERROR"}, "Set the Python interpreter and project folder in the add-on preferences first.")
             return {"CANCELLED"}
         try:
-            session(context).start_backend(bpy.path.abspath(prefs.python), bpy.path.abspath(prefs.project))
+            session(context).start_backend(bpy.path.abspath(prefs.python), bpy.path.abspath(prefs.project),
+                                           prefs.arguments)
         except (OSError, ValueError) as exc:
             self.report({"ERROR"}, f"Could not start the backend: {exc}")
             return {"CANCELLED"}

@@ -49,6 +49,8 @@ class MotionPreferences(bpy.types.AddonPreferences):
                            description="Python with the backend installed (e.g. <project>/.venv/bin/python)")
     project: StringProperty(name="Project folder", subtype="DIR_PATH",
                             description="Folder holding the backend package (python -m backend.serve runs there)")
+    arguments: StringProperty(name="Backend arguments", default="",
+                              description="Extra arguments for backend.serve, e.g. --checkpoint DIR --device cuda")
     keys_dir: StringProperty(name="Remote keys", subtype="DIR_PATH",
                              description="For a remote backend: folder from `python -m backend.serve keygen` "
                              "(server.key, client.key_secret)")  # fmt: skip
@@ -61,6 +63,7 @@ class MotionPreferences(bpy.types.AddonPreferences):
         box.label(text="Start local backend")
         box.prop(self, "python")
         box.prop(self, "project")
+        box.prop(self, "arguments")
 
 
 def preferences(context):
@@ -69,7 +72,7 @@ def preferences(context):
     if addon is not None:
         return addon.preferences
     endpoint = os.environ.get("MOTION_MAMBA_ENDPOINT", wire.DEFAULT_ENDPOINT)
-    return type("Defaults", (), {"endpoint": endpoint, "python": "", "project": "", "keys_dir": ""})
+    return type("Defaults", (), {"endpoint": endpoint, "python": "", "project": "", "arguments": "", "keys_dir": ""})
 
 
 def target_armature(context):

@@ -6,10 +6,13 @@ test directly) handles whatever replies have arrived, keying frames into new Act
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import bpy
 
@@ -68,15 +71,20 @@ class Session:
         hello_timeout: float = HELLO_TIMEOUT,
     ) -> None:  # fmt: skip
         self.endpoint, self.keys_dir, self.hello_timeout = endpoint, keys_dir, hello_timeout
-        curve = wire.CurveKeys.from_dir(keys_dir) if keys_dir else None
+        self.error = ""  # the last failure, shown in red until the next Generate
+        curve = None
+        if keys_dir:
+            try:
+                curve = wire.CurveKeys.from_dir(keys_dir)
+            except (OSError, ValueError) as exc:
+                self.error = f"Could not load the remote backend keys from {keys_dir}: {exc}"
         self.client = wire.MotionClient(endpoint, timeout=timeout, curve=curve)
         self.server: dict | None = None
         self.skeleton: CanonicalSkeleton | None = None
         self.job: Job | None = None
-        self.status = f"Connecting to {endpoint}..."
-        self.error = ""  # the last failure, shown in red until the next Generate
         self.result = ""  # the last success
         self.backend_process: subprocess.Popen | None = None
+        self.backend_log = Path(tempfile.gettempdir()) / "motion_mamba_backend.log"
         self._hello_sent = 0.0
         self._hello_heard = 0.0
         self._send_hello()
@@ -100,6 +108,9 @@ class Session:
             model = self.server.get("model", {})
             name = (model.get("name") or model.get("model") or "model") if isinstance(model, dict) else str(model)
             return f"Backend: {name} on {self.server['device']} ({self.endpoint})"
+        process = self.backend_process
+        if process is not None and process.poll() is not None:
+            return f"The local backend exited (code {process.returncode}); its output: {self.backend_log}"
         if time.monotonic() - self._hello_sent < self.hello_timeout and self._hello_heard == 0.0:
             return f"Connecting to {self.endpoint}..."
         return f"No backend at {self.endpoint}: start it (Start local backend) or check the address"
@@ -229,13 +240,14 @@ class Session:
         return 0.05 if self.job is not None else 0.5
 
     # -- local backend ------------------------------------------------------------------------------------
-    def start_backend(self, python: str, project: str) -> None:
-        """Run `python -m backend.serve --bind <endpoint>` in `project` (a subprocess this session owns)."""
+    def start_backend(self, python: str, project: str, arguments: str = "") -> None:
+        """Run `python -m backend.serve --bind <endpoint> [arguments]` in `project`, output to `backend_log`."""
         if self.backend_process is not None and self.backend_process.poll() is None:
             raise ValueError("The local backend is already running.")
-        self.backend_process = subprocess.Popen(
-            [python or sys.executable, "-m", "backend.serve", "--bind", self.endpoint], cwd=project or None
-        )
+        command = [python or sys.executable, "-m", "backend.serve", "--bind", self.endpoint, *shlex.split(arguments)]
+        with open(self.backend_log, "wb") as log:
+            self.backend_process = subprocess.Popen(command, cwd=project or None, stdout=log, stderr=subprocess.STDOUT)
+        self._hello_heard = 0.0
         self._send_hello()
 
     def stop_backend(self) -> None:

@@ -260,3 +260,30 @@ def test_garbage_from_the_backend_leaves_no_action(fresh, monkeypatch, case):
         assert [pb.rotation_mode for pb in rig.pose.bones] == modes
     finally:
         server.close()
+
+
+def test_local_backend_that_fails_to_start_is_reported(tmp_path):
+    session = Session("tcp://127.0.0.1:9", hello_timeout=0.2)
+    session.backend_log = tmp_path / "backend.log"
+    session.start_backend(sys.executable, str(ROOT), "--no-such-option")
+    session.backend_process.wait(timeout=120)
+    assert session.describe().startswith("The local backend exited (code 2); its output: ")
+    assert "unrecognized arguments: --no-such-option" in session.backend_log.read_text()
+    session.close()
+
+
+def test_history_apply_and_delete(fresh):
+    context = fresh
+    bpy.ops.motion_mamba.create_armature()
+    rig = context.scene.motion_mamba.target
+    for seed in (1, 2):
+        bpy.data.actions.new(f"walk (seed {seed})")["motion_mamba"] = {"prompt": "walk", "seed": seed}
+    props = context.scene.motion_mamba
+    props.history_index = bpy.data.actions.find("walk (seed 2)")
+    assert bpy.ops.motion_mamba.apply_action() == {"FINISHED"}
+    assert rig.animation_data.action.name == "walk (seed 2)"
+    props.history_index = bpy.data.actions.find("walk (seed 1)")
+    assert bpy.ops.motion_mamba.delete_action() == {"FINISHED"}
+    assert generated_actions() == ["walk (seed 2)"]
+    props.history_index = -1
+    assert not bpy.ops.motion_mamba.apply_action.poll()

@@ -166,3 +166,24 @@ def test_dead_backend_gives_a_clear_status(monkeypatch):
     finally:
         stop_backend(process)
         addon.unregister()
+
+
+def test_start_local_backend_from_the_addon():
+    """What the 'Start local backend' button runs: backend.serve as a subprocess the session owns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    session = Session(f"tcp://127.0.0.1:{port}")
+    try:
+        session.start_backend(sys.executable, str(ROOT), "--config tiny")
+        deadline = time.monotonic() + 180
+        while not session.connected:
+            assert time.monotonic() < deadline and session.backend_process.poll() is None, session.describe()
+            session.tick()
+            time.sleep(0.05)
+        assert session.describe() == f"Backend: tiny on cpu (tcp://127.0.0.1:{port})"
+        process = session.backend_process
+    finally:
+        session.stop_backend()
+        session.close()
+    assert process.poll() is not None
