@@ -62,7 +62,7 @@ class Limits:
 
     max_prompt_chars: int = 1000
     min_seconds: float = 0.5
-    max_seconds: float = 10.0
+    max_seconds: float = 120.0  # the server announces its model's own maximum
     max_samples: int = 8
     max_steps: int = 1000
     max_guidance: float = 30.0

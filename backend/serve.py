@@ -119,7 +119,7 @@ class Server:
         self.pipe = pipe
         self.batch = batch
         self.max_batch = max_batch
-        self.limits = Limits(max_seconds=min(Limits.max_seconds, float(pipe.max_seconds)), max_queue=max_queue)
+        self.limits = Limits(max_seconds=float(pipe.max_seconds), max_queue=max_queue)
         self._hello = {"model": pipe.describe(), "device": str(pipe.device), "fps": float(pipe.fps),
                        "skeleton": _skeleton_json(), "limits": self.limits.to_json()}
         self._context = context or zmq.Context.instance()

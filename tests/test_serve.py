@@ -114,7 +114,7 @@ def test_hello_announces_model_skeleton_and_limits(client, pipe):
     assert hello["skeleton"] == json.loads(json.dumps(SMPL22.to_json()))
     assert hello["fps"] == pipe.fps and hello["device"] == str(pipe.device)
     assert hello["model"] == json.loads(json.dumps(pipe.describe()))
-    assert hello["limits"]["max_seconds"] <= pipe.max_seconds
+    assert hello["limits"]["max_seconds"] == pipe.max_seconds
     assert client.limits.max_message_bytes == hello["limits"]["max_message_bytes"]
 
 
@@ -265,6 +265,9 @@ BAD_INPUT = {
     "inf": ([json.dumps({**GOOD, "seconds": float("inf")}).encode()], "bad_request", "finite number, got inf"),
     "negative": (js({**GOOD, "seconds": -3.0}), "bad_request", "'seconds' must be between"),
     "huge number": (js({**GOOD, "steps": 10**12}), "bad_request", "'steps' must be between 1 and 1000"),
+    "enormous duration": (js({**GOOD, "seconds": 1e9}), "bad_request", "'seconds' must be between 0.5 and 120.0"),
+    "too many samples": (js({**GOOD, "samples": 1000}), "bad_request", "'samples' must be between 1 and 8"),
+    "empty prompt": (js({**GOOD, "prompt": " "}), "bad_request", "prompt is empty"),
     "huge integer literal": ([b'{"type":"ping","id":"bad-1","version":1,"n":' + b"9" * 10_000 + b"}"],
                              "bad_request", "not acceptable JSON"),
     "unknown field": (js({**GOOD, "eval": "rm -rf /"}), "bad_request", "unknown field(s) for 'generate': eval"),
