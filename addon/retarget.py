@@ -333,6 +333,16 @@ class Retargeter:
             else:  # a leaf (head, hands, toes): keep the alignment of the nearest mapped ancestor
                 anc = self._mapped_ancestor(b)
                 self.align[b] = self.align[anc] if anc >= 0 else np.array([1.0, 0.0, 0.0, 0.0])
+        # constants of the per-frame formula in __call__
+        self.keyed_joints = np.array([self.joint_of[b] for b in self.bones])
+        self.aligned_rest = np.stack([quat_mul(self.align[b], self.rest_quat[b]) for b in self.bones])
+        position = {b: i for i, b in enumerate(self.bones)}
+        ancestors = [self._mapped_ancestor(b) for b in self.bones]
+        self.keyed_ancestor = np.array([position[a] if a >= 0 else len(self.bones) for a in ancestors])
+        self.ancestor_to_bone = np.stack([
+            quat_mul(quat_conj(self.rest_quat[b]), self.rest_quat[a]) if a >= 0 else quat_conj(self.rest_quat[b])
+            for b, a in zip(self.bones, ancestors)
+        ])  # fmt: skip
         self._last: np.ndarray | None = None
 
     def _depth(self, b: int) -> int:
@@ -375,29 +385,13 @@ class Retargeter:
         # source world rotations expressed in the rig's armature space
         delta = quat_mul(quat_mul(self.to_rig_quat, world), quat_conj(self.to_rig_quat))
 
-        posed: dict[int, np.ndarray] = {}
-
-        def pose_of(b: int) -> np.ndarray:  # armature-space posed orientation of bone b, (T, 4)
-            if b < 0:
-                return np.array([1.0, 0.0, 0.0, 0.0])
-            if b not in posed:
-                if b in self.joint_of:
-                    posed[b] = quat_mul(delta[:, self.joint_of[b]], quat_mul(self.align[b], self.rest_quat[b]))
-                else:  # unkeyed bone: follows its parent with its rest offset
-                    p = self.rig.parents[b]
-                    rel = self.rest_quat[b] if p < 0 else quat_mul(quat_conj(self.rest_quat[p]), self.rest_quat[b])
-                    posed[b] = quat_mul(pose_of(p), rel)
-            return posed[b]
-
-        local = []
-        for b in self.bones:
-            p = self.rig.parents[b]
-            parent_rest = self.rest_quat[p] if p >= 0 else np.array([1.0, 0.0, 0.0, 0.0])
-            parent_pose_inv = quat_conj(pose_of(p))
-            local.append(
-                quat_mul(quat_mul(quat_conj(self.rest_quat[b]), parent_rest), quat_mul(parent_pose_inv, pose_of(b)))
-            )
-        local = np.stack(local, axis=1)
+        # Armature-space posed orientation of each keyed bone: its rest, aligned to the source rest, then moved
+        # by the source joint's world rotation. Its pose-bone rotation is relative to the nearest keyed ancestor
+        # (unkeyed bones in between keep their rest pose): local = conj(rest_b) * rest_a * conj(posed_a) * posed_b.
+        posed = quat_mul(delta[:, self.keyed_joints], self.aligned_rest)
+        identity = np.broadcast_to([1.0, 0.0, 0.0, 0.0], (len(posed), 1, 4))
+        ancestor = np.concatenate([posed, identity], axis=1)[:, self.keyed_ancestor]
+        local = quat_mul(self.ancestor_to_bone, quat_mul(quat_conj(ancestor), posed))
         local = self._continuous(local)
 
         head = self.scale * root_translation @ self.to_rig.T

@@ -110,6 +110,23 @@ def unreal_apose_rig(collection):
     return build_armature(collection, "UnrealRig", names, parents, heads, tails, rolls)
 
 
+def bandai_bvh_rig(collection):
+    """A BVH import of the Bandai-Namco skeleton: one spine joint fewer than the canonical chain, Y-up space."""
+    heads, tails = canonical_bones(SKEL, height_scale=0.95)
+    table = PRESETS["BANDAI"]
+    keep = [j for j in SKEL.names if j in table]  # spine2 has no joint here
+    index = [SKEL.names.index(j) for j in keep]
+    parents = []
+    for j in index:
+        p = SKEL.parents[j]
+        while p >= 0 and SKEL.names[p] not in table:
+            p = SKEL.parents[p]
+        parents.append(keep.index(SKEL.names[p]) if p >= 0 else -1)
+    tails = tails.copy()
+    tails[SKEL.names.index("spine1")] = heads[SKEL.names.index("spine3")]
+    return build_armature(collection, "BandaiRig", [table[j] for j in keep], parents, heads[index], tails[index])
+
+
 def posed_world_heads(obj, bones: list[str], frames: np.ndarray) -> np.ndarray:
     """World positions (F, B, 3) of bone heads, evaluating the object's action at each frame."""
     scene = bpy.context.scene
@@ -224,7 +241,7 @@ def real_clip(humanml3d_samples):
     return np.asarray(root, dtype=np.float64), np.asarray(quats, dtype=np.float64), positions
 
 
-@pytest.mark.parametrize("make_rig", [mixamo_tpose_rig, unreal_apose_rig])
+@pytest.mark.parametrize("make_rig", [mixamo_tpose_rig, unreal_apose_rig, bandai_bvh_rig])
 def test_real_clip_retargets_within_3_percent_of_height(collection, make_rig, real_clip):
     root, quats, positions = real_clip
     error = retarget_error(make_rig(collection), root, quats, positions)
