@@ -31,6 +31,16 @@ def register() -> None:
 
     _timer = tick
     bpy.app.timers.register(_timer, first_interval=0.1, persistent=True)
+    bpy.app.handlers.load_pre.append(_cancel_on_load)
+
+
+def _cancel_on_load(*_args) -> None:
+    """A generation cannot continue into another file: stop it before the current one goes away."""
+    from . import operators
+
+    session = operators.current_session()
+    if session is not None and session.job is not None:
+        session.cancel()
 
 
 def unregister() -> None:
@@ -43,6 +53,8 @@ def unregister() -> None:
     if _timer is not None and bpy.app.timers.is_registered(_timer):
         bpy.app.timers.unregister(_timer)
     _timer = None
+    if _cancel_on_load in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_cancel_on_load)
     operators.close_session()
     for cls in reversed((*operators.CLASSES, *ui.CLASSES)):
         bpy.utils.unregister_class(cls)

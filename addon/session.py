@@ -153,7 +153,10 @@ class Session:
     def _fail(self, message: str) -> None:
         job, self.job = self.job, None
         for keyer in job.keyers.values():
-            keyer.discard()
+            try:
+                keyer.discard()
+            except ReferenceError:  # already gone with the file it belonged to (new file, undo)
+                pass
         self.error = message
 
     def _frames(self, message: wire.Message) -> None:

@@ -164,8 +164,12 @@ def test_bad_input_changes_nothing(fresh, monkeypatch):
     message = generate()
     assert "'Odd'" in message and "left_knee" in message and "Bone.001" in message
 
-    session.server = None
     bpy.ops.motion_mamba.create_armature()
+    session.client.limits = wire.Limits(max_seconds=10.0)  # as a backend announces them in hello
+    settings.seconds = 30.0
+    assert "seconds" in generate()
+    settings.seconds = 4.0
+    session.server = None
     assert "No backend at tcp://127.0.0.1:9" in generate()
     assert session.describe().startswith("No backend at")
 
