@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import bpy
 
+from .canonical import SMPL22_NAMES
 from .operators import current_session
 from .properties import target_armature
+from .retarget import PRESET_LABELS, REQUIRED_JOINTS, map_bones
 
 
 class MOTION_UL_history(bpy.types.UIList):
@@ -54,6 +56,14 @@ class MOTION_PT_panel(bpy.types.Panel):
         elif props.target is None:
             box.label(text=f"Using the active armature: {target.name}", icon="INFO")
         box.prop(props, "preset")
+        if target is not None:
+            bone_map = map_bones([b.name for b in target.data.bones], props.preset)
+            missing = [j for j in REQUIRED_JOINTS if j not in bone_map.bones]
+            if missing:
+                box.label(text=f"No bone for: {', '.join(missing)}", icon="ERROR")
+            else:
+                mapped = f"{len(bone_map.bones)}/{len(SMPL22_NAMES)} joints mapped"
+                box.label(text=f"{PRESET_LABELS[bone_map.preset]}: {mapped}", icon="BONE_DATA")
         box.prop(props, "root_motion")
 
         job = session.job if session is not None else None

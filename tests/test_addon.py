@@ -97,6 +97,11 @@ def draw(menu, context):
         MOTION_PT_panel.draw(menu, context)  # a running generation: progress bar + cancel
         states.append("running")
         operators._session.job = None
+        odd = bpy.data.objects.new("Odd", bpy.data.armatures.new("Odd"))  # no bones: nothing maps
+        context.scene.collection.objects.link(odd)
+        context.scene.motion_mamba.target = odd
+        MOTION_PT_panel.draw(menu, context)
+        states.append("unmappable")
         result = {{"states": states, "items": items}}
     except Exception:
         result = {{"states": states, "error": traceback.format_exc()}}
@@ -120,7 +125,7 @@ def test_panel_draws_in_every_state(tmp_path):
     assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(line[len("RESULT ") :])
     assert "error" not in result, result.get("error")
-    assert result["states"] == ["empty", "error", "running"]
+    assert result["states"] == ["empty", "error", "running", "unmappable"]
     assert "walk (seed 1)" in result["items"]  # the history list drew the generated action
 
 
