@@ -287,8 +287,7 @@ class Retargeter:
         # target bone index -> source joint index, for the mapped bones, in hierarchy order
         self.joint_of = {bone_index[b]: self.source_index[j] for j, b in bone_map.bones.items()}
         self.bones = sorted(self.joint_of, key=self._depth)
-        self.rest_rot = rig.rest[:, :3, :3]
-        self.rest_quat = quat_from_matrix(self.rest_rot)
+        self.rest_quat = quat_from_matrix(rig.rest[:, :3, :3])
         heads = rig.rest[:, :3, 3]
         joint_head = {j: heads[b] for b, j in self.joint_of.items()}
         src_rest = skeleton.rest_positions()
@@ -362,10 +361,6 @@ class Retargeter:
         for c in self.skeleton.children(j):
             out += [c] if c in mapped_joints else self._mapped_descendants(c, mapped_joints)
         return out
-
-    def reset(self) -> None:
-        """Forget the previous chunk (start a new motion)."""
-        self._last = None
 
     def __call__(self, root_translation: np.ndarray, rotations: np.ndarray) -> RetargetResult:
         """Retarget (T, 3) root translation and (T, J, 4) local w,x,y,z rotations of the source skeleton."""

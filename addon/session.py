@@ -208,10 +208,14 @@ class Session:
     def handle(self, message: wire.Message) -> None:
         """Apply one reply to the connection state or the running job."""
         if message.type == "hello":
-            self.server = message.header
-            self.client.server = message.header
-            self.client.limits = wire.Limits.from_json(message["limits"])
-            self.skeleton = CanonicalSkeleton.from_json(message["skeleton"])
+            try:
+                limits = wire.Limits.from_json(message["limits"])
+                self.skeleton = CanonicalSkeleton.from_json(message["skeleton"])
+            except (ValueError, TypeError) as exc:
+                self.error = f"The backend at {self.endpoint} announced an unusable skeleton or limits: {exc}"
+                return
+            self.server = self.client.server = message.header
+            self.client.limits = limits
             self._hello_heard = time.monotonic()
             return
         if message.type != "error":

@@ -182,8 +182,11 @@ def test_bad_input_changes_nothing(fresh, monkeypatch):
 class GarbageServer:
     """A real ROUTER socket that answers hello correctly and generate with the given broken replies."""
 
-    def __init__(self, replies):
+    def __init__(self, replies, skeleton=None):
         self.replies = replies
+        self.skeleton = skeleton or {"joint_names": list(SMPL22_BUILTIN.names),
+                                     "parents": list(SMPL22_BUILTIN.parents),
+                                     "rest_offsets": SMPL22_BUILTIN.offsets.tolist()}  # fmt: skip
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         port = self.socket.bind_to_random_port("tcp://127.0.0.1")
@@ -193,8 +196,6 @@ class GarbageServer:
         self.thread.start()
 
     def serve(self):
-        skeleton = {"joint_names": list(SMPL22_BUILTIN.names), "parents": list(SMPL22_BUILTIN.parents),
-                    "rest_offsets": SMPL22_BUILTIN.offsets.tolist()}  # fmt: skip
         while not self.stop.is_set():
             if not self.socket.poll(50):
                 continue
@@ -202,7 +203,7 @@ class GarbageServer:
             header = json.loads(frames[0])
             if header["type"] == "hello":
                 reply = wire.encode({"type": "hello", "id": header["id"], "model": {"model": "garbage"},
-                                     "device": "cpu", "fps": 20.0, "skeleton": skeleton,
+                                     "device": "cpu", "fps": 20.0, "skeleton": self.skeleton,
                                      "limits": wire.DEFAULT_LIMITS.to_json()})  # fmt: skip
                 self.socket.send_multipart([peer, *reply])
             elif header["type"] == "generate":
@@ -296,3 +297,18 @@ def test_history_apply_and_delete(fresh):
     assert generated_actions() == ["walk (seed 2)"]
     props.history_index = -1
     assert not bpy.ops.motion_mamba.apply_action.poll()
+
+
+def test_backend_announcing_a_broken_skeleton_is_not_used():
+    server = GarbageServer(None, skeleton={"joint_names": ["a"], "parents": [-1, 0], "rest_offsets": [[0, 0, 0]]})
+    session = Session(server.endpoint, hello_timeout=0.5)
+    try:
+        deadline = time.monotonic() + 10
+        while not session.error and time.monotonic() < deadline:
+            session.tick()
+            time.sleep(0.02)
+        assert "unusable skeleton" in session.error and "one parent and one (x, y, z) offset" in session.error
+        assert not session.connected
+    finally:
+        session.close()
+        server.close()
