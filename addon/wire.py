@@ -413,7 +413,7 @@ class MotionClient:
         self.ping_interval = ping_interval
         self.curve = curve
         self.limits = DEFAULT_LIMITS
-        self.server: dict[str, Any] | None = None  # the last hello reply
+        self.server: dict[str, Any] | None = None  # the last hello reply (poll() keeps it up to date)
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
@@ -506,6 +506,9 @@ class MotionClient:
                                    "code": "bad_request", "message": f"unreadable reply: {exc}"})
             if message.type in ("done", "error"):
                 self._in_flight.pop(message.id, None)
+            if message.type == "hello":  # also when hello() gave up waiting: the reply still counts
+                self.server = message.header
+                self.limits = Limits.from_json(message["limits"])
             if message.type == "pong" and message.id in self._keepalive_pings:
                 self._keepalive_pings.discard(message.id)
                 continue
@@ -565,10 +568,7 @@ class MotionClient:
         """Ask the server who it is; returns the ``hello`` reply (model, device, fps, skeleton, limits)."""
         rid, frames = request("hello")
         self._send(frames)
-        reply = self._wait_for(rid, ("hello",), timeout).header
-        self.server = reply
-        self.limits = Limits.from_json(reply["limits"])
-        return reply
+        return self._wait_for(rid, ("hello",), timeout).header  # poll() stored it in .server and .limits
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """The server's state: ``{"queued": waiting requests, "running": requests being generated,

@@ -115,7 +115,15 @@ def test_hello_announces_model_skeleton_and_limits(client, pipe):
     assert hello["fps"] == pipe.fps and hello["device"] == str(pipe.device)
     assert hello["model"] == json.loads(json.dumps(pipe.describe()))
     assert hello["limits"]["max_seconds"] == pipe.max_seconds
-    assert client.limits.max_message_bytes == hello["limits"]["max_message_bytes"]
+    assert client.limits.max_seconds == hello["limits"]["max_seconds"] == pipe.max_seconds
+    assert client.server == hello
+    with MotionClient(client.endpoint) as late:  # a hello answered after hello() stopped waiting still counts
+        with contextlib.suppress(TimeoutError):
+            late.hello(timeout=0)  # send only, unless the reply is already there
+        deadline = time.monotonic() + 10
+        while late.server is None and time.monotonic() < deadline:
+            assert [m.type for m in late.poll(0.05)] in ([], ["hello"])
+        assert late.server["device"] == hello["device"]
 
 
 def test_stream_reassembles_to_the_in_process_result(client, pipe):
