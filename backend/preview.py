@@ -31,25 +31,42 @@ def _to_plot(p: np.ndarray) -> np.ndarray:
     return p[..., [2, 0, 1]]
 
 
-def _draw(ax, frame: np.ndarray, path: np.ndarray, skeleton: Skeleton, radius: float, label: str) -> list:
-    """Draw one pose (J, 3 in plot coordinates) centred on its root; returns the artists."""
-    cx, cy = frame[0, 0], frame[0, 1]
-    ax.set_xlim(cx - radius, cx + radius)
-    ax.set_ylim(cy - radius, cy + radius)
-    ax.set_zlim(0, 2 * radius)
-    artists = []
-    step = 0.5
-    for g in np.arange(np.floor((cx - radius) / step) * step, cx + radius + 1e-9, step):
-        artists += ax.plot([g, g], [cy - radius, cy + radius], [0, 0], color="#cccccc", lw=0.6)
-    for g in np.arange(np.floor((cy - radius) / step) * step, cy + radius + 1e-9, step):
-        artists += ax.plot([cx - radius, cx + radius], [g, g], [0, 0], color="#cccccc", lw=0.6)
-    inside = (np.abs(path[:, 0] - cx) < radius) & (np.abs(path[:, 1] - cy) < radius)
-    artists += ax.plot(path[inside, 0], path[inside, 1], np.zeros(inside.sum()), color="#e69f00", lw=1.2)
-    for chain, colour in zip(skeleton.kinematic_chains, _chain_colours(skeleton)):
-        pts = frame[list(chain)]
-        artists += ax.plot(pts[:, 0], pts[:, 1], pts[:, 2], color=colour, lw=2.2, solid_capstyle="round")
-    artists.append(ax.text2D(0.03, 0.93, label, transform=ax.transAxes, fontsize=7))
-    return artists
+class _Figure:
+    """The artists of one stick figure on a 3D axes, created once and moved frame by frame."""
+
+    GRID_STEP = 0.5
+
+    def __init__(self, ax, skeleton: Skeleton, path: np.ndarray, radius: float) -> None:
+        self.ax, self.skeleton, self.path, self.radius = ax, skeleton, path, radius
+        n_grid = int(np.ceil(2 * radius / self.GRID_STEP)) + 2
+        self.grid = [ax.plot([], [], [], color="#cccccc", lw=0.6)[0] for _ in range(2 * n_grid)]
+        self.trail = ax.plot([], [], [], color="#e69f00", lw=1.2)[0]
+        self.bones = [
+            ax.plot([], [], [], color=colour, lw=2.2, solid_capstyle="round")[0]
+            for colour in _chain_colours(skeleton)
+        ]
+        self.label = ax.text2D(0.03, 0.93, "", transform=ax.transAxes, fontsize=7)
+
+    def show(self, frame: np.ndarray, label: str) -> list:
+        """Pose the figure (J, 3 in plot coordinates), centring the camera on its root."""
+        r, step = self.radius, self.GRID_STEP
+        cx, cy = frame[0, 0], frame[0, 1]
+        self.ax.set_xlim(cx - r, cx + r)
+        self.ax.set_ylim(cy - r, cy + r)
+        self.ax.set_zlim(0, 2 * r)
+        xs = np.arange(np.ceil((cx - r) / step) * step, cx + r, step)
+        ys = np.arange(np.ceil((cy - r) / step) * step, cy + r, step)
+        segments = [([g, g], [cy - r, cy + r]) for g in xs] + [([cx - r, cx + r], [g, g]) for g in ys]
+        for k, line in enumerate(self.grid):
+            a, b = segments[k] if k < len(segments) else ([], [])
+            line.set_data_3d(a, b, np.zeros(len(a)))
+        inside = (np.abs(self.path[:, 0] - cx) < r) & (np.abs(self.path[:, 1] - cy) < r)
+        self.trail.set_data_3d(self.path[inside, 0], self.path[inside, 1], np.zeros(inside.sum()))
+        for chain, line in zip(self.skeleton.kinematic_chains, self.bones):
+            pts = frame[list(chain)]
+            line.set_data_3d(pts[:, 0], pts[:, 1], pts[:, 2])
+        self.label.set_text(label)
+        return [*self.grid, self.trail, *self.bones, self.label]
 
 
 def _setup_axes(ax) -> None:
@@ -98,7 +115,7 @@ def render_preview(
         for k, t in enumerate(frames):
             ax = fig.add_subplot(1, len(frames), k + 1, projection="3d")
             _setup_axes(ax)
-            _draw(ax, q[t], path, skeleton, radius, f"{t / fps:.1f} s")
+            _Figure(ax, skeleton, path, radius).show(q[t], f"{t / fps:.1f} s")
         fig.suptitle(title, fontsize=9)
         fig.subplots_adjust(left=0, right=1, bottom=0, top=0.92, wspace=0)
         fig.savefig(out)
@@ -110,13 +127,10 @@ def render_preview(
     ax = fig.add_subplot(1, 1, 1, projection="3d")
     _setup_axes(ax)
     fig.suptitle(title, fontsize=8)
-    state: list = []
+    figure = _Figure(ax, skeleton, path, radius)
 
     def update(t: int) -> list:
-        for artist in state:
-            artist.remove()
-        state[:] = _draw(ax, q[t], path, skeleton, radius, f"{t / fps:.1f} s")
-        return state
+        return figure.show(q[t], f"{t / fps:.1f} s")
 
     interval = 1000.0 / fps * (len(q) / len(frames))
     FuncAnimation(fig, update, frames=frames, interval=interval, blit=False).save(

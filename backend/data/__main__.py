@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -58,9 +60,25 @@ def _load_positions(target: Path, clip_id: str | None) -> tuple[np.ndarray, str]
 def _preview(args: argparse.Namespace) -> None:
     from backend.preview import render_preview
 
-    positions, title = _load_positions(Path(args.target), args.id)
-    out = render_preview(positions, Path(args.out), title=args.title or title, fps=args.fps)
-    print(f"wrote {out} ({positions.shape[0]} frames)")
+    out = Path(args.out)
+    ids = args.ids or [None]
+    if len(ids) > 1 and out.suffix.lower() != ".png":
+        raise ValueError("several clips go into one .png contact sheet (one row each); a .gif takes one clip")
+    sheets = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, clip_id in enumerate(ids):
+            positions, title = _load_positions(Path(args.target), clip_id)
+            target = out if len(ids) == 1 else Path(tmp) / f"{k}.png"
+            render_preview(positions, target, title=args.title or title, fps=args.fps)
+            print(f"{title}: {positions.shape[0]} frames")
+            if len(ids) > 1:
+                sheets.append(Image.open(target).convert("RGB"))
+        if sheets:
+            stacked = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets)), "white")
+            for k, sheet in enumerate(sheets):
+                stacked.paste(sheet, (0, sum(s.height for s in sheets[:k])))
+            stacked.save(out, optimize=True)
+    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_prepare)
     v = sub.add_parser("preview", help="stick-figure .gif animation or .png contact sheet of a clip")
     v.add_argument("target", help="dataset folder, or a .npy of positions (T, J, 3) or features (T, D)")
-    v.add_argument("id", nargs="?", help="clip id (when target is a dataset folder)")
+    v.add_argument("ids", nargs="*", metavar="ID", help="clip id(s) when target is a dataset folder; several ids "
+                   "make one .png with a row per clip")
     v.add_argument("--out", required=True, help="FILE.gif or FILE.png")
     v.add_argument("--title", default=None)
     v.add_argument("--fps", type=float, default=20.0)

@@ -51,7 +51,8 @@ class Bvh:
 
     @property
     def fps(self) -> float:
-        return 1.0 / self.frame_time
+        """Frames per second; files store a rounded frame time (0.0333333), so this is rounded to 1/1000."""
+        return round(1.0 / self.frame_time, 3)
 
     @property
     def num_frames(self) -> int:
