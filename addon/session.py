@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
+import numpy as np
 
 from . import wire
 from .canonical import SMPL22_BUILTIN, CanonicalSkeleton
@@ -201,6 +202,9 @@ class Session:
         if got != [message["frames"]] * job.settings.samples:
             raise ValueError(f"the backend announced {message['frames']} frames per sample but sent {got}")
         self.job = None
+        scene = bpy.context.scene
+        last = int(np.ceil(max(k.frames[-1] for k in job.keyers.values())))
+        scene.frame_end = max(scene.frame_end, last)  # the whole motion on the timeline
         names = ", ".join(k.action.name for k in job.keyers.values())
         self.result = f"Created {names} ({message['frames']} frames)"
         bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.prompt)}")
