@@ -37,11 +37,15 @@ class TextEncoder(nn.Module):
     ``path=None`` is all-MiniLM-L6-v2 (384-d, mean pooling, L2-normalised like sentence-transformers).
     A CLIP folder uses its text tower (pooled = the end-of-text token state); any other encoder is mean-pooled.
     ``cache=True`` keeps each caption's embedding on the CPU (training sees the same captions again and again).
+    Batches of captions give each caption's embedding to float tolerance of encoding it alone.
     """
 
     def __init__(self, path: str | Path | None = None, max_length: int = 32, cache: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         self.path = Path(path) if path is not None else default_encoder_path()
         if not (self.path / "config.json").is_file():
@@ -90,9 +94,9 @@ class TextEncoder(nn.Module):
         if self._cache is None:
             items = self._encode(list(captions))
         else:
-            missing = sorted({c for c in captions if c not in self._cache})
-            if missing:
-                for c, (s, p) in zip(missing, self._encode(missing)):
+            for c in captions:  # one at a time: a caption's embedding never depends on its batch
+                if c not in self._cache:
+                    s, p = self._encode([c])[0]
                     self._cache[c] = (s.cpu(), p.cpu())
             items = [self._cache[c] for c in captions]
         length = max(s.shape[0] for s, _ in items)

@@ -1,0 +1,195 @@
+"""The model parts on their own: motion VAE, Motion Mamba U-Net, diffusion schedule/DDIM, text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backend.models.denoiser import DENOISERS, build_denoiser, register_denoiser
+from backend.models.diffusion import Diffusion
+from backend.models.text_encoder import TextEncoder
+from backend.models.vae import MotionVAE
+
+UNET = {"arch": "motion_mamba", "dims": [16, 24, 32], "scans": [2, 1, 1], "groups": 4, "heads": 2, "d_state": 4}
+
+
+def _randomize(module: nn.Module) -> nn.Module:
+    """Give the zero-initialised FiLM / output layers weights, so every path carries signal in a test."""
+    torch.manual_seed(1)
+    for p in module.parameters():
+        if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+            nn.init.normal_(p, std=0.2)
+    return module
+
+
+@pytest.fixture(scope="module")
+def vae() -> MotionVAE:
+    torch.manual_seed(0)
+    return MotionVAE(latent_dim=4, width=16, d_state=4, window=3, context=1).eval()
+
+
+def test_vae_latent_is_temporal_quarter_length(vae):
+    x = torch.randn(2, 40, 263)
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (2, 10, 4)
+    assert vae.decode(mu).shape == (2, 40, 263)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vae.encode(torch.randn(1, 42, 263))
+
+
+@torch.no_grad()
+def test_vae_window_reads_only_its_context(vae):
+    z = torch.randn(1, 11, 4)
+    windows = vae.windows(11)
+    assert windows == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    start, stop = windows[1]
+    ref = vae.decode_window(z, start, stop)
+    far = z.clone()
+    far[:, : start - vae.context] += 5.0  # tokens outside [start - context, stop + context)
+    far[:, stop + vae.context:] -= 5.0
+    assert torch.equal(vae.decode_window(far, start, stop), ref)
+    near = z.clone()
+    near[:, start - vae.context] += 5.0
+    assert not torch.allclose(vae.decode_window(near, start, stop), ref)
+
+
+@torch.no_grad()
+def test_vae_full_decode_is_the_streamed_windows(vae):
+    z = torch.randn(2, 9, 4)
+    parts = list(vae.decode_windows(z))
+    assert [start for start, _ in parts] == [0, 12, 24]
+    assert torch.equal(torch.cat([frames for _, frames in parts], dim=1), vae.decode(z))
+
+
+def test_vae_loss_backpropagates(vae):
+    vae.train()
+    losses = vae(torch.randn(2, 16, 263), kl_weight=1e-4)
+    assert set(losses) == {"loss", "recon", "vel", "kl"}
+    losses["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    vae.zero_grad()
+    vae.eval()
+
+
+def _text(b: int, s: int = 5, d: int = 12):
+    torch.manual_seed(2)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 3:] = False
+    return torch.randn(b, s, d), mask, torch.randn(b, d)
+
+
+@torch.no_grad()
+def test_unet_shapes_and_odd_lengths():
+    net = _randomize(build_denoiser(UNET, 4, 12)).eval()
+    tokens, mask, pooled = _text(2)
+    for n in (1, 7, 13, 50):
+        out = net(torch.randn(2, n, 4), torch.tensor([3, 900]), tokens, mask, pooled)
+        assert out.shape == (2, n, 4) and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_unet_padding_mask_matches_unpadded():
+    net = _randomize(build_denoiser(UNET, 4, 12)).eval()
+    tokens, mask, pooled = _text(2)
+    x = torch.randn(2, 21, 4)
+    t = torch.tensor([10, 500])
+    valid = torch.ones(2, 21, dtype=torch.bool)
+    valid[1, 13:] = False
+    padded = net(x, t, tokens, mask, pooled, mask=valid)
+    alone = net(x[1:, :13], t[1:], tokens[1:], mask[1:], pooled[1:])
+    assert torch.allclose(padded[1, :13], alone[0], atol=1e-5)
+    assert torch.allclose(padded[0], net(x[:1], t[:1], tokens[:1], mask[:1], pooled[:1])[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_unet_condition_dropout_uses_the_null_text():
+    net = _randomize(build_denoiser(UNET, 4, 12)).eval()
+    tokens, mask, pooled = _text(2)
+    x, t = torch.randn(2, 8, 4), torch.tensor([100, 100])
+    drop = torch.tensor([True, True])
+    a = net(x, t, tokens, mask, pooled, drop)
+    b = net(x, t, torch.randn_like(tokens), mask, torch.randn_like(pooled), drop)
+    assert torch.allclose(a, b, atol=1e-6)  # dropped: the text makes no difference
+    assert not torch.allclose(a, net(x, t, tokens, mask, pooled), atol=1e-4)
+
+
+def test_unet_zero_initialised_output_and_all_parameters_trained():
+    net = build_denoiser(UNET, 4, 12)
+    tokens, mask, pooled = _text(2)
+    out = net(torch.randn(2, 8, 4), torch.tensor([1, 2]), tokens, mask, pooled, torch.tensor([False, True]))
+    assert torch.count_nonzero(out) == 0
+    out.sum().backward()  # every parameter is in the graph (DDP needs no find_unused_parameters)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_denoiser_factory_registry():
+    with pytest.raises(ValueError, match="unknown denoiser arch 'nope'"):
+        build_denoiser({"arch": "nope"}, 4, 12)
+    with pytest.raises(ValueError, match="equally long"):
+        build_denoiser({**UNET, "scans": [1]}, 4, 12)
+
+    @register_denoiser("test_linear")
+    class Linear(nn.Module):
+        def __init__(self, config, latent_dim, text_dim):
+            super().__init__()
+            self.config = config
+
+    try:
+        assert isinstance(build_denoiser({"arch": "test_linear"}, 4, 12), Linear)
+    finally:
+        DENOISERS.pop("test_linear")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_diffusion_target_inverts(prediction):
+    diff = Diffusion(prediction=prediction)
+    x0, noise = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
+    t = torch.tensor([0, 10, 500, 999])
+    xt = diff.add_noise(x0, noise, t)
+    x0_hat, eps_hat = diff.split(diff.target(x0, noise, t), xt, t)
+    assert torch.allclose(x0_hat, x0, atol=1e-4) and torch.allclose(eps_hat, noise, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["scaled_linear", "linear", "cosine"])
+def test_ddim_with_an_oracle_lands_on_the_data(schedule):
+    diff = Diffusion(beta_schedule=schedule, prediction="v")
+    x0 = torch.randn(2, 5, 3)
+    calls = []
+
+    def oracle(x, t):  # knows x0: returns the exact target for the current x_t
+        sa, sb = diff._coefs(t, x)
+        return diff.target(x0, (x - sa * x0) / sb, t)
+
+    out = diff.ddim_sample(oracle, torch.randn(2, 5, 3), steps=7, callback=lambda s, n: calls.append((s, n)))
+    assert torch.allclose(out, x0, atol=1e-4)
+    assert calls == [(i, 7) for i in range(1, 8)]
+    ts = diff.ddim_timesteps(7)
+    assert ts[0] == 999 and len(set(ts)) == 7 and ts == sorted(ts, reverse=True)
+
+
+def test_diffusion_bad_arguments():
+    with pytest.raises(ValueError, match="prediction"):
+        Diffusion(prediction="x")
+    with pytest.raises(ValueError, match="beta_schedule"):
+        Diffusion(beta_schedule="sigmoid")
+    with pytest.raises(ValueError, match="steps"):
+        Diffusion().ddim_timesteps(0)
+
+
+def test_text_encoder_offline_minilm(tmp_path):
+    enc = TextEncoder(cache=True)
+    assert enc.dim == 384 and enc.name == "all-MiniLM-L6-v2"
+    captions = ["a person walks forward", "someone waves the right hand energetically"]
+    batch = enc(captions)
+    assert batch.tokens.shape[0] == 2 and batch.tokens.shape[2] == 384
+    assert batch.mask[0].sum() < batch.mask[1].sum()  # shorter caption, padded
+    assert torch.allclose(batch.pooled.norm(dim=-1), torch.ones(2), atol=1e-5)
+    again = enc(captions[::-1])  # from the cache, other order
+    assert torch.equal(again.pooled, batch.pooled.flip(0))
+    assert not any(p.requires_grad for p in enc.parameters())
+    similar = float(enc(["a man walks"]).pooled @ enc(["a person is walking"]).pooled.T)
+    unrelated = float(enc(["a man walks"]).pooled @ enc(["the stock market fell"]).pooled.T)
+    assert similar > unrelated + 0.2
+    with pytest.raises(FileNotFoundError, match="no Hugging Face text encoder"):
+        TextEncoder(tmp_path)

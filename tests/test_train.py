@@ -1,0 +1,223 @@
+"""Training on real clips: the tiny config learns, resumes exactly (also after a real SIGKILL), runs under
+2-process DDP (gloo), and its checkpoint generates; generate CLI outputs; bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backend import generate
+from backend.checkpoint import load_config, load_state, read_config_file
+from backend.pipeline import MotionPipeline
+from backend.train import batch_indices, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = {
+    "007005": ["a person walks forward", "someone walks straight ahead"],
+    "009548": ["a person waves with the right hand", "someone waves hello"],
+    "011673": ["a person jumps in place", "someone hops up and down"],
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(humanml3d_samples: Path, tmp_path_factory) -> Path:
+    """The three real HumanML3D sample clips in the HumanML3D layout, with captions."""
+    root = tmp_path_factory.mktemp("h3d")
+    (root / "new_joint_vecs").mkdir()
+    (root / "texts").mkdir()
+    for clip, caps in CAPTIONS.items():
+        (root / "new_joint_vecs" / f"{clip}.npy").write_bytes(
+            (humanml3d_samples / "new_joint_vecs" / f"{clip}.npy").read_bytes())
+        (root / "texts" / f"{clip}.txt").write_text("".join(f"{c}#{c}#0.0#0.0\n" for c in caps))
+    (root / "train.txt").write_text("\n".join(CAPTIONS) + "\n")
+    for split in ("val", "test"):
+        (root / f"{split}.txt").write_text("007005\n")
+    for name in ("Mean.npy", "Std.npy"):
+        (root / name).write_bytes((humanml3d_samples / name).read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def short_config(tmp_path_factory) -> Path:
+    """The tiny config, saving every 2 steps, with a fixed LR-schedule horizon (stopping early changes nothing)."""
+    config = read_config_file("tiny")
+    for kind in ("vae", "denoiser"):
+        config["train"][kind].update(save_every=2, schedule_steps=40)
+    path = tmp_path_factory.mktemp("cfg") / "short.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> dict:
+    """Tiny VAE, then tiny denoiser over it, each trained with the shipped tiny config."""
+    runs = tmp_path_factory.mktemp("runs")
+    out = {}
+    for kind, extra in (("vae", {}), ("denoiser", {"vae": runs / "vae"})):
+        t0 = time.perf_counter()
+        out[kind] = train(kind, dataset, runs / kind, config="tiny", progress=False, **extra)
+        out[f"{kind}_seconds"] = time.perf_counter() - t0
+        print(f"tiny {kind}: {len(out[kind])} steps in {out[f'{kind}_seconds']:.1f} s, loss "
+              f"{out[kind][0]['loss']:.3f} -> {out[kind][-1]['loss']:.3f}")
+    out["vae_dir"], out["run"] = runs / "vae", runs / "denoiser"
+    return out
+
+
+def _mean_loss(history: list[dict]) -> float:
+    return float(np.mean([h["loss"] for h in history]))
+
+
+@pytest.mark.parametrize("kind", ["vae", "denoiser"])
+def test_tiny_training_loss_falls(trained, kind):
+    history = trained[kind]
+    assert [h["step"] for h in history] == list(range(1, 41))
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert _mean_loss(history[-8:]) < 0.6 * _mean_loss(history[:4])
+    run = trained["run"] if kind == "denoiser" else trained["vae_dir"]
+    curve = (run / "loss.csv").read_text().splitlines()
+    assert curve[0].startswith("step,loss") and len(curve) == 41
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_folder_is_a_generation_checkpoint(trained):
+    run = trained["run"]
+    config = load_config(run)
+    assert config["kind"] == "pipeline" and config["step"] == 40 and config["latent_scale"] > 0
+    assert load_config(trained["vae_dir"])["kind"] == "vae"
+    pipe = MotionPipeline.from_checkpoint(run, device="cpu")
+    for seconds in (0.3, 2.0, 7.45):
+        motion = pipe("a person walks forward", seconds=seconds, steps=8)
+        frames = round(seconds * 20)
+        assert motion.features.shape == (frames, 263) and motion.positions.shape == (frames, 22, 3)
+        assert motion.rotations.shape == (frames, 22, 4) and motion.root_translation.shape == (frames, 3)
+        assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
+    with pytest.raises(ValueError, match="'vae' run, not a generation checkpoint"):
+        MotionPipeline.from_checkpoint(trained["vae_dir"])
+
+
+def test_generate_cli_writes_npz_bvh_and_preview(trained, tmp_path, capsys):
+    run = str(trained["run"])
+    assert generate.main(["a person jumps in place", "--seconds", "2.5", "--steps", "5", "--seed", "3",
+                          "--checkpoint", run, "--out", str(tmp_path / "m.npz"),
+                          "--preview", str(tmp_path / "m.png")]) == 0
+    assert "50 frames (2.50 s at 20 fps)" in capsys.readouterr().out
+    data = np.load(tmp_path / "m.npz")
+    assert data["features"].shape == (50, 263) and data["rotations"].shape == (50, 22, 4)
+    assert str(data["prompt"]) == "a person jumps in place" and int(data["seed"]) == 3
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert generate.main(["a person walks", "--seconds", "1", "--steps", "3", "--checkpoint", run,
+                          "--out", str(tmp_path / "m.bvh")]) == 0
+    bvh = (tmp_path / "m.bvh").read_text()
+    assert bvh.startswith("HIERARCHY") and "Frames: 20" in bvh
+    pipe = MotionPipeline.from_checkpoint(run, device="cpu")  # same seed and settings, same motion
+    again = pipe("a person jumps in place", seconds=2.5, steps=5, seed=3)
+    np.testing.assert_array_equal(again.features, data["features"])
+
+
+def test_generate_cli_bad_input(trained, tmp_path, capsys):
+    run = str(trained["run"])
+    for args, message in (
+        (["", "--checkpoint", run], "prompt is empty"),
+        (["walk", "--seconds", "0", "--checkpoint", run], "seconds must be > 0"),
+        (["walk", "--seconds", "1e4", "--checkpoint", run], "seconds must be > 0 and <= 120"),
+        (["walk", "--checkpoint", str(tmp_path / "missing")], "does not exist"),
+        (["walk", "--checkpoint", run, "--steps", "0"], "steps must be"),
+    ):
+        assert generate.main([*args, "--out", str(tmp_path / "x.npz")]) == 2
+        assert message in capsys.readouterr().err
+    assert generate.main(["walk", "--checkpoint", run, "--out", str(tmp_path / "x.fbx")]) == 2
+    assert "unsupported output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["vae", "denoiser"])
+def test_resume_reproduces_the_uninterrupted_run(dataset, short_config, trained, tmp_path, kind):
+    extra = {"vae": trained["vae_dir"]} if kind == "denoiser" else {}
+    full = train(kind, dataset, tmp_path / "full", config=short_config, steps=6, progress=False, **extra)
+    part = train(kind, dataset, tmp_path / "cut", config=short_config, steps=6, progress=False, stop_after=5,
+                 **extra)  # a "kill" after step 5: the last checkpoint is step 4
+    assert len(part) == 5 and load_state(tmp_path / "cut" / "train_state.pt")["step"] == 4
+    resumed = train(kind, dataset, tmp_path / "cut", steps=6, resume=True, progress=False, **extra)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]  # steps 5 and 6 recomputed exactly
+    name = f"{kind}.safetensors"
+    a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _subprocess_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def test_resume_after_sigkill(dataset, short_config, tmp_path):
+    config = json.loads(short_config.read_text())
+    config["train"]["vae"]["save_every"] = 1
+    cfg = tmp_path / "every_step.json"
+    cfg.write_text(json.dumps(config))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "backend.train", "vae", "--data", str(dataset), "--out", str(run),
+                             "--config", str(cfg), "--steps", "40"], cwd=ROOT,
+                            env=_subprocess_env(torch.get_num_threads()),  # same float reductions as here
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run / "train_state.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and load_state(state)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)  # possibly in the middle of writing a checkpoint
+    proc.wait()
+    proc.stderr.close()
+    step = load_state(state)["step"]  # every file of the run folder is whole and readable
+    assert 3 <= step <= 38
+    assert load_config(run)["kind"] == "vae"
+    load_file(run / "vae.safetensors")
+    resumed = train("vae", dataset, run, steps=step + 2, resume=True, progress=False)
+    full = train("vae", dataset, tmp_path / "full", config=cfg, steps=step + 2, progress=False)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+
+
+def test_ddp_two_processes_gloo(dataset, short_config, tmp_path):
+    run = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29531", "-m", "backend.train", "vae", "--data", str(dataset),
+                           "--out", str(run), "--config", str(short_config), "--steps", "3"],
+                          cwd=ROOT, env=_subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ddp: 2 processes, parameters identical on every rank" in proc.stdout
+    state = load_state(run / "train_state.pt")
+    assert state["step"] == 3 and len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
+    assert all(np.isfinite(h["loss"]) for h in state["history"])
+    # the two ranks saw different clips at every step
+    for step in range(3):
+        assert batch_indices(step, 0, 2, 4, 3, 0) != batch_indices(step, 1, 2, 4, 3, 0)
+
+
+def test_data_order_depends_only_on_seed_and_step():
+    a = [batch_indices(s, 0, 1, 4, 10, 7) for s in range(10)]
+    assert a == [batch_indices(s, 0, 1, 4, 10, 7) for s in range(10)]
+    flat = [i for batch in a[:5] for i in batch]  # 20 draws = two epochs: each clip twice
+    assert sorted(flat) == sorted(list(range(10)) * 2)
+    assert a != [batch_indices(s, 0, 1, 4, 10, 8) for s in range(10)]
+
+
+def test_train_bad_input(dataset, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="dataset folder"):
+        train("vae", tmp_path / "nothing", tmp_path / "r")
+    with pytest.raises(ValueError, match="needs a trained VAE"):
+        train("denoiser", dataset, tmp_path / "r", config="tiny")
+    with pytest.raises(FileNotFoundError, match=r"has no train_state\.pt"):
+        train("vae", dataset, tmp_path / "fresh", resume=True)
+    with pytest.raises(FileNotFoundError, match="config 'huge' not found"):
+        train("vae", dataset, tmp_path / "r", config="huge")
+    assert main(["denoiser", "--data", str(dataset), "--out", str(tmp_path / "r"), "--config", "tiny"]) == 2
+    assert "--vae RUN_DIR" in capsys.readouterr().err
