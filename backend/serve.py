@@ -98,9 +98,10 @@ def keygen(directory: str | Path, clients: tuple[str, ...] = ("client",)) -> Pat
     authorized = directory / "authorized"
     authorized.mkdir(parents=True, exist_ok=True)
     if not (directory / "server.key_secret").exists():
-        zmq.auth.create_certificates(directory, "server")
+        Path(zmq.auth.create_certificates(directory, "server")[1]).chmod(0o600)
     for name in clients:
-        public, _ = zmq.auth.create_certificates(directory, name)
+        public, secret = zmq.auth.create_certificates(directory, name)
+        Path(secret).chmod(0o600)
         shutil.copy(public, authorized / Path(public).name)
     return directory
 
@@ -196,7 +197,10 @@ class Server:
                         frames = self._router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_request(frames[0], frames[1:])
+                    try:
+                        self._on_request(frames[0], frames[1:])
+                    except Exception:  # a bug must cost one request, not the server
+                        log.exception("unexpected error while handling a request")
                 self._dispatch()
         finally:
             self._shutdown()

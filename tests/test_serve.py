@@ -377,15 +377,23 @@ def test_with_keys_only_authorized_clients_get_through(pipe, tmp_path):
             with MotionClient(srv.endpoint, curve=alice, timeout=20) as c:
                 assert c.hello()["device"] == str(pipe.device)
                 assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
+        with running(pipe, "tcp://0.0.0.0:*", keys=tmp_path / "keys", context=ctx) as srv:  # keys: allowed
+            port = srv.endpoint.rsplit(":", 1)[1]
+            with MotionClient(f"tcp://127.0.0.1:{port}", curve=alice, timeout=20) as c:
+                assert c.hello()["fps"] == pipe.fps
+            with MotionClient(f"tcp://127.0.0.1:{port}", timeout=1.5) as c, pytest.raises(TimeoutError):
+                c.hello()
     finally:
         ctx.term()
 
 
-def test_keygen_cli_and_a_curve_server_off_loopback(tmp_path):
+def test_keygen_cli_writes_private_keys(tmp_path):
     out = subprocess.run([sys.executable, "-m", "backend.serve", "keygen", str(tmp_path)], capture_output=True,
                          text=True, cwd=ROOT, timeout=60, check=True).stdout
     assert f"--keys {tmp_path}" in out
     assert (tmp_path / "server.key_secret").is_file() and (tmp_path / "authorized" / "client.key").is_file()
+    assert (tmp_path / "server.key_secret").stat().st_mode & 0o077 == 0, "secret keys must be private"
+    assert not (tmp_path / "authorized" / "client.key_secret").exists()
     assert CurveKeys.from_dir(tmp_path).secret
 
 
