@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -123,6 +124,7 @@ def main() -> int:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--modes", default="batch,no-batch")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the server processes get stopped too
     total = args.clients * args.requests
     print(f"{args.clients} clients x {args.requests} requests = {total}; {args.steps} steps, {args.seconds} s of "
           f"motion each; model: random '{args.config}' on the CPU")
