@@ -247,6 +247,8 @@ class Session:
         for message in self.client.poll():
             self.handle(message)
         if self.job is None and time.monotonic() - self._hello_sent > HELLO_INTERVAL:
+            if not self.connected:
+                self.client.connect()  # a fresh socket: unanswered hellos must not pile up in its queue
             self._send_hello()
         return 0.05 if self.job is not None else 0.5
 

@@ -312,3 +312,18 @@ def test_backend_announcing_a_broken_skeleton_is_not_used():
     finally:
         session.close()
         server.close()
+
+
+def test_a_long_absent_backend_never_blocks_the_ui():
+    """Hellos to a dead address must not pile up until a send blocks (ZeroMQ's queue holds 1000)."""
+    session = Session("tcp://127.0.0.1:9", timeout=5.0, hello_timeout=0.0)
+    try:
+        start = time.monotonic()
+        for _ in range(1200):  # an hour of idle ticks without a backend
+            session._hello_sent = 0.0  # as if HELLO_INTERVAL had passed
+            session.tick()
+        elapsed = time.monotonic() - start
+        assert elapsed < 60, f"1200 idle ticks took {elapsed:.0f} s: sends are blocking"
+        assert session.describe().startswith("No backend at")
+    finally:
+        session.close()
