@@ -91,6 +91,15 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+def check_bind(bind: str, keys: str | Path | None) -> None:
+    """Refuse (PermissionError) to listen on a non-loopback address without CurveZMQ keys."""
+    if keys is None and not is_loopback(bind):
+        raise PermissionError(
+            f"refusing to listen on {bind} without authentication: a non-loopback address needs CurveZMQ "
+            "keys. Create them with `python -m backend.serve keygen DIR`, start with `--keys DIR`, and give "
+            "clients DIR/server.key and their DIR/<client>.key_secret. Or bind tcp://127.0.0.1:PORT.")
+
+
 def keygen(directory: str | Path, clients: tuple[str, ...] = ("client",)) -> Path:
     """Write a server key pair (kept) and client key pairs into ``directory``; each client's public key is
     copied into ``directory/authorized``. Give ``<client>.key_secret`` and ``server.key`` to that client."""
@@ -112,11 +121,7 @@ class Server:
     def __init__(self, pipe: Any, bind: str = DEFAULT_ENDPOINT, *, keys: str | Path | None = None,
                  max_queue: int = 32, batch: bool = True, max_batch: int = 16,
                  context: zmq.Context | None = None):
-        if keys is None and not is_loopback(bind):
-            raise PermissionError(
-                f"refusing to listen on {bind} without authentication: a non-loopback address needs CurveZMQ "
-                "keys. Create them with `python -m backend.serve keygen DIR`, start with `--keys DIR`, and give "
-                "clients DIR/server.key and their DIR/<client>.key_secret. Or bind tcp://127.0.0.1:PORT.")
+        check_bind(bind, keys)
         self.pipe = pipe
         self.batch = batch
         self.max_batch = max_batch
@@ -423,19 +428,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keys in {directory}: start the server with --keys {directory}; give each client server.key and "
               f"its <name>.key_secret")
         return 0
-    parser = argparse.ArgumentParser(prog="python -m backend.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bind", default=DEFAULT_ENDPOINT)
+    parser = argparse.ArgumentParser(prog="python -m backend.serve", description=__doc__.split("\n\n")[0],
+                                     epilog="Keys for a non-loopback address: python -m backend.serve keygen DIR")
+    parser.add_argument("--bind", default=DEFAULT_ENDPOINT, help=f"ZeroMQ endpoint (default {DEFAULT_ENDPOINT}; "
+                        "tcp://127.0.0.1:* picks a free port)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped weights)")
     parser.add_argument("--config", default=None, help="serve random weights of configs/<CONFIG>.json (tests)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--max-queue", type=int, default=32, help="waiting requests before 'busy' (default 32)")
     parser.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True,
                         help="run compatible waiting requests as one denoising pass")
     parser.add_argument("--keys", default=None, help="CurveZMQ key folder from `keygen` (required off loopback)")
     args = parser.parse_args(argv)
-    if args.keys is None and not is_loopback(args.bind):  # refuse before spending time on the model
-        print(f"error: refusing to listen on {args.bind} without CurveZMQ keys; run `python -m backend.serve "
-              "keygen DIR` and pass --keys DIR (or bind tcp://127.0.0.1:PORT)", file=sys.stderr)
+    try:
+        check_bind(args.bind, args.keys)  # before spending time on the model
+    except PermissionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     pipe = load_pipeline(args.checkpoint, args.config, args.device)
     server = Server(pipe, args.bind, keys=args.keys, max_queue=args.max_queue, batch=args.batch)
