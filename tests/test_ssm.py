@@ -118,6 +118,7 @@ def test_last_state_continues_the_scan():
 
 @pytest.mark.parametrize(("change", "error", "match"), [
     ({"u": torch.zeros(2, 3)}, ValueError, "u must be"),
+    ({"u": torch.zeros(2, 3, 0), "delta": torch.zeros(2, 3, 0)}, ValueError, "non-empty"),
     ({"delta": torch.zeros(2, 3, 5)}, ValueError, "delta shape"),
     ({"A": torch.zeros(4, 4)}, ValueError, "A must be"),
     ({"B": torch.zeros(2, 5, 6)}, ValueError, "B must be"),
@@ -200,3 +201,19 @@ def test_inference_forward_equals_training_forward(implementation):
     with torch.no_grad():
         inference = selective_scan(**inputs, delta_softplus=True)
     torch.testing.assert_close(inference, selective_scan(**inputs, delta_softplus=True), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "every_other_step"])
+def test_scan_accepts_strided_layouts(implementation, layout):
+    """u, delta, z may be views, e.g. (b, L, d) memory seen as (b, d, L), as the Mamba layer passes them."""
+    inputs = make_inputs(2, 32, 4, 23)
+    for name in ("u", "delta", "z"):
+        values = inputs[name].detach()
+        if layout == "channels_last":
+            strided = values.transpose(1, 2).contiguous().transpose(1, 2)
+        else:
+            strided = torch.zeros(*values.shape[:2], 2 * values.shape[2])[..., ::2]
+            strided.copy_(values)
+        assert not strided.is_contiguous()
+        inputs[name] = strided.requires_grad_()
+    assert_matches_oracle(inputs, delta_softplus=True)

@@ -26,7 +26,9 @@ from scan_reference import selective_scan_ref  # noqa: E402
 from backend.models import ssm  # noqa: E402
 
 
-def make_inputs(batch, dim, dstate, length, device="cpu", seed=0):
+def make_inputs(batch, dim, dstate, length, device="cpu", seed=0, channels_last=False):
+    """Random scan inputs; channels_last: u, delta, z, B, C stored as (b, L, channels), as the Mamba layer
+    passes them (mamba_ssm's layout, and the oracle's, is (b, channels, L))."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {
         "u": torch.randn(batch, dim, length, generator=gen),
@@ -38,6 +40,9 @@ def make_inputs(batch, dim, dstate, length, device="cpu", seed=0):
         "z": torch.randn(batch, dim, length, generator=gen),
         "delta_bias": torch.randn(dim, generator=gen) * 0.3,
     }
+    if channels_last:
+        for name in ("u", "delta", "z", "B", "C"):
+            tensors[name] = tensors[name].transpose(1, 2).contiguous().transpose(1, 2)
     return {k: v.to(device).requires_grad_() for k, v in tensors.items()}
 
 
@@ -96,13 +101,19 @@ def main() -> None:
     print(f"selective scan, batch {args.batch}, d_inner {args.d_inner}, d_state {args.d_state}, float32, "
           f"with D/z/delta_bias/softplus; CPU implementation: {impl.name}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| device | L | ours fwd | oracle fwd | fwd speed-up | ours fwd+bwd | oracle fwd+bwd | fwd+bwd speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    ours_fwd, ours_fb = {}, {}
+    print("ours: (b, d, L) inputs like the oracle's; ours (b,L,d): the same numbers stored as (b, L, d), the "
+          "layout our Mamba layer passes (no transposes)\n")
+    print("| device | L | ours fwd | ours (b,L,d) fwd | oracle fwd | fwd speed-up | ours fwd+bwd | "
+          "ours (b,L,d) fwd+bwd | oracle fwd+bwd | fwd+bwd speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ours_fwd, ours_fb, last_fwd, last_fb = {}, {}, {}, {}
     for length in (196, 512, 1024, 4096):
         inputs = make_inputs(*shape[:2], shape[2], length)
         ours_fwd[length] = forward_time(ssm.selective_scan, inputs, args.repeats)
         ours_fb[length] = forward_backward_time(ssm.selective_scan, inputs, args.repeats)
+        channels_last = make_inputs(*shape[:2], shape[2], length, channels_last=True)
+        last_fwd[length] = forward_time(ssm.selective_scan, channels_last, args.repeats)
+        last_fb[length] = forward_backward_time(ssm.selective_scan, channels_last, args.repeats)
         if length == 512:
             continue  # measured for the length scaling only
         ref_fwd = forward_time(selective_scan_ref, inputs, 1 if length > 196 else 3)
@@ -110,10 +121,13 @@ def main() -> None:
         # L=1024 on 2 cores, tens of minutes at L=4096. Timed once at 1024, left out at 4096.
         slow = length >= 4096 or (args.quick and length > 196)
         ref_fb = None if slow else forward_backward_time(selective_scan_ref, inputs, 1)
-        print(f"| cpu | {length} | {fmt(ours_fwd[length])} | {fmt(ref_fwd)} | {ratio(ref_fwd, ours_fwd[length])} | "
-              f"{fmt(ours_fb[length])} | {fmt(ref_fb)} | {ratio(ref_fb, ours_fb[length])} |", flush=True)
-    print(f"\nlength scaling, ours, time(L=4096) / time(L=512) (linear = 8.0): "
-          f"forward {ours_fwd[4096] / ours_fwd[512]:.2f}, forward+backward {ours_fb[4096] / ours_fb[512]:.2f}")
+        print(f"| cpu | {length} | {fmt(ours_fwd[length])} | {fmt(last_fwd[length])} | {fmt(ref_fwd)} | "
+              f"{ratio(ref_fwd, ours_fwd[length])} | {fmt(ours_fb[length])} | {fmt(last_fb[length])} | "
+              f"{fmt(ref_fb)} | {ratio(ref_fb, ours_fb[length])} |", flush=True)
+    print("\nlength scaling, time(L=4096) / time(L=512) (linear = 8.0): "
+          f"ours forward {ours_fwd[4096] / ours_fwd[512]:.2f}, forward+backward {ours_fb[4096] / ours_fb[512]:.2f}; "
+          f"ours (b,L,d) forward {last_fwd[4096] / last_fwd[512]:.2f}, "
+          f"forward+backward {last_fb[4096] / last_fb[512]:.2f}")
     print("oracle fwd+bwd at L=4096: not run (its backward is quadratic in L: tens of minutes)")
 
     if ssm.mamba_ssm_available():

@@ -115,14 +115,17 @@ class Mamba(nn.Module):
                              f"got {tuple(getattr(hidden_states, 'shape', ()))}")
         check_mask(mask, hidden_states)
         seqlen = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()  # (B, 2 * d_inner, L), L innermost
         A = -torch.exp(self.A_log.float())
-        cuda_ops = _cuda_ops() if xz.is_cuda else None
-        if cuda_ops is not None and self.use_fast_path and mask is None:
-            mamba_inner_fn, _ = cuda_ops
-            return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
-                                  self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
-                                  self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        cuda_ops = _cuda_ops() if hidden_states.is_cuda else None
+        if cuda_ops is not None:  # mamba_ssm's kernels want (B, channels, L) with L innermost
+            xz = self.in_proj(hidden_states).transpose(1, 2).contiguous()
+            if self.use_fast_path and mask is None:
+                mamba_inner_fn, _ = cuda_ops
+                return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                                      self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
+                                      self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        else:  # the CPU scan reads (B, L, channels) memory fastest: keep it, as (B, channels, L) views
+            xz = self.in_proj(hidden_states).transpose(1, 2)
         x, z = xz.chunk(2, dim=1)
         keep = None if mask is None else mask[:, None, :].to(x.dtype)
         if keep is not None:
@@ -130,11 +133,10 @@ class Mamba(nn.Module):
         if cuda_ops is not None:
             x = cuda_ops[1](x=x, weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu")
         else:
-            x = F.silu(self.conv1d(x)[..., :seqlen])
+            x = F.silu(self.conv1d(x)[..., :seqlen]).transpose(1, 2).contiguous().transpose(1, 2)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L), bias added in the scan
-        B = B.transpose(1, 2).contiguous()
-        C = C.transpose(1, 2).contiguous()
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, d_state, L) views
         if keep is None:
             y = selective_scan(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                                delta_softplus=True)

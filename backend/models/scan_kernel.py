@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import platform
@@ -41,15 +40,17 @@ SOURCE = r"""
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* A (b, d, L) tensor whose channels are adjacent in memory (channel stride 1), e.g. (b, L, d) memory. */
+typedef struct { float *p; int64_t sb, st; } View;
+
 typedef struct {
-    const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;  /* D, z, delta_bias may be NULL */
-    float *out, *last, *ckpt;                                   /* forward outputs */
-    const float *dout;                                          /* backward: gradient of out */
-    float *du, *ddelta, *dz;                                    /* backward outputs, per row */
+    View u, delta, z, out, dout, du, ddelta, dz;   /* z may be absent (p NULL); dout, du, ... backward only */
+    const float *A, *B, *C, *D, *delta_bias;       /* D, delta_bias may be NULL */
+    float *last, *ckpt;                            /* (b, d, n); (b, d, chunks, n) or NULL */
     int64_t dim, groups, L, n, K, softplus;
 } Scan;
 
-typedef struct { float *dA, *dB, *dC, *dD, *ddelta_bias, *work; } Slot;  /* one backward task's sums */
+typedef struct { float *dA, *dB, *dC, *dD, *ddelta_bias, *work, *carry; } Slot;  /* a backward task's */
 
 /* exp(x), ~2 ulp on [-87, 88] (Cephes expf polynomial). Branch-free, no float->int conversion (rounding by
    the 1.5 * 2^23 trick), so loops calling it vectorise. */
@@ -87,12 +88,22 @@ INLINE float vlog1p(float e) {
     return d == 0.0f ? e : lg * (e / d);
 }
 
-/* delta of row w at step t: (+ delta_bias), (softplus); sig = d(delta)/d(raw delta). */
-INLINE void load_step(const Scan *s, int64_t row0, int64_t d0, int64_t t, float *dt, float *sig, float *ut,
+/* Channels d0..d0+W-1 of v at (b, t), in and out. */
+INLINE void get(View v, int64_t b, int64_t d0, int64_t t, float *dst, const int W) {
+    memcpy(dst, v.p + b * v.sb + t * v.st + d0, W * sizeof(float));
+}
+
+INLINE void put(View v, int64_t b, int64_t d0, int64_t t, const float *src, const int W) {
+    memcpy(v.p + b * v.sb + t * v.st + d0, src, W * sizeof(float));
+}
+
+/* u and the step size of lanes d0.. at step t: delta (+ delta_bias), (softplus); sig = d(dt)/d(delta). */
+INLINE void load_step(const Scan *s, int64_t b, int64_t d0, int64_t t, float *dt, float *sig, float *ut,
                       const int W) {
+    get(s->u, b, d0, t, ut, W);
+    get(s->delta, b, d0, t, dt, W);
     for (int w = 0; w < W; w++) {
-        float r = s->delta[(row0 + w) * s->L + t] + (s->delta_bias ? s->delta_bias[d0 + w] : 0.0f);
-        ut[w] = s->u[(row0 + w) * s->L + t];
+        float r = dt[w] + (s->delta_bias ? s->delta_bias[d0 + w] : 0.0f);
         if (s->softplus) {
             float e = vexp(r < 0.0f ? r : -r);  /* exp(-|r|) */
             dt[w] = (r > 0.0f ? r : 0.0f) + vlog1p(e);
@@ -105,18 +116,21 @@ INLINE void load_step(const Scan *s, int64_t row0, int64_t d0, int64_t t, float 
 }
 
 /* A block is W consecutive rows d0..d0+W-1 of one batch element b, all in one group of B/C: the W rows are
-   the SIMD lanes and share B_t, C_t. x[k * W + w] is the state of lane w. */
+   the SIMD lanes and share B_t, C_t. x[k * W + w] is the state of lane w. A task (one call) runs a range of
+   blocks of one batch element chunk by chunk (K steps), so that chunk's B, C (and dB, dC) stay in L1 while
+   every block of the task passes over it: time and memory traffic stay linear in L. */
 #define BLOCK_SETUP                                                                           \
     const int64_t dim = s->dim, L = s->L, n = s->n, K = s->K, nck = (L + K - 1) / K;          \
     const int64_t b = blk / (dim / W), d0 = (blk % (dim / W)) * W, row0 = b * dim + d0;       \
     const int64_t g = d0 / (dim / s->groups);                                                 \
+    const int64_t t0 = c * K, m = (L - t0 < K) ? L - t0 : K;                                  \
     const float *Bg = s->B + (b * s->groups + g) * L * n, *Cg = s->C + (b * s->groups + g) * L * n; \
-    float *ck = s->ckpt ? s->ckpt + row0 * nck * n : NULL;  /* W rows x nck x n */           \
+    float *ck = s->ckpt ? s->ckpt + (row0 * nck + c) * n : NULL;  /* lane w: ck[w * nck * n] */ \
     float Ab[n * W];                                                                          \
     for (int64_t k = 0; k < n; k++)                                                           \
         for (int w = 0; w < W; w++) Ab[k * W + w] = s->A[(d0 + w) * n + k];
 
-/* x_t = exp(dt A) x_{t-1} + dt u B_t for the W lanes; decay (may be NULL) gets exp(dt A); returns C_t . x_t. */
+/* x_t = exp(dt A) x_{t-1} + dt u B_t for the W lanes; decay (may be NULL) gets exp(dt A); y = C_t . x_t. */
 INLINE void step(const float *Ab, const float *Bt, const float *Ct, const float *dt, const float *dtu,
                  const float *prev, float *x, float *decay, float *y, int64_t n, const int W) {
     for (int w = 0; w < W; w++) y[w] = 0.0f;
@@ -134,125 +148,141 @@ INLINE void step(const float *Ab, const float *Bt, const float *Ct, const float 
     }
 }
 
-INLINE void fwd_block(const Scan *s, int64_t blk, const int W) {
+/* Forward of chunk c of one block; x (n * W) carries the block's state from chunk to chunk. */
+INLINE void fwd_chunk(const Scan *s, int64_t blk, int64_t c, float *x, const int W) {
     BLOCK_SETUP
-    float x[n * W], dt[W], sig[W], ut[W], dtu[W], y[W];
-    memset(x, 0, sizeof x);
-    for (int64_t t = 0; t < L; t++) {
-        if (ck && t % K == 0)  /* checkpoints only when a backward will follow */
-            for (int w = 0; w < W; w++)
-                for (int64_t k = 0; k < n; k++) ck[(w * nck + t / K) * n + k] = x[k * W + w];
-        load_step(s, row0, d0, t, dt, sig, ut, W);
+    float dt[W], sig[W], ut[W], dtu[W], y[W], zt[W];
+    if (ck)  /* checkpoints only when a backward will follow */
+        for (int w = 0; w < W; w++)
+            for (int64_t k = 0; k < n; k++) ck[w * nck * n + k] = x[k * W + w];
+    for (int64_t t = t0; t < t0 + m; t++) {
+        load_step(s, b, d0, t, dt, sig, ut, W);
         for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
         step(Ab, Bg + t * n, Cg + t * n, dt, dtu, x, x, NULL, y, n, W);
-        for (int w = 0; w < W; w++) {
-            float o = y[w] + (s->D ? s->D[d0 + w] * ut[w] : 0.0f);
-            if (s->z) {
-                float zz = s->z[(row0 + w) * L + t];
-                o *= zz / (1.0f + vexp(-zz));
-            }
-            s->out[(row0 + w) * L + t] = o;
+        if (s->D)
+            for (int w = 0; w < W; w++) y[w] += s->D[d0 + w] * ut[w];
+        if (s->z.p) {
+            get(s->z, b, d0, t, zt, W);
+            for (int w = 0; w < W; w++) y[w] *= zt[w] / (1.0f + vexp(-zt[w]));
         }
+        put(s->out, b, d0, t, y, W);
     }
-    for (int w = 0; w < W; w++)
-        for (int64_t k = 0; k < n; k++) s->last[(row0 + w) * n + k] = x[k * W + w];
+    if (t0 + m == L)
+        for (int w = 0; w < W; w++)
+            for (int64_t k = 0; k < n; k++) s->last[(row0 + w) * n + k] = x[k * W + w];
 }
 
-/* Backward of one block, a chunk of K steps at a time from the last: recompute the chunk's states from its
-   checkpoint, then the reverse scan gx = dLoss/dx_t (carried as exp(dt_t A) * G_t). */
-INLINE void bwd_block(const Scan *s, const Slot *sl, int64_t blk, const int W) {
+/* Per-block sums carried across the backward's chunks: gx = dLoss/dx (times the decay), dA, dD, ddelta_bias. */
+typedef struct { float *gx, *dA, *dD, *dbias; } Carry;
+
+/* Backward of chunk c of one block: recompute the chunk's states from its checkpoint, then run the reverse
+   scan over it, G_t = dLoss/dx_t = gy_t C_t + exp(dt_{t+1} A) G_{t+1}. */
+INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Carry cr, const int W) {
     BLOCK_SETUP
-    float gx[n * W], dAb[n * W], x0[n * W];
-    float dt[W], sig[W], ut[W], dtu[W], gy[W], gB[W], gA[W], dDb[W], dbias[W];
+    float x0[n * W], dt[W], sig[W], ut[W], dtu[W], gy[W], gB[W], gA[W], zt[W], gz[W];
     float *X = sl->work, *decay = X + K * n * W, *Y = decay + K * n * W;
     float *dBg = sl->dB + g * L * n, *dCg = sl->dC + g * L * n;
-    memset(gx, 0, sizeof gx);
-    memset(dAb, 0, sizeof dAb);
-    memset(dDb, 0, sizeof dDb);
-    memset(dbias, 0, sizeof dbias);
-    for (int64_t c = nck - 1; c >= 0; c--) {
-        const int64_t t0 = c * K, m = (L - t0 < K) ? L - t0 : K;
-        for (int w = 0; w < W; w++)
-            for (int64_t k = 0; k < n; k++) x0[k * W + w] = ck[(w * nck + c) * n + k];
-        for (int64_t j = 0; j < m; j++) {
-            load_step(s, row0, d0, t0 + j, dt, sig, ut, W);
-            for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
-            step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, dt, dtu, j ? X + (j - 1) * n * W : x0,
-                 X + j * n * W, decay + j * n * W, Y + j * W, n, W);
-        }
-        for (int64_t j = m - 1; j >= 0; j--) {
-            const int64_t t = t0 + j;
-            load_step(s, row0, d0, t, dt, sig, ut, W);
-            for (int w = 0; w < W; w++) {
-                const int64_t i = (row0 + w) * L + t;
-                float go = s->dout[i], Du = s->D ? s->D[d0 + w] * ut[w] : 0.0f;
-                if (s->z) {  /* out = (y + D u) * silu(z) */
-                    float zz = s->z[i], sz = 1.0f / (1.0f + vexp(-zz));
-                    s->dz[i] = go * (Y[j * W + w] + Du) * sz * (1.0f + zz * (1.0f - sz));
-                    go *= zz * sz;
-                }
-                gy[w] = go;
-                dDb[w] += go * ut[w];
-                dtu[w] = dt[w] * ut[w];
-                gB[w] = 0.0f;
-                gA[w] = 0.0f;
-            }
-            const float *Bt = Bg + t * n, *Ct = Cg + t * n, *Xj = X + j * n * W, *aj = decay + j * n * W;
-            const float *Xp = j > 0 ? X + (j - 1) * n * W : x0;
-            float *dBt = dBg + t * n, *dCt = dCg + t * n;
-            for (int64_t k = 0; k < n; k++) {
-                const float bk = Bt[k], ck_ = Ct[k];
-                const float *Xpk = Xp + k * W, *Xk = Xj + k * W, *ak = aj + k * W, *Ak = Ab + k * W;
-                float *gk = gx + k * W, *dAk = dAb + k * W;
-                float sB = 0.0f, sC = 0.0f;
-                #pragma omp simd reduction(+:sB, sC)
-                for (int w = 0; w < W; w++) {
-                    float G = gy[w] * ck_ + gk[w];
-                    float ta = G * Xpk[w] * ak[w];
-                    sC += gy[w] * Xk[w];
-                    sB += G * dtu[w];
-                    gB[w] += G * bk;
-                    gA[w] += ta * Ak[w];
-                    dAk[w] += ta * dt[w];
-                    gk[w] = G * ak[w];
-                }
-                dBt[k] += sB;
-                dCt[k] += sC;
-            }
-            for (int w = 0; w < W; w++) {
-                const int64_t i = (row0 + w) * L + t;
-                float dd = (ut[w] * gB[w] + gA[w]) * sig[w];
-                s->du[i] = dt[w] * gB[w] + (s->D ? gy[w] * s->D[d0 + w] : 0.0f);
-                s->ddelta[i] = dd;
-                dbias[w] += dd;
-            }
-        }
+    for (int w = 0; w < W; w++)
+        for (int64_t k = 0; k < n; k++) x0[k * W + w] = ck[w * nck * n + k];
+    for (int64_t j = 0; j < m; j++) {
+        load_step(s, b, d0, t0 + j, dt, sig, ut, W);
+        for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
+        step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, dt, dtu, j ? X + (j - 1) * n * W : x0,
+             X + j * n * W, decay + j * n * W, Y + j * W, n, W);
     }
-    for (int w = 0; w < W; w++) {
-        for (int64_t k = 0; k < n; k++) sl->dA[(d0 + w) * n + k] += dAb[k * W + w];
-        sl->dD[d0 + w] += dDb[w];
-        sl->ddelta_bias[d0 + w] += dbias[w];
+    for (int64_t j = m - 1; j >= 0; j--) {
+        const int64_t t = t0 + j;
+        load_step(s, b, d0, t, dt, sig, ut, W);
+        get(s->dout, b, d0, t, gy, W);
+        if (s->z.p) {  /* out = (y + D u) * silu(z) */
+            get(s->z, b, d0, t, zt, W);
+            for (int w = 0; w < W; w++) {
+                float zz = zt[w], sz = 1.0f / (1.0f + vexp(-zz));
+                float pre = Y[j * W + w] + (s->D ? s->D[d0 + w] * ut[w] : 0.0f);
+                gz[w] = gy[w] * pre * sz * (1.0f + zz * (1.0f - sz));
+                gy[w] *= zz * sz;
+            }
+            put(s->dz, b, d0, t, gz, W);
+        }
+        for (int w = 0; w < W; w++) {
+            cr.dD[w] += gy[w] * ut[w];
+            dtu[w] = dt[w] * ut[w];
+            gB[w] = 0.0f;
+            gA[w] = 0.0f;
+        }
+        const float *Bt = Bg + t * n, *Ct = Cg + t * n, *Xj = X + j * n * W, *aj = decay + j * n * W;
+        const float *Xp = j > 0 ? X + (j - 1) * n * W : x0;
+        float *dBt = dBg + t * n, *dCt = dCg + t * n;
+        for (int64_t k = 0; k < n; k++) {
+            const float bk = Bt[k], ck_ = Ct[k];
+            const float *Xpk = Xp + k * W, *Xk = Xj + k * W, *ak = aj + k * W, *Ak = Ab + k * W;
+            float *gk = cr.gx + k * W, *dAk = cr.dA + k * W;
+            float sB = 0.0f, sC = 0.0f;
+            #pragma omp simd reduction(+:sB, sC)
+            for (int w = 0; w < W; w++) {
+                float G = gy[w] * ck_ + gk[w];
+                float ta = G * Xpk[w] * ak[w];
+                sC += gy[w] * Xk[w];
+                sB += G * dtu[w];
+                gB[w] += G * bk;
+                gA[w] += ta * Ak[w];
+                dAk[w] += ta * dt[w];
+                gk[w] = G * ak[w];
+            }
+            dBt[k] += sB;
+            dCt[k] += sC;
+        }
+        for (int w = 0; w < W; w++) {  /* reuse gz, zt: du, ddelta of the lanes */
+            zt[w] = (ut[w] * gB[w] + gA[w]) * sig[w];
+            gz[w] = dt[w] * gB[w] + (s->D ? gy[w] * s->D[d0 + w] : 0.0f);
+            cr.dbias[w] += zt[w];
+        }
+        put(s->du, b, d0, t, gz, W);
+        put(s->ddelta, b, d0, t, zt, W);
     }
 }
 
-#define DISPATCH(CALL)                                                            \
-    switch (W) {                                                                  \
-    case 16: for (int64_t blk = b0; blk < b1; blk++) CALL(16); break;             \
-    case 8: for (int64_t blk = b0; blk < b1; blk++) CALL(8); break;               \
-    case 4: for (int64_t blk = b0; blk < b1; blk++) CALL(4); break;               \
-    case 2: for (int64_t blk = b0; blk < b1; blk++) CALL(2); break;               \
-    default: for (int64_t blk = b0; blk < b1; blk++) CALL(1); break;              \
+/* Forward of blocks b0 <= blk < b1 (one batch element); state: (b1 - b0) * n * W zeros. */
+INLINE void fwd_task(const Scan *s, int64_t b0, int64_t b1, float *state, const int W) {
+    for (int64_t c = 0; c * s->K < s->L; c++)
+        for (int64_t blk = b0; blk < b1; blk++) fwd_chunk(s, blk, c, state + (blk - b0) * s->n * W, W);
+}
+
+/* Backward of blocks b0 <= blk < b1 (one batch element), summing into this task's slot. */
+INLINE void bwd_task(const Scan *s, const Slot *sl, int64_t b0, int64_t b1, const int W) {
+    const int64_t n = s->n, per = 2 * n * W + 2 * W;  /* Carry floats per block, in sl->carry (zeros) */
+    for (int64_t c = (s->L - 1) / s->K; c >= 0; c--)
+        for (int64_t blk = b0; blk < b1; blk++) {
+            float *p = sl->carry + (blk - b0) * per;
+            bwd_chunk(s, sl, blk, c, (Carry){p, p + n * W, p + 2 * n * W, p + 2 * n * W + W}, W);
+        }
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const int64_t d0 = (blk % (s->dim / W)) * W;
+        const float *p = sl->carry + (blk - b0) * per;
+        for (int w = 0; w < W; w++) {
+            for (int64_t k = 0; k < n; k++) sl->dA[(d0 + w) * n + k] += p[n * W + k * W + w];
+            sl->dD[d0 + w] += p[2 * n * W + w];
+            sl->ddelta_bias[d0 + w] += p[2 * n * W + W + w];
+        }
+    }
+}
+
+#define DISPATCH(CALL)                \
+    switch (W) {                      \
+    case 16: CALL(16); break;         \
+    case 8: CALL(8); break;           \
+    case 4: CALL(4); break;           \
+    case 2: CALL(2); break;           \
+    default: CALL(1); break;          \
     }
 
-/* Forward over blocks b0 <= blk < b1 of W rows: out, the last state, the state before every chunk. */
-void scan_fwd(const Scan *s, int64_t W, int64_t b0, int64_t b1) {
-#define FWD(w) fwd_block(s, blk, w)
+void scan_fwd(const Scan *s, int64_t W, int64_t b0, int64_t b1, float *state) {
+#define FWD(w) fwd_task(s, b0, b1, state, w)
     DISPATCH(FWD)
 }
 
-/* Backward over blocks b0 <= blk < b1, all of one batch element, summing into this task's slot. */
 void scan_bwd(const Scan *s, const Slot *slot, int64_t W, int64_t b0, int64_t b1) {
-#define BWD(w) bwd_block(s, slot, blk, w)
+#define BWD(w) bwd_task(s, slot, b0, b1, w)
     DISPATCH(BWD)
 }
 """
@@ -310,7 +340,7 @@ def build() -> ctypes.CDLL:
             os.replace(out, target)  # atomic: concurrent first uses never load a half-written file
         log.info("built the CPU scan kernel: %s", target)
     lib = ctypes.CDLL(str(target))
-    lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), *[ctypes.c_int64] * 3, ctypes.c_void_p]
     lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), *[ctypes.c_int64] * 3]
     lib.scan_fwd.restype = lib.scan_bwd.restype = None
     return lib
@@ -341,22 +371,54 @@ def _lanes(dim: int, groups: int) -> int:
     return next(w for w in (16, 8, 4, 2, 1) if (dim // groups) % w == 0)
 
 
-_PTRS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out", "last", "ckpt", "dout", "du", "ddelta", "dz")
+class _View(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("sb", ctypes.c_int64), ("st", ctypes.c_int64)]
+
+
+_VIEWS = ("u", "delta", "z", "out", "dout", "du", "ddelta", "dz")
+_PTRS = ("A", "B", "C", "D", "delta_bias", "last", "ckpt")
 
 
 class _Scan(ctypes.Structure):
-    _fields_ = [*((name, ctypes.c_void_p) for name in _PTRS),
+    _fields_ = [*((name, _View) for name in _VIEWS), *((name, ctypes.c_void_p) for name in _PTRS),
                 *((name, ctypes.c_int64) for name in ("dim", "groups", "L", "n", "K", "softplus"))]
 
 
 class _Slot(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("dA", "dB", "dC", "dD", "ddelta_bias", "work")]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("dA", "dB", "dC", "dD", "ddelta_bias", "work", "carry")]
 
 
 def _scan_struct(dim: int, groups: int, L: int, n: int, softplus: bool, **tensors) -> _Scan:
     """The kernel's argument block; absent tensors (None or not given) become NULL."""
-    ptrs = {k: (None if tensors.get(k) is None else tensors[k].data_ptr()) for k in _PTRS}
-    return _Scan(**ptrs, dim=dim, groups=groups, L=L, n=n, K=CHUNK, softplus=int(softplus))
+    def view(t):
+        if t is None:
+            return _View()
+        assert t.stride(1) == 1 or t.shape[1] == 1, "the kernel needs channel stride 1 (see channels_last)"
+        return _View(t.data_ptr(), t.stride(0), t.stride(2))
+
+    return _Scan(**{k: view(tensors.get(k)) for k in _VIEWS},
+                 **{k: (None if tensors.get(k) is None else tensors[k].data_ptr()) for k in _PTRS},
+                 dim=dim, groups=groups, L=L, n=n, K=CHUNK, softplus=int(softplus))
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t (b, d, L) with adjacent channels in memory, as the kernel reads them: t itself when it already is
+    (e.g. a view of (b, L, d) memory, what the Mamba layer passes), else a (b, L, d) copy seen as (b, d, L)."""
+    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _empty_channels_last(like: torch.Tensor) -> torch.Tensor:
+    batch, dim, length = like.shape
+    return like.new_empty(batch, length, dim).transpose(1, 2)
+
+
+def _tasks(batch: int, dim: int, lanes: int) -> list[tuple[int, int, int]]:
+    """(batch element, first block, end block): each batch element's blocks cut into enough slices to give
+    every thread about two tasks."""
+    per_batch = dim // lanes
+    slices = max(1, min(per_batch, -(-2 * max(1, torch.get_num_threads()) // batch)))
+    return [(b, b * per_batch + per_batch * s // slices, b * per_batch + per_batch * (s + 1) // slices)
+            for b in range(batch) for s in range(slices)]
 
 
 class CompiledScan:
@@ -370,16 +432,14 @@ class CompiledScan:
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
-        out = torch.empty_like(u)
+        out = _empty_channels_last(u)
         last = u.new_empty(batch, dim, n)
         ckpt = u.new_empty(batch, dim, (L + CHUNK - 1) // CHUNK, n) if for_backward else None
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, out=out, last=last, ckpt=ckpt)
-        blocks = batch * dim // lanes
-        parts = min(blocks, 4 * max(1, torch.get_num_threads()))
-        bounds = [blocks * i // parts for i in range(parts + 1)]
-        _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1)
-              for b0, b1 in itertools.pairwise(bounds)])
+        state = u.new_zeros(batch * dim * n)  # each block's running state, (blocks, n, lanes)
+        _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1, state[b0 * n * lanes:].data_ptr())
+              for _, b0, b1 in _tasks(batch, dim, lanes)])
         return out, last, ckpt
 
     @staticmethod
@@ -388,26 +448,26 @@ class CompiledScan:
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
-        per_batch = dim // lanes
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = None if z is None else torch.empty_like(z)
+        du, ddelta = _empty_channels_last(u), _empty_channels_last(u)
+        dz = None if z is None else _empty_channels_last(z)
+        dout = channels_last(dout)
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, ckpt=ckpt, dout=dout, du=du, ddelta=ddelta, dz=dz)
-        # Tasks: (batch element, slice of its blocks). The slices of one batch element all add into its
-        # dB/dC, so each slice gets its own partial buffer (summed below); dA, dD, ddelta_bias get a slot per
-        # batch element.
-        slices = max(1, min(per_batch, -(-2 * max(1, torch.get_num_threads()) // batch)))
+        tasks = _tasks(batch, dim, lanes)
+        # The slices of one batch element all add into its dB/dC: each slice gets its own partial buffer,
+        # summed below; dA, dD, ddelta_bias get one slot per batch element (slices cover disjoint channels).
+        slices = len(tasks) // batch
         dA, dD, dbias = A.new_zeros(batch, dim, n), u.new_zeros(batch, dim), u.new_zeros(batch, dim)
         dB = B.new_zeros(slices, batch, groups, L, n)
         dC = C.new_zeros(slices, batch, groups, L, n)
-        work = u.new_empty(batch, slices, (2 * n + 1) * CHUNK * lanes)
+        work = u.new_empty(len(tasks), (2 * n + 1) * CHUNK * lanes)
+        carry = u.new_zeros(batch * dim // lanes, 2 * (n + 1) * lanes)  # per block: gx, dA, dD, ddelta_bias
         calls, slots = [], []
-        for b in range(batch):
-            for s in range(slices):
-                b0, b1 = b * per_batch + per_batch * s // slices, b * per_batch + per_batch * (s + 1) // slices
-                slots.append(_Slot(*(t.data_ptr() for t in (dA[b], dB[s, b], dC[s, b], dD[b], dbias[b], work[b, s]))))
-                calls.append(functools.partial(lib.scan_bwd, ctypes.byref(args), ctypes.byref(slots[-1]),
-                                               lanes, b0, b1))
+        for i, (b, b0, b1) in enumerate(tasks):
+            s = i % slices
+            slots.append(_Slot(*(t.data_ptr() for t in (dA[b], dB[s, b], dC[s, b], dD[b], dbias[b], work[i],
+                                                          carry[b0]))))
+            calls.append(functools.partial(lib.scan_bwd, ctypes.byref(args), ctypes.byref(slots[-1]), lanes, b0, b1))
         _run(calls)
         return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else dbias.sum(0))

@@ -53,6 +53,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
+    if u.numel() == 0:
+        raise ValueError(f"selective_scan: u must be non-empty, got shape {tuple(u.shape)}")
     if delta.shape != u.shape:
         raise ValueError(f"selective_scan: delta shape {tuple(delta.shape)} != u shape {tuple(u.shape)}")
     if A.dim() != 2 or A.shape[0] != dim:
@@ -97,8 +99,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         groups = max(B_t.shape[1], C_t.shape[1])
         B_t = B_t.repeat_interleave(groups // B_t.shape[1], dim=1)
         C_t = C_t.repeat_interleave(groups // C_t.shape[1], dim=1)
-    out, last_state = _SelectiveScan.apply(*(None if t is None else t.float().contiguous() for t in
-                                             (u, delta, A, B_t, C_t, D, z, delta_bias)), bool(delta_softplus))
+    # u, delta, z go in with adjacent channels ((b, L, d) memory, what the Mamba layer has anyway): the
+    # kernel's SIMD lanes are channels, and each chunk of steps is then one contiguous block of memory.
+    u, delta, z = (None if t is None else scan_kernel.channels_last(t.float()) for t in (u, delta, z))
+    D, delta_bias = (None if t is None else t.float().contiguous() for t in (D, delta_bias))
+    out, last_state = _SelectiveScan.apply(u, delta, A.float().contiguous(), B_t, C_t, D, z, delta_bias,
+                                           bool(delta_softplus))
     out = out.to(dtype_in)
     return (out, last_state) if return_last_state else out
 
@@ -120,7 +126,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlast):
         u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
-        grads = ctx.impl.backward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, saved, dout.contiguous())
+        grads = ctx.impl.backward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, saved, dout)
         return (*grads, None)
 
 
@@ -138,13 +144,13 @@ class _TorchScan:
         shape = (b, g, d // g, L)
         raw = delta if delta_bias is None else delta + delta_bias[:, None]
         dt = F.softplus(raw) if softplus else raw
-        decay = torch.exp(dt.view(*shape, 1) * A.view(1, g, d // g, 1, n))
+        decay = torch.exp(dt.reshape(*shape, 1) * A.view(1, g, d // g, 1, n))
         return shape, raw, dt, decay, B.unsqueeze(2), C.unsqueeze(2)
 
     @staticmethod
     def forward(u, delta, A, B, C, D, z, delta_bias, softplus, for_backward=True):
         shape, _, dt, decay, Bh, Ch = _TorchScan._prepare(u, delta, A, B, C, delta_bias, softplus)
-        dBu = (dt * u).view(*shape, 1) * Bh
+        dBu = (dt * u).reshape(*shape, 1) * Bh
         states = torch.empty_like(decay)
         x = torch.zeros_like(decay[..., 0, :])
         for t in range(shape[-1]):
@@ -167,7 +173,7 @@ class _TorchScan:
             pre = (states * Ch).sum(-1).view_as(u) + (0 if D is None else u * D[:, None])
             dz = dout * pre * sz * (1 + z * (1 - sz))
             dout = dout * z * sz
-        gy = dout.view(*shape, 1)
+        gy = dout.reshape(*shape, 1)
         grads = torch.empty_like(states)  # dLoss/dx_t, through every later step
         gx = torch.zeros_like(states[..., 0, :])
         for t in range(L - 1, -1, -1):
@@ -180,8 +186,8 @@ class _TorchScan:
         ddelta = (through_decay * A.view(1, g, h, 1, -1)).sum(-1).view_as(u) + grad_b * u
         if softplus:
             ddelta = ddelta * torch.sigmoid(raw)
-        dA = (through_decay * dt.view(*shape, 1)).sum(dim=(0, 3)).reshape_as(A)
-        dB = (grads * (dt * u).view(*shape, 1)).sum(2)
+        dA = (through_decay * dt.reshape(*shape, 1)).sum(dim=(0, 3)).reshape_as(A)
+        dB = (grads * (dt * u).reshape(*shape, 1)).sum(2)
         dC = (gy * states).sum(2)
         dD = None if D is None else (dout * u).sum(dim=(0, 2))
         dbias = None if delta_bias is None else ddelta.sum(dim=(0, 2))
