@@ -1,0 +1,182 @@
+"""The generation API (random tiny weights): lengths, seeds, batching, streaming, callbacks, long motions,
+bad input and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from backend.checkpoint import read_config_file, save_array, save_json, save_weights
+from backend.models.denoiser import build_denoiser
+from backend.pipeline import DEFAULT_WEIGHTS, Motion, MotionPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe() -> MotionPipeline:
+    pipe = MotionPipeline.random("tiny", device="cpu", seed=0)
+    torch.manual_seed(1)  # zero-initialised output layers would make every motion the same: give them weights
+    with torch.no_grad():
+        for p in pipe.denoiser.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(std=0.05)
+    return pipe
+
+
+def _equal(a: Motion, b: Motion) -> bool:
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in
+               ("features", "positions", "root_translation", "rotations"))
+
+
+def test_motion_has_the_requested_length_and_is_consistent(pipe):
+    for seconds in (0.1, 1.0, 3.3, 10.0):
+        motion = pipe("a person walks forward", seconds=seconds, steps=4)
+        frames = round(seconds * pipe.fps)
+        assert isinstance(motion, Motion) and motion.frames == frames and motion.fps == 20
+        assert motion.features.shape == (frames, 263) and motion.features.dtype == np.float32
+        assert motion.positions.shape == (frames, 22, 3) and motion.rotations.shape == (frames, 22, 4)
+        assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
+    np.testing.assert_array_equal(motion.root_translation, motion.positions[:, 0])
+    np.testing.assert_allclose(np.linalg.norm(motion.rotations, axis=-1), 1.0, atol=1e-5)
+
+
+def test_seeds_are_honoured(pipe):
+    a = pipe("a person waves", seconds=2.0, seed=5, steps=5)
+    assert _equal(a, pipe("a person waves", seconds=2.0, seed=5, steps=5))
+    assert not np.allclose(a.features, pipe("a person waves", seconds=2.0, seed=6, steps=5).features)
+    assert (a.prompt, a.seed) == ("a person waves", 5)
+
+
+def test_batched_prompts_match_single_generation(pipe):
+    prompts = ["a person walks", "someone jumps up high and lands", "a person bows"]
+    batch = pipe(prompts, seconds=1.6, seed=[3, 10, 7], samples=2, steps=5)
+    assert [m.prompt for m in batch] == [p for p in prompts for _ in range(2)]
+    assert [m.seed for m in batch] == [3, 4, 10, 11, 7, 8]
+    alone = pipe("someone jumps up high and lands", seconds=1.6, seed=11, steps=5)
+    np.testing.assert_allclose(batch[3].features, alone.features, atol=1e-4)
+    assert len(pipe("a person walks", seconds=1.0, samples=3, steps=2)) == 3
+
+
+def test_call_is_the_concatenation_of_stream(pipe):
+    kwargs = {"seconds": 5.3, "seed": [1, 2], "samples": 2, "steps": 4, "guidance": 3.0}
+    motions = pipe(["a person walks", "a person runs"], **kwargs)
+    chunks: dict[int, list] = {}
+    for sample, start, chunk in pipe.stream(["a person walks", "a person runs"], **kwargs):
+        assert start == sum(c.frames for c in chunks.get(sample, []))  # contiguous, in order
+        chunks.setdefault(sample, []).append(chunk)
+    assert sorted(chunks) == [0, 1, 2, 3]
+    assert len(chunks[0]) == math.ceil(math.ceil(106 / 4) / pipe.vae.window)  # one chunk per decode window
+    for k, motion in enumerate(motions):
+        for key in ("features", "positions", "root_translation", "rotations"):
+            assert np.array_equal(np.concatenate([getattr(c, key) for c in chunks[k]]), getattr(motion, key))
+
+
+def test_callback_every_step_and_cancel(pipe):
+    calls = []
+    pipe("a person walks", seconds=1.0, steps=7, callback=lambda s, n: calls.append((s, n)))
+    assert calls == [(i, 7) for i in range(1, 8)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(step, total):
+        if step == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        pipe("a person walks", seconds=1.0, steps=7, callback=cancel)
+
+
+def test_guidance_changes_the_motion(pipe):
+    a = pipe("a person walks", seconds=1.0, steps=4, guidance=1.0)
+    b = pipe("a person walks", seconds=1.0, steps=4, guidance=4.0)
+    assert not np.allclose(a.features, b.features)
+
+
+def test_long_motion_sixty_seconds(pipe):
+    motion = pipe("a person walks for a long time", seconds=60.0, steps=2)
+    assert motion.frames == 1200 and np.isfinite(motion.positions).all()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"prompt": ""}, ValueError, "prompt is empty"),
+    ({"prompt": "   "}, ValueError, "prompt is empty"),
+    ({"prompt": "x" * 1001}, ValueError, "too long"),
+    ({"prompt": 3}, TypeError, "prompt must be"),
+    ({"prompt": ["walk", None]}, TypeError, "every prompt must be a string"),
+    ({"prompt": []}, TypeError, "non-empty"),
+    ({"seconds": 0}, ValueError, "seconds must be > 0"),
+    ({"seconds": -2.0}, ValueError, "seconds must be > 0"),
+    ({"seconds": 120.5}, ValueError, "<= 120"),
+    ({"seconds": float("nan")}, ValueError, "seconds must be"),
+    ({"seconds": "10"}, TypeError, "seconds must be a number"),
+    ({"seconds": 0.01}, ValueError, "shorter than one frame"),
+    ({"steps": 0}, ValueError, "steps must be"),
+    ({"steps": 2.5}, ValueError, "steps must be"),
+    ({"guidance": float("inf")}, ValueError, "guidance"),
+    ({"samples": 0}, ValueError, "samples"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"seed": [1, 2]}, TypeError, "one per prompt"),
+])
+def test_bad_arguments(pipe, kwargs, error, message):
+    args = {"prompt": "a person walks", "seconds": 2.0, **kwargs}
+    with pytest.raises(error, match=message):
+        pipe(**args)
+    with pytest.raises(error, match=message):  # stream checks at the call, before any chunk is asked for
+        pipe.stream(**args)
+
+
+def test_describe(pipe):
+    info = pipe.describe()
+    assert info["model"] == "tiny" and info["arch"] == "motion_mamba" and info["device"] == "cpu"
+    assert info["fps"] == 20 and info["max_seconds"] == pipe.max_seconds == 120
+    assert info["params"]["denoiser"] == sum(p.numel() for p in pipe.denoiser.parameters())
+    json.dumps(info)
+
+
+def _save_checkpoint(pipe: MotionPipeline, folder, **config_changes) -> None:
+    save_weights(folder / "vae.safetensors", pipe.vae)
+    save_weights(folder / "denoiser.safetensors", pipe.denoiser)
+    save_array(folder / "Mean.npy", pipe.mean)
+    save_array(folder / "Std.npy", pipe.std)
+    save_json(folder / "config.json", {**pipe.config, "kind": "pipeline", **config_changes})
+
+
+def test_checkpoint_round_trip(pipe, tmp_path):
+    _save_checkpoint(pipe, tmp_path)
+    loaded = MotionPipeline.from_checkpoint(tmp_path, device="cpu")
+    assert _equal(loaded("a person walks", seconds=1.5, steps=3), pipe("a person walks", seconds=1.5, steps=3))
+    assert loaded.describe()["source"] == str(tmp_path)
+
+
+def test_bad_checkpoints(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MotionPipeline.from_checkpoint(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        MotionPipeline.from_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="not a Motion Mamba checkpoint"):
+        MotionPipeline.from_checkpoint(tmp_path)
+    other = tmp_path / "other_arch"
+    other.mkdir()
+    _save_checkpoint(pipe, other, denoiser={"arch": "unet3000"})
+    with pytest.raises(ValueError, match="unknown denoiser arch 'unet3000'"):
+        MotionPipeline.from_checkpoint(other)
+    # weights of another architecture under this config: the MLD-style transformer's
+    transformer = read_config_file("mld_transformer_tiny")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(other, swapped)
+    save_weights(swapped / "denoiser.safetensors", build_denoiser(transformer["denoiser"], 4, 384))
+    save_json(swapped / "config.json", {**pipe.config, "kind": "pipeline"})
+    with pytest.raises(ValueError, match="another architecture"):
+        MotionPipeline.from_checkpoint(swapped)
+
+
+@pytest.mark.skipif((DEFAULT_WEIGHTS / "config.json").is_file(), reason="shipped weights are present")
+def test_no_shipped_weights_says_how_to_get_them():
+    with pytest.raises(FileNotFoundError, match=r"python -m backend.train vae"):
+        MotionPipeline.from_checkpoint()
