@@ -408,7 +408,7 @@ def _start(*args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"server did not start (exit {proc.wait()})")
 
 
-def test_cli_survives_hangs_crashes_and_restarts_and_shuts_down_gracefully():
+def test_cli_survives_hangs_crashes_and_restarts_and_shuts_down_gracefully(pipe):
     proc, endpoint = _start("--bind", "tcp://127.0.0.1:*")
     try:
         with MotionClient(endpoint, timeout=20) as c:
@@ -431,7 +431,10 @@ def test_cli_survives_hangs_crashes_and_restarts_and_shuts_down_gracefully():
             proc.wait(timeout=30)
 
             proc, _ = _start("--bind", endpoint)  # same address, new process
-            assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
+            motion = c.generate_motion(PROMPT, seconds=1.5, seed=4, steps=3)  # the same client object works
+            expected = pipe(PROMPT, seconds=1.5, seed=4, steps=3)  # and the CLI serves the same model
+            assert np.array_equal(motion.rotations[0], expected.rotations)
+            assert np.array_equal(motion.root_translation[0], expected.root_translation)
             rid = c.submit(PROMPT, seconds=2.0, steps=1000)
             wait_for(c, rid, "progress")
             proc.send_signal(signal.SIGTERM)
