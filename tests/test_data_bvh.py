@@ -147,6 +147,17 @@ def test_write_bvh_round_trip(humanml3d_motion, tmp_path: Path) -> None:
     np.testing.assert_allclose(retarget(bvh, load_map("smpl22")), expected, atol=1e-5)
 
 
+def test_write_bvh_any_rotation(tmp_path: Path) -> None:
+    """Random rotations, and X rotations of exactly +-90 degrees (the Euler gimbal lock), survive the round trip."""
+    rng = np.random.default_rng(0)
+    quats = rng.normal(size=(40, 22, 4))
+    quats[:2, 3] = [[np.cos(np.pi / 4), np.sin(np.pi / 4), 0, 0], [np.cos(np.pi / 4), -np.sin(np.pi / 4), 0, 0]]
+    quats /= np.linalg.norm(quats, axis=-1, keepdims=True)
+    root = rng.normal(size=(40, 3))
+    bvh = read_bvh(write_bvh(tmp_path / "r.bvh", SMPL22, root, quats, 30))
+    np.testing.assert_allclose(retarget(bvh, load_map("smpl22"), fps=30), forward_kinematics(root, quats), atol=1e-5)
+
+
 def test_write_bvh_rejects_bad_input(humanml3d_motion, tmp_path: Path) -> None:
     root, quats = humanml3d_motion
     with pytest.raises(ValueError, match=r"local_quats_wxyz \(T, 22, 4\)"):

@@ -242,6 +242,7 @@ def prepare_bvh(
     workers = max(1, workers or os.cpu_count() or 1)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is for everyone who can read OUT's parent
     try:
         for sub in ("new_joint_vecs", "new_joints", "texts"):
             (tmp / sub).mkdir()
