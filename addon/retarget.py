@@ -55,6 +55,7 @@ PRESETS: dict[str, dict[str, str]] = {
     },
     "RIGIFY_DEF": _rigify("DEF-"),
     "RIGIFY_ORG": _rigify("ORG-"),
+    "RIGIFY_META": _rigify(""),
     "UNREAL": {
         "pelvis": "pelvis", "spine1": "spine_01", "spine2": "spine_02", "spine3": "spine_03", "neck": "neck_01",
         "head": "head",
@@ -76,6 +77,7 @@ PRESET_LABELS = {
     "MIXAMO": "Mixamo",
     "RIGIFY_DEF": "Rigify (DEF- bones)",
     "RIGIFY_ORG": "Rigify (ORG- bones)",
+    "RIGIFY_META": "Rigify metarig",
     "UNREAL": "Unreal Mannequin",
     "BANDAI": "Bandai-Namco / BVH",
 }
@@ -226,14 +228,36 @@ def _align(target_vectors: np.ndarray, source_vectors: np.ndarray) -> np.ndarray
     return u @ np.diag([1.0, 1.0, d]) @ vt
 
 
+def _frame(main: np.ndarray, lateral: np.ndarray) -> np.ndarray:
+    """Orthonormal columns: along `main`, then `lateral` made perpendicular to it, then their cross product."""
+    e1 = main / np.linalg.norm(main)
+    e2 = lateral - np.dot(lateral, e1) * e1
+    e2 /= np.linalg.norm(e2)
+    return np.stack([e1, e2, np.cross(e1, e2)], axis=1)
+
+
+def _snap(v: np.ndarray, within_degrees: float = 30.0) -> np.ndarray:
+    """The signed coordinate axis nearest to unit vector v when it is that close, else v."""
+    axis = np.zeros(3)
+    k = int(np.argmax(np.abs(v)))
+    axis[k] = np.sign(v[k])
+    return axis if np.dot(axis, v) > np.cos(np.radians(within_degrees)) else v
+
+
 def _body_frame(heads, joint, has) -> np.ndarray:
-    """Orthonormal columns (left, back, up) of a body from its hip joints and the pelvis-to-neck (or head) line."""
-    left = heads[joint("left_hip")] - heads[joint("right_hip")]
+    """Orthonormal columns (left, back, up) of a rig from its hips (left) and pelvis-to-neck line (up).
+
+    Both snap to the armature's axes when near them: rigs are built axis-aligned, and a spine that leans at rest
+    must not tilt the whole motion.
+    """
     top = next(joint(n) for n in ("neck", "head") if has(joint(n)))
     up = heads[top] - heads[joint("pelvis")]
-    left = left / np.linalg.norm(left)
-    up = up - np.dot(up, left) * left
-    up /= np.linalg.norm(up)
+    up = _snap(up / np.linalg.norm(up))
+    left = heads[joint("left_hip")] - heads[joint("right_hip")]
+    left = left - np.dot(left, up) * up
+    left = _snap(left / np.linalg.norm(left))
+    left = left - np.dot(left, up) * up
+    left /= np.linalg.norm(left)
     return np.stack([left, np.cross(up, left), up], axis=1)
 
 
@@ -295,12 +319,9 @@ class Retargeter:
         def joint(name: str) -> int:
             return self.source_index[name]
 
-        # Global frame: the rig's left (hips) and up (pelvis to neck) against the same directions of the source,
-        # so Y-up armatures and rigs facing any way get the motion in their own frame.
-        src_blender = src_rest @ SOURCE_TO_BLENDER.T
-        src_frame = _body_frame(src_blender, joint, lambda j: True)
-        rig_frame = _body_frame(joint_head, joint, lambda j: j in joint_head)
-        self.to_rig = rig_frame @ src_frame.T @ SOURCE_TO_BLENDER
+        # Global frame: the rig's own left and up, so Y-up armatures and rigs facing any way get the motion in
+        # their frame. Source axes (left +X, up +Y) go to Blender's (left +X, back +Y, up +Z), then to the rig's.
+        self.to_rig = _body_frame(joint_head, joint, lambda j: j in joint_head) @ SOURCE_TO_BLENDER
         self.to_rig_quat = quat_from_matrix(self.to_rig)
         self.up = self.to_rig[:, 1]  # the source's up (Y) in the rig
 
@@ -316,19 +337,35 @@ class Retargeter:
         self.scale = leg(joint_head) / leg(src_rest)
         self.root_bone = next(b for b, j in self.joint_of.items() if j == joint("pelvis"))
         pelvis = joint("pelvis")
-        self.root_offset = heads[self.root_bone] - self.scale * self.to_rig @ src_rest[pelvis]
+        # Root motion anchors the middle of the hips (where rigs disagree least about the pelvis): the target's
+        # hip centre follows the scaled source's; the root bone's head hangs off it, turning with the pelvis.
+        src_hips = (src_rest[joint("left_hip")] + src_rest[joint("right_hip")]) / 2
+        rig_hips = (joint_head[joint("left_hip")] + joint_head[joint("right_hip")]) / 2
+        self.pelvis = pelvis
+        self.hips_from_source_pelvis = self.scale * self.to_rig @ (src_hips - src_rest[pelvis])
+        self.root_from_rig_hips = heads[self.root_bone] - rig_hips
+        self.floor_offset = rig_hips - self.scale * self.to_rig @ src_hips
 
         # Rest alignment per mapped bone: target rest direction(s) to the mapped descendants -> source's.
         self.align: dict[int, np.ndarray] = {}
         mapped_joints = {j: b for b, j in self.joint_of.items()}
         for b in self.bones:
             j = self.joint_of[b]
-            pairs = [
-                (heads[mapped_joints[c]] - heads[b], self.to_rig @ (src_rest[c] - src_rest[j]))
-                for c in self._mapped_descendants(j, mapped_joints)
-            ]
-            if pairs:
-                self.align[b] = quat_from_matrix(_align(*map(np.array, zip(*pairs))))
+            children = self._mapped_descendants(j, mapped_joints)
+            target = {c: heads[mapped_joints[c]] - heads[b] for c in children}
+            source = {c: self.to_rig @ (src_rest[c] - src_rest[j]) for c in children}
+            side = {c: skeleton.names[c].split("_")[0] for c in children}
+            left, right = ([c for c in children if side[c] == s] for s in _SIDES)
+            main = [c for c in children if side[c] not in _SIDES]
+            if len(left) == len(right) == len(main) == 1:
+                # pelvis, chest: the chain onwards (spine, neck) exactly, the left-right line as well as it can;
+                # robust to where a rig puts this joint relative to its hips or shoulders
+                lat_t, lat_s = target[left[0]] - target[right[0]], source[left[0]] - source[right[0]]
+                rotation = _frame(source[main[0]], lat_s) @ _frame(target[main[0]], lat_t).T
+                self.align[b] = quat_from_matrix(rotation)
+            elif children:
+                self.align[b] = quat_from_matrix(_align(np.array(list(target.values())),
+                                                        np.array(list(source.values()))))  # fmt: skip
             else:  # a leaf (head, hands, toes): keep the alignment of the nearest mapped ancestor
                 anc = self._mapped_ancestor(b)
                 self.align[b] = self.align[anc] if anc >= 0 else np.array([1.0, 0.0, 0.0, 0.0])
@@ -342,6 +379,7 @@ class Retargeter:
             quat_mul(quat_conj(self.rest_quat[b]), self.rest_quat[a]) if a >= 0 else quat_conj(self.rest_quat[b])
             for b, a in zip(self.bones, ancestors)
         ])  # fmt: skip
+        self.keyed_root = position[self.root_bone]
         self._last: np.ndarray | None = None
 
     def _depth(self, b: int) -> int:
@@ -389,10 +427,16 @@ class Retargeter:
         local = quat_mul(self.ancestor_to_bone, quat_mul(quat_conj(ancestor), posed))
         local = self._continuous(local)
 
-        head = self.scale * root_translation @ self.to_rig.T
+        travel = self.scale * root_translation @ self.to_rig.T
         if not self.root_motion:
-            head = np.outer(head @ self.up, self.up)
-        head = head + self.root_offset
+            travel = np.outer(travel @ self.up, self.up)
+        root_turn = quat_mul(posed[:, self.keyed_root], quat_conj(self.rest_quat[self.root_bone]))
+        head = (
+            travel
+            + quat_to_matrix(delta[:, self.pelvis]) @ self.hips_from_source_pelvis
+            + quat_to_matrix(root_turn) @ self.root_from_rig_hips
+            + self.floor_offset
+        )
         rest = self.rig.rest[self.root_bone]
         location = (head - rest[:3, 3]) @ rest[:3, :3]  # into the root bone's rest frame
         names = tuple(self.rig.names[b] for b in self.bones)
