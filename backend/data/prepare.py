@@ -124,15 +124,15 @@ def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
         jmap = _WORKER_MAP or find_map(bvh.joint_names)
         positions = retarget(bvh, jmap)
         if positions.shape[0] < 2:
-            raise ValueError(f"{member}: {bvh.num_frames} source frames give {positions.shape[0]} at 20 fps; need >= 2")
+            raise ValueError(f"{bvh.num_frames} source frames give {positions.shape[0]} at 20 fps; need >= 2")
         canonical = canonicalize_positions(positions, jmap.skeleton)
         features = positions_to_features(canonical, jmap.skeleton)
         joints = features_to_positions(features)
         if not (np.isfinite(features).all() and np.isfinite(joints).all()):
-            raise ValueError(f"{member}: features are not finite")
+            raise ValueError("features are not finite")
         roundtrip = float(np.abs(joints - canonical[:-1]).max())
         if roundtrip > ROUNDTRIP_TOLERANCE_M:
-            raise ValueError(f"{member}: features_to_positions(features) is {roundtrip:.3f} m off the retargeted "
+            raise ValueError(f"features_to_positions(features) is {roundtrip:.3f} m off the retargeted "
                              f"positions (tolerance {ROUNDTRIP_TOLERANCE_M} m)")
         assert _WORKER_OUT is not None
         np.save(_WORKER_OUT / "new_joint_vecs" / f"{clip_id}.npy", features.astype(np.float32))
@@ -143,7 +143,10 @@ def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
             roundtrip_error_m=roundtrip,
         )
     except Exception as exc:  # reported by name and skipped, never silently
-        return ClipResult(clip_id, member, error=f"{type(exc).__name__}: {exc}")
+        message = str(exc).removeprefix(f"{member}: ")  # the failure is listed under its member name anyway
+        if not isinstance(exc, ValueError):
+            message = f"{type(exc).__name__}: {message}"
+        return ClipResult(clip_id, member, error=message)
 
 
 def _label_names(files: dict[str, bytes], member: str, kind: str) -> list[str] | None:
@@ -159,7 +162,7 @@ def _sidecar_label(files: dict[str, bytes], member: str) -> tuple[str, str]:
     """(content, style) from the .json beside a .bvh (names, or indices into the cfg label lists)."""
     key = str(PurePosixPath(member).with_suffix(".json"))
     if key not in files:
-        raise ValueError(f"{member}: no labels (no {PurePosixPath(key).name} beside it and no --labels entry)")
+        raise ValueError(f"no labels (no {PurePosixPath(key).name} beside it and no --labels entry)")
     try:
         raw = json.loads(files[key])
         values = []
@@ -172,7 +175,7 @@ def _sidecar_label(files: dict[str, bytes], member: str) -> tuple[str, str]:
                 value = names[value]
             values.append(str(value))
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"{member}: bad label file {PurePosixPath(key).name} ({exc!r})") from None
+        raise ValueError(f"bad label file {PurePosixPath(key).name} ({exc!r})") from None
     return values[0], values[1]
 
 
