@@ -193,13 +193,15 @@ def test_a_missing_output_is_remade_alone(three_prompts, backend):
     assert len(batch_actions()) == 3  # the remade motion replaced its Action, it did not add a fourth
 
 
-def test_bad_rows_are_reported_and_the_rest_is_done(backend, tmp_path):
+def test_bad_rows_are_reported_and_the_rest_is_done(tmp_path):
     prompts = write_csv(tmp_path / "bad.csv", ["a person runs,1.0,0,", ",1.0,0,empty", "a person crawls,-2,0,",
                                                "a person kicks,1.0,abc,", "a person bows,0.5,4,"])  # fmt: skip
     out = tmp_path / "out"
-    status, lines = run_tool("--prompts", str(prompts), "--backend", backend, "--start-backend", "never",
-                             "--no-blend-out", "--export", "bvh", "--out", str(out))  # fmt: skip
+    status, lines = run_tool("--prompts", str(prompts), "--backend", f"tcp://127.0.0.1:{free_port()}",
+                             "--start-backend", "inprocess", "--config", "tiny", "--no-blend-out", "--export", "bvh",
+                             "--out", str(out))  # fmt: skip
     assert status == 1
+    assert summary(out)["backend"]["started"] == "inprocess"
     assert lines[-1] == f"FAILED: 3 of 5 prompts failed (details in {out / 'summary.json'})"
     items = summary(out)["items"]
     assert [i["status"] for i in items] == ["done", "failed", "failed", "failed", "done"]
@@ -251,8 +253,11 @@ def rows(tmp_path: Path, name: str, text: str, *extra: str) -> list[batch_genera
 
 def test_script_args_follow_the_double_dash_like_blender():
     blender = ["blender", "-b", "scene.blend", "--python", "tools/batch_generate.py", "--", "--prompt", "walk"]
-    assert batch_generate.script_args(blender) == ["--prompt", "walk"]
-    assert batch_generate.script_args(["tools/batch_generate.py", "--prompt", "walk"]) == ["--prompt", "walk"]
+    assert batch_generate.script_args(blender, blender=True) == ["--prompt", "walk"]
+    assert batch_generate.script_args(blender[:5], blender=True) == []  # Blender's own options are not ours
+    python = ["tools/batch_generate.py", "--prompt", "walk"]
+    assert batch_generate.script_args(python, blender=False) == ["--prompt", "walk"]
+    assert batch_generate.script_args(python) == ["--prompt", "walk"]  # the bpy module has no Blender program
 
 
 def test_prompt_files_txt_csv_json(tmp_path):

@@ -14,6 +14,17 @@ from backend.models.vae import MotionVAE
 UNET = {"arch": "motion_mamba", "dims": [16, 24, 32], "scans": [2, 1, 1], "groups": 4, "heads": 2, "d_state": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
+    other); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def _randomize(module: nn.Module) -> nn.Module:
     """Give the zero-initialised FiLM / output layers weights, so every path carries signal in a test."""
     torch.manual_seed(1)

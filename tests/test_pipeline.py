@@ -16,6 +16,17 @@ from backend.models.denoiser import build_denoiser
 from backend.pipeline import DEFAULT_WEIGHTS, Motion, MotionPipeline
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
+    other); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 @pytest.fixture(scope="module")
 def pipe() -> MotionPipeline:
     pipe = MotionPipeline.random("tiny", device="cpu", seed=0)

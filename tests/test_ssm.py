@@ -35,7 +35,9 @@ def make_inputs(batch, dim, dstate, length, groups=0, with_D=True, with_z=True, 
         "C": rand(*bc_shape),
         "D": rand(dim) if with_D else None,
         "z": rand(batch, dim, length) if with_z else None,
-        "delta_bias": rand(dim, scale=0.3) if with_bias else None,
+        # without softplus the step delta + delta_bias must stay positive, or exp(delta A) > 1 blows up
+        "delta_bias": (rand(dim, scale=0.3) if softplus else torch.rand(dim, generator=gen).mul(0.3).requires_grad_())
+        if with_bias else None,
     }
 
 

@@ -4,7 +4,8 @@ Random weights of the given config (timing does not depend on training), batch o
 free guidance on (conditional + unconditional in one batch), the full path of ``MotionPipeline.__call__``:
 text encoding, DDIM, windowed VAE decoding, features -> positions and rotations. Prints one row per duration
 and the cost ratios to the 10 s row (linear cost means ratio ~ seconds / 10). The best of ``--repeats`` runs
-is reported, since other processes on a shared machine only ever add time.
+is reported, since other processes on a shared machine only ever add time; "cpu s" is this process's CPU
+time (what the run costs without contention, for a single thread).
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[10, 20, 40, 80])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: these small ops gain nothing from more, and on a shared "
+                             "machine extra threads wait on each other)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     pipe = MotionPipeline.random(args.config, device=args.device)
     info = pipe.describe()
@@ -40,16 +45,19 @@ def main() -> None:
     prompt = "a person walks forward, then waves with the right hand"
     rows = []
     for seconds in args.seconds:
-        times = []
+        times, cpu = [], []
         for r in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             motion = pipe(prompt, seconds=seconds, seed=r, guidance=args.guidance, steps=args.steps)
             times.append(time.perf_counter() - t0)
-        rows.append((seconds, motion.frames, min(times), sorted(times)[len(times) // 2]))
-    base = rows[0][2]
-    print(f"{'seconds':>8} {'frames':>7} {'best s':>8} {'median s':>9} {'x first':>8} {'ms/frame':>9}")
-    for seconds, frames, best, median in rows:
-        print(f"{seconds:8.0f} {frames:7d} {best:8.3f} {median:9.3f} {best / base:8.2f} {1000 * best / frames:9.2f}")
+            cpu.append(time.process_time() - c0)
+        rows.append((seconds, motion.frames, min(times), sorted(times)[len(times) // 2], min(cpu)))
+    base, base_cpu = rows[0][2], rows[0][4]
+    print(f"{'seconds':>8} {'frames':>7} {'best s':>8} {'median s':>9} {'x first':>8} {'cpu s':>7} "
+          f"{'cpu x first':>11}")
+    for seconds, frames, best, median, cpu_s in rows:
+        print(f"{seconds:8.0f} {frames:7d} {best:8.3f} {median:9.3f} {best / base:8.2f} {cpu_s:7.3f} "
+              f"{cpu_s / base_cpu:11.2f}")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
