@@ -347,7 +347,7 @@ class Retargeter:
         self.floor_offset = rig_hips - self.scale * self.to_rig @ src_hips
 
         # Rest alignment per mapped bone: target rest direction(s) to the mapped descendants -> source's.
-        self.align: dict[int, np.ndarray] = {}
+        align: dict[int, np.ndarray] = {}  # rotation matrices
         mapped_joints = {j: b for b, j in self.joint_of.items()}
         for b in self.bones:
             j = self.joint_of[b]
@@ -361,25 +361,23 @@ class Retargeter:
                 # pelvis, chest: the chain onwards (spine, neck) exactly, the left-right line as well as it can;
                 # robust to where a rig puts this joint relative to its hips or shoulders
                 lat_t, lat_s = target[left[0]] - target[right[0]], source[left[0]] - source[right[0]]
-                rotation = _frame(source[main[0]], lat_s) @ _frame(target[main[0]], lat_t).T
-                self.align[b] = quat_from_matrix(rotation)
+                align[b] = _frame(source[main[0]], lat_s) @ _frame(target[main[0]], lat_t).T
             elif children:
-                self.align[b] = quat_from_matrix(_align(np.array(list(target.values())),
-                                                        np.array(list(source.values()))))  # fmt: skip
+                align[b] = _align(np.array(list(target.values())), np.array(list(source.values())))
             else:  # a leaf (head, hands, toes): keep the alignment of the nearest mapped ancestor
                 anc = self._mapped_ancestor(b)
-                self.align[b] = self.align[anc] if anc >= 0 else np.array([1.0, 0.0, 0.0, 0.0])
+                align[b] = align[anc] if anc >= 0 else np.eye(3)
+
         # constants of the per-frame formula in __call__
-        self.keyed_joints = np.array([self.joint_of[b] for b in self.bones])
-        self.aligned_rest = np.stack([quat_mul(self.align[b], self.rest_quat[b]) for b in self.bones])
         position = {b: i for i, b in enumerate(self.bones)}
         ancestors = [self._mapped_ancestor(b) for b in self.bones]
+        self.keyed_joints = np.array([self.joint_of[b] for b in self.bones])
         self.keyed_ancestor = np.array([position[a] if a >= 0 else len(self.bones) for a in ancestors])
-        self.ancestor_to_bone = np.stack([
-            quat_mul(quat_conj(self.rest_quat[b]), self.rest_quat[a]) if a >= 0 else quat_conj(self.rest_quat[b])
-            for b, a in zip(self.bones, ancestors)
-        ])  # fmt: skip
         self.keyed_root = position[self.root_bone]
+        rest_bones = self.rest_quat[self.bones]
+        self.aligned_rest = quat_mul(quat_from_matrix(np.stack([align[b] for b in self.bones])), rest_bones)
+        rest_ancestors = np.array([self.rest_quat[a] if a >= 0 else [1.0, 0.0, 0.0, 0.0] for a in ancestors])
+        self.ancestor_to_bone = quat_mul(quat_conj(rest_bones), rest_ancestors)
         self._last: np.ndarray | None = None
 
     def _depth(self, b: int) -> int:
