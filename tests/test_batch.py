@@ -195,7 +195,7 @@ def test_a_missing_output_is_remade_alone(three_prompts, backend):
 
 def test_bad_rows_are_reported_and_the_rest_is_done(tmp_path):
     prompts = write_csv(tmp_path / "bad.csv", ["a person runs,1.0,0,", ",1.0,0,empty", "a person crawls,-2,0,",
-                                               "a person kicks,1.0,abc,", "a person bows,0.5,4,"])  # fmt: skip
+                                               "a person kicks,1.0,abc,", "a person bows,1.0,4,"])  # fmt: skip
     out = tmp_path / "out"
     status, lines = run_tool("--prompts", str(prompts), "--backend", f"tcp://127.0.0.1:{free_port()}",
                              "--start-backend", "inprocess", "--config", "tiny", "--no-blend-out", "--export", "bvh",

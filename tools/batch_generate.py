@@ -50,6 +50,12 @@ if str(ROOT) not in sys.path:  # `python tools/batch_generate.py` and `blender -
 import bpy  # noqa: E402
 import numpy as np  # noqa: E402
 
+try:
+    import zmq  # noqa: F401  (addon.wire's transport)
+except ImportError:
+    sys.exit("error: pyzmq is missing in this Python: install the Motion Mamba extension in Blender (it bundles "
+             "pyzmq), or run `python -m pip install pyzmq` with this Python")  # fmt: skip
+
 from addon import wire  # noqa: E402
 from addon.armature import create_canonical_armature  # noqa: E402
 from addon.canonical import CanonicalSkeleton  # noqa: E402
@@ -63,9 +69,13 @@ ROW_FIELDS = ("prompt", "seconds", "seed", "guidance", "steps", "name")
 META = "motion_mamba"  # the custom property on each Action (as the add-on writes it), plus the batch key
 
 
-def script_args(argv: list[str]) -> list[str]:
-    """The tool's own arguments: what follows ``--`` (Blender's convention), else everything after argv[0]."""
-    return argv[argv.index("--") + 1 :] if "--" in argv else argv[1:]
+def script_args(argv: list[str], blender: bool | None = None) -> list[str]:
+    """The tool's own arguments: what follows ``--`` (Blender's convention); without one, none inside the Blender
+    program (its argv is Blender's own) and everything after argv[0] in a Python with the bpy module."""
+    if "--" in argv:
+        return argv[argv.index("--") + 1 :]
+    blender = bool(bpy.app.binary_path) if blender is None else blender
+    return [] if blender else argv[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -593,7 +603,8 @@ class Batch:
     def _generate(self, todo: deque[Row], progress: Progress) -> None:
         client = self.backend.client
         pending: dict[str, tuple[Row, wire.MotionAssembler, float]] = {}
-        while todo or pending:
+
+        def top_up() -> None:  # keep `parallel` requests at the server, so that it batches them
             while todo and len(pending) < self.args.parallel:
                 row = todo.popleft()
                 try:
@@ -602,11 +613,15 @@ class Batch:
                     progress.update(self._fail(row.row, str(exc)))
                     continue
                 pending[rid] = (row, wire.MotionAssembler(), time.perf_counter())
+
+        while todo or pending:
+            top_up()
             if not self.backend.alive():
                 message = f"the backend exited (status {self.backend.process.returncode}):\n{self.backend.log_tail()}"
                 for row in [p[0] for p in pending.values()] + list(todo):
                     progress.update(self._fail(row.row, message))
                 return
+            finished = []
             for message in client.poll(timeout=0.1):
                 if message.id not in pending:
                     continue
@@ -619,13 +634,18 @@ class Batch:
                     elif message.type == "done":
                         del pending[message.id]
                         motion = assembler.result(message["frames"], message["timings"])
-                        timings = {"request_s": time.perf_counter() - submitted, **motion.timings}
-                        progress.update(self._finish(row, motion.root_translation[0], motion.rotations[0], timings))
+                        finished.append((row, motion, {"request_s": time.perf_counter() - submitted, **motion.timings}))
                     elif message.type == "error":
                         del pending[message.id]
                         progress.update(self._fail(row.row, f"backend error ({message['code']}): {message['message']}"))
-                except (ValueError, RuntimeError, TypeError, KeyError) as exc:  # a broken stream or output
+                except wire.WireError as exc:  # a broken stream
                     pending.pop(message.id, None)
+                    progress.update(self._fail(row.row, f"bad reply from the backend: {exc}"))
+            top_up()  # the server generates the next ones while Blender keys and exports these
+            for row, motion, timings in finished:
+                try:
+                    progress.update(self._finish(row, motion.root_translation[0], motion.rotations[0], timings))
+                except (ValueError, RuntimeError, TypeError, KeyError) as exc:  # e.g. an exporter that failed
                     progress.update(self._fail(row.row, f"{type(exc).__name__}: {exc}"))
 
     def _finish(self, row: Row, root: np.ndarray, rotations: np.ndarray, timings: dict[str, float]) -> str:
@@ -753,7 +773,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     be.add_argument("--config", help="random weights of configs/<CONFIG>.json for a started backend (tests)")
     be.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     be.add_argument("--backend-python", default=default_backend_python(), help="Python for a subprocess backend")
-    be.add_argument("--parallel", type=int, default=8, help="requests in flight (the server batches them)")
+    be.add_argument("--parallel", type=int, default=16, help="requests in flight (the server batches them)")
     be.add_argument("--timeout", type=float, default=60.0, help="seconds of backend silence before a request fails")
     be.add_argument("--probe-timeout", type=float, default=1.5, help="seconds to wait for an existing backend")
     be.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for a started backend")
