@@ -56,7 +56,8 @@ def test_register_unregister_twice():
         addon.register()
         assert hasattr(bpy.types.Scene, "motion_mamba")
         assert bpy.ops.motion_mamba.generate.get_rna_type().identifier == "MOTION_MAMBA_OT_generate"
-        assert hasattr(bpy.types, "MOTION_PT_panel")
+        panel = bpy.types.MOTION_PT_panel
+        assert (panel.bl_space_type, panel.bl_region_type, panel.bl_category) == ("VIEW_3D", "UI", "Motion")
         addon.unregister()
         assert not hasattr(bpy.types.Scene, "motion_mamba")
         assert not hasattr(bpy.types, "MOTION_PT_panel")

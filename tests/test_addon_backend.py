@@ -115,6 +115,9 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
         assert {len(fc.keyframe_points) for fc in curves} == {expected}
         assert action["motion_mamba"]["prompt"] == "a person walks"
         assert action["motion_mamba"]["steps"] == 3
+        # keys at the scene's frame rate (24 fps by default) from the source's 20 fps: same duration in seconds
+        fps_ratio = bpy.context.scene.render.fps / session.server["fps"]
+        assert curves[0].keyframe_points[-1].co[0] == pytest.approx(1 + (expected - 1) * fps_ratio, abs=1e-3)
     assert rig.animation_data.action in actions and rig.animation_data.action_slot is not None
     assert min(seen) < expected, "keys should appear before the whole motion has arrived"
     assert [tuple(fc.keyframe_points[0].co) for fc in action_fcurves(user)] == user_keys
@@ -130,6 +133,8 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
 def test_cancel_leaves_no_half_action(scene):
     session, rig = scene
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    with pytest.raises(RuntimeError, match="already running"):
+        bpy.ops.motion_mamba.generate()
     run_until(lambda: session.job is not None and session.job.keyers, 180)
     assert 0 < len(session.job.keyers[0].frames) < 40  # a half action exists now
     assert bpy.ops.motion_mamba.cancel() == {"FINISHED"}
