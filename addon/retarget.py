@@ -42,6 +42,10 @@ def _rigify(prefix: str) -> dict[str, str]:
     return {joint: prefix + bone for joint, bone in {**spine, **limbs}.items()}
 
 
+_UNREAL_LIMBS = _sided({"hip": "thigh_{s}", "knee": "calf_{s}", "ankle": "foot_{s}", "foot": "ball_{s}",
+                        "collar": "clavicle_{s}", "shoulder": "upperarm_{s}", "elbow": "lowerarm_{s}",
+                        "wrist": "hand_{s}"}, "l", "r")  # fmt: skip
+
 # canonical joint name -> target bone name. Names are matched ignoring case and any "namespace:" prefix.
 # fmt: off
 PRESETS: dict[str, dict[str, str]] = {
@@ -56,13 +60,11 @@ PRESETS: dict[str, dict[str, str]] = {
     "RIGIFY_DEF": _rigify("DEF-"),
     "RIGIFY_ORG": _rigify("ORG-"),
     "RIGIFY_META": _rigify(""),
-    "UNREAL": {
-        "pelvis": "pelvis", "spine1": "spine_01", "spine2": "spine_02", "spine3": "spine_03", "neck": "neck_01",
-        "head": "head",
-        **_sided({"hip": "thigh_{s}", "knee": "calf_{s}", "ankle": "foot_{s}", "foot": "ball_{s}",
-                  "collar": "clavicle_{s}", "shoulder": "upperarm_{s}", "elbow": "lowerarm_{s}",
-                  "wrist": "hand_{s}"}, "l", "r"),
-    },
+    # UE5 before UE4: on a UE5 rig both map every joint and the first wins; a UE4 rig lacks spine_05
+    "UNREAL5": {"pelvis": "pelvis", "spine1": "spine_01", "spine2": "spine_03", "spine3": "spine_05",
+                "neck": "neck_01", "head": "head", **_UNREAL_LIMBS},
+    "UNREAL": {"pelvis": "pelvis", "spine1": "spine_01", "spine2": "spine_02", "spine3": "spine_03",
+               "neck": "neck_01", "head": "head", **_UNREAL_LIMBS},
     "BANDAI": {
         "pelvis": "Hips", "spine1": "Spine", "spine3": "Chest", "neck": "Neck", "head": "Head",
         **_sided({"hip": "UpperLeg_{s}", "knee": "LowerLeg_{s}", "ankle": "Foot_{s}", "foot": "Toes_{s}",
@@ -78,7 +80,8 @@ PRESET_LABELS = {
     "RIGIFY_DEF": "Rigify (DEF- bones)",
     "RIGIFY_ORG": "Rigify (ORG- bones)",
     "RIGIFY_META": "Rigify metarig",
-    "UNREAL": "Unreal Mannequin",
+    "UNREAL5": "Unreal Mannequin (UE5)",
+    "UNREAL": "Unreal Mannequin (UE4)",
     "BANDAI": "Bandai-Namco / BVH",
 }
 

@@ -213,6 +213,8 @@ def collection():
 def test_presets_are_detected_from_bone_names():
     for preset, table in PRESETS.items():
         names = [("mixamorig:" if preset == "MIXAMO" else "") + b for b in table.values()] + ["Extra"]
+        if preset == "UNREAL5":
+            names += ["spine_02", "spine_04", "neck_02"]  # the whole UE5 chain
         assert detect_preset(names) == preset
         assert not map_bones(names, preset).missing or preset == "BANDAI"
     bandai = map_bones(PRESETS["BANDAI"].values(), "BANDAI")
