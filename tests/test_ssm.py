@@ -219,3 +219,9 @@ def test_scan_accepts_strided_layouts(implementation, layout):
         assert not strided.is_contiguous()
         inputs[name] = strided.requires_grad_()
     assert_matches_oracle(inputs, delta_softplus=True)
+
+
+def test_contiguous_inputs_give_a_contiguous_output(implementation):
+    """As mamba_ssm's: (b, d, L) contiguous in, (b, d, L) contiguous out (other layouts may come back strided)."""
+    out = selective_scan(**make_inputs(2, 32, 4, 9), delta_softplus=True)
+    assert out.is_contiguous() and out.shape == (2, 32, 9)

@@ -50,7 +50,9 @@ typedef struct {
     int64_t dim, groups, L, n, K, softplus;
 } Scan;
 
-typedef struct { float *dA, *dB, *dC, *dD, *ddelta_bias, *work, *carry; } Slot;  /* a backward task's */
+/* A backward task's outputs and scratch: dA (b, d, n), dD, ddelta_bias (b, d) shared by all tasks (each row
+   is one task's); dB, dC (b, g, L, n) the task's own partial sums; work, carry scratch. */
+typedef struct { float *dA, *dB, *dC, *dD, *ddelta_bias, *work, *carry; } Slot;
 
 /* exp(x), ~2 ulp on [-87, 88] (Cephes expf polynomial). Branch-free, no float->int conversion (rounding by
    the 1.5 * 2^23 trick), so loops calling it vectorise. */
@@ -125,7 +127,7 @@ INLINE void load_step(const Scan *s, int64_t b, int64_t d0, int64_t t, float *dt
     const int64_t g = d0 / (dim / s->groups);                                                 \
     const int64_t t0 = c * K, m = (L - t0 < K) ? L - t0 : K;                                  \
     const float *Bg = s->B + (b * s->groups + g) * L * n, *Cg = s->C + (b * s->groups + g) * L * n; \
-    float *ck = s->ckpt ? s->ckpt + (row0 * nck + c) * n : NULL;  /* lane w: ck[w * nck * n] */ \
+    float *ck = s->ckpt ? s->ckpt + (blk * nck + c) * n * W : NULL;  /* state before chunk c */ \
     float Ab[n * W];                                                                          \
     for (int64_t k = 0; k < n; k++)                                                           \
         for (int w = 0; w < W; w++) Ab[k * W + w] = s->A[(d0 + w) * n + k];
@@ -153,8 +155,7 @@ INLINE void fwd_chunk(const Scan *s, int64_t blk, int64_t c, float *x, const int
     BLOCK_SETUP
     float dt[W], sig[W], ut[W], dtu[W], y[W], zt[W];
     if (ck)  /* checkpoints only when a backward will follow */
-        for (int w = 0; w < W; w++)
-            for (int64_t k = 0; k < n; k++) ck[w * nck * n + k] = x[k * W + w];
+        memcpy(ck, x, n * W * sizeof(float));
     for (int64_t t = t0; t < t0 + m; t++) {
         load_step(s, b, d0, t, dt, sig, ut, W);
         for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
@@ -181,9 +182,8 @@ INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Car
     BLOCK_SETUP
     float x0[n * W], dt[W], sig[W], ut[W], dtu[W], gy[W], gB[W], gA[W], zt[W], gz[W];
     float *X = sl->work, *decay = X + K * n * W, *Y = decay + K * n * W;
-    float *dBg = sl->dB + g * L * n, *dCg = sl->dC + g * L * n;
-    for (int w = 0; w < W; w++)
-        for (int64_t k = 0; k < n; k++) x0[k * W + w] = ck[w * nck * n + k];
+    float *dBg = sl->dB + (b * s->groups + g) * L * n, *dCg = sl->dC + (b * s->groups + g) * L * n;
+    memcpy(x0, ck, n * W * sizeof(float));
     for (int64_t j = 0; j < m; j++) {
         load_step(s, b, d0, t0 + j, dt, sig, ut, W);
         for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
@@ -242,13 +242,14 @@ INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Car
     }
 }
 
-/* Forward of blocks b0 <= blk < b1 (one batch element); state: (b1 - b0) * n * W zeros. */
+/* Forward of blocks b0 <= blk < b1; state: (b1 - b0) * n * W zeros. */
 INLINE void fwd_task(const Scan *s, int64_t b0, int64_t b1, float *state, const int W) {
     for (int64_t c = 0; c * s->K < s->L; c++)
         for (int64_t blk = b0; blk < b1; blk++) fwd_chunk(s, blk, c, state + (blk - b0) * s->n * W, W);
 }
 
-/* Backward of blocks b0 <= blk < b1 (one batch element), summing into this task's slot. */
+/* Backward of blocks b0 <= blk < b1: du, ddelta, dz of their rows; dA, dD, ddelta_bias per row (b, d);
+   dB, dC summed into this task's own (b, g, L, n) buffers. */
 INLINE void bwd_task(const Scan *s, const Slot *sl, int64_t b0, int64_t b1, const int W) {
     const int64_t n = s->n, per = 2 * n * W + 2 * W;  /* Carry floats per block, in sl->carry (zeros) */
     for (int64_t c = (s->L - 1) / s->K; c >= 0; c--)
@@ -257,12 +258,27 @@ INLINE void bwd_task(const Scan *s, const Slot *sl, int64_t b0, int64_t b1, cons
             bwd_chunk(s, sl, blk, c, (Carry){p, p + n * W, p + 2 * n * W, p + 2 * n * W + W}, W);
         }
     for (int64_t blk = b0; blk < b1; blk++) {
-        const int64_t d0 = (blk % (s->dim / W)) * W;
+        const int64_t row0 = blk * W;  /* = b * dim + d0 */
         const float *p = sl->carry + (blk - b0) * per;
         for (int w = 0; w < W; w++) {
-            for (int64_t k = 0; k < n; k++) sl->dA[(d0 + w) * n + k] += p[n * W + k * W + w];
-            sl->dD[d0 + w] += p[2 * n * W + w];
-            sl->ddelta_bias[d0 + w] += p[2 * n * W + W + w];
+            for (int64_t k = 0; k < n; k++) sl->dA[(row0 + w) * n + k] = p[n * W + k * W + w];
+            sl->dD[row0 + w] = p[2 * n * W + w];
+            sl->ddelta_bias[row0 + w] = p[2 * n * W + W + w];
+        }
+    }
+}
+
+/* dst (b, C, R) = src (b, R, C) transposed, for tiles p0 <= p < p1 of 32 rows (numbered across batches). */
+void transpose(const float *src, float *dst, int64_t R, int64_t C, int64_t p0, int64_t p1) {
+    const int64_t T = 32, tiles = (R + T - 1) / T;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t b = p / tiles, r0 = (p % tiles) * T, r1 = r0 + T < R ? r0 + T : R;
+        const float *S = src + b * R * C;
+        float *D = dst + b * R * C;
+        for (int64_t c0 = 0; c0 < C; c0 += T) {
+            const int64_t c1 = c0 + T < C ? c0 + T : C;
+            for (int64_t r = r0; r < r1; r++)
+                for (int64_t c = c0; c < c1; c++) D[c * R + r] = S[r * C + c];
         }
     }
 }
@@ -342,7 +358,8 @@ def build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), *[ctypes.c_int64] * 3, ctypes.c_void_p]
     lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), *[ctypes.c_int64] * 3]
-    lib.scan_fwd.restype = lib.scan_bwd.restype = None
+    lib.transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4]
+    lib.scan_fwd.restype = lib.scan_bwd.restype = lib.transpose.restype = None
     return lib
 
 
@@ -401,10 +418,25 @@ def _scan_struct(dim: int, groups: int, L: int, n: int, softplus: bool, **tensor
                  dim=dim, groups=groups, L=L, n=n, K=CHUNK, softplus=int(softplus))
 
 
-def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """t (b, d, L) with adjacent channels in memory, as the kernel reads them: t itself when it already is
-    (e.g. a view of (b, L, d) memory, what the Mamba layer passes), else a (b, L, d) copy seen as (b, d, L)."""
-    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """(b, R, C) contiguous -> (b, C, R) contiguous, by the kernel's tiled transpose (torch's strided copy is
+    several times slower on large tensors: it thrashes the TLB)."""
+    batch, rows, cols = t.shape
+    out = t.new_empty(batch, cols, rows)
+    tiles = batch * -(-rows // 32)
+    _run([functools.partial(load().transpose, t.data_ptr(), out.data_ptr(), rows, cols, p0, p1)
+          for p0, p1 in _tasks(tiles)])
+    return out
+
+
+def channels_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t (b, d, L) float32 with adjacent channels, as the kernel reads it: t itself when it already is (e.g. a
+    view of (b, L, d) memory, what the Mamba layer passes), else a (b, L, d) copy seen as (b, d, L)."""
+    if t is None or t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    if t.is_contiguous():
+        return _transposed(t).transpose(1, 2)
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _empty_channels_last(like: torch.Tensor) -> torch.Tensor:
@@ -412,17 +444,15 @@ def _empty_channels_last(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(batch, length, dim).transpose(1, 2)
 
 
-def _tasks(batch: int, dim: int, lanes: int) -> list[tuple[int, int, int]]:
-    """(batch element, first block, end block): each batch element's blocks cut into enough slices to give
-    every thread about two tasks."""
-    per_batch = dim // lanes
-    slices = max(1, min(per_batch, -(-2 * max(1, torch.get_num_threads()) // batch)))
-    return [(b, b * per_batch + per_batch * s // slices, b * per_batch + per_batch * (s + 1) // slices)
-            for b in range(batch) for s in range(slices)]
+def _tasks(blocks: int) -> list[tuple[int, int]]:
+    """The blocks cut into one contiguous range per thread."""
+    parts = min(blocks, max(1, torch.get_num_threads()))
+    return [(blocks * i // parts, blocks * (i + 1) // parts) for i in range(parts)]
 
 
 class CompiledScan:
-    """`selective_scan`'s CPU implementation backed by the C kernel (float32, contiguous, B/C (b, g, L, n))."""
+    """`selective_scan`'s CPU implementation on the C kernel: float32; u, delta, z, dout with channel stride 1
+    (`channels_last`); A, D, delta_bias contiguous; B, C contiguous (b, g, L, n)."""
 
     name = "compiled"
 
@@ -432,42 +462,41 @@ class CompiledScan:
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
+        u_in, (u, delta, z) = u, (channels_last(t) for t in (u, delta, z))
         out = _empty_channels_last(u)
         last = u.new_empty(batch, dim, n)
-        ckpt = u.new_empty(batch, dim, (L + CHUNK - 1) // CHUNK, n) if for_backward else None
+        # the state before every chunk, per block: (blocks, chunks, n, lanes)
+        ckpt = u.new_empty(batch * dim * ((L + CHUNK - 1) // CHUNK) * n) if for_backward else None
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, out=out, last=last, ckpt=ckpt)
         state = u.new_zeros(batch * dim * n)  # each block's running state, (blocks, n, lanes)
         _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1, state[b0 * n * lanes:].data_ptr())
-              for _, b0, b1 in _tasks(batch, dim, lanes)])
-        return out, last, ckpt
+              for b0, b1 in _tasks(batch * dim // lanes)])
+        if u_in.is_contiguous() and not u.is_contiguous():  # give (b, d, L) inputs a (b, d, L) output
+            out = _transposed(out.transpose(1, 2))
+        return out, last, (u, delta, A, B, C, D, z, delta_bias, ckpt)
 
     @staticmethod
-    def backward(u, delta, A, B, C, D, z, delta_bias, softplus, ckpt, dout):
+    def backward(saved, softplus, dout):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = saved
         lib = load()
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
         du, ddelta = _empty_channels_last(u), _empty_channels_last(u)
         dz = None if z is None else _empty_channels_last(z)
-        dout = channels_last(dout)
+        dout = channels_last(dout.float())
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, ckpt=ckpt, dout=dout, du=du, ddelta=ddelta, dz=dz)
-        tasks = _tasks(batch, dim, lanes)
-        # The slices of one batch element all add into its dB/dC: each slice gets its own partial buffer,
-        # summed below; dA, dD, ddelta_bias get one slot per batch element (slices cover disjoint channels).
-        slices = len(tasks) // batch
-        dA, dD, dbias = A.new_zeros(batch, dim, n), u.new_zeros(batch, dim), u.new_zeros(batch, dim)
-        dB = B.new_zeros(slices, batch, groups, L, n)
-        dC = C.new_zeros(slices, batch, groups, L, n)
+        tasks = _tasks(batch * dim // lanes)
+        dA, dD, dbias = A.new_empty(batch, dim, n), u.new_empty(batch, dim), u.new_empty(batch, dim)
+        dB = B.new_zeros(len(tasks), batch, groups, L, n)  # per task: its blocks' channels summed
+        dC = C.new_zeros(len(tasks), batch, groups, L, n)
         work = u.new_empty(len(tasks), (2 * n + 1) * CHUNK * lanes)
         carry = u.new_zeros(batch * dim // lanes, 2 * (n + 1) * lanes)  # per block: gx, dA, dD, ddelta_bias
-        calls, slots = [], []
-        for i, (b, b0, b1) in enumerate(tasks):
-            s = i % slices
-            slots.append(_Slot(*(t.data_ptr() for t in (dA[b], dB[s, b], dC[s, b], dD[b], dbias[b], work[i],
-                                                          carry[b0]))))
-            calls.append(functools.partial(lib.scan_bwd, ctypes.byref(args), ctypes.byref(slots[-1]), lanes, b0, b1))
-        _run(calls)
+        slots = [_Slot(*(t.data_ptr() for t in (dA, dB[i], dC[i], dD, dbias, work[i], carry[b0])))
+                 for i, (b0, _) in enumerate(tasks)]
+        _run([functools.partial(lib.scan_bwd, ctypes.byref(args), ctypes.byref(slot), lanes, b0, b1)
+              for slot, (b0, b1) in zip(slots, tasks)])
         return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else dbias.sum(0))

@@ -99,19 +99,18 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         groups = max(B_t.shape[1], C_t.shape[1])
         B_t = B_t.repeat_interleave(groups // B_t.shape[1], dim=1)
         C_t = C_t.repeat_interleave(groups // C_t.shape[1], dim=1)
-    # u, delta, z go in with adjacent channels ((b, L, d) memory, what the Mamba layer has anyway): the
-    # kernel's SIMD lanes are channels, and each chunk of steps is then one contiguous block of memory.
-    u, delta, z = (None if t is None else scan_kernel.channels_last(t.float()) for t in (u, delta, z))
     D, delta_bias = (None if t is None else t.float().contiguous() for t in (D, delta_bias))
-    out, last_state = _SelectiveScan.apply(u, delta, A.float().contiguous(), B_t, C_t, D, z, delta_bias,
-                                           bool(delta_softplus))
+    out, last_state = _SelectiveScan.apply(u.float(), delta.float(), A.float().contiguous(), B_t, C_t, D,
+                                           None if z is None else z.float(), delta_bias, bool(delta_softplus))
     out = out.to(dtype_in)
     return (out, last_state) if return_last_state else out
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """The whole selective scan on float32 contiguous tensors, B/C as (b, g, L, n); delegates to the CPU
-    implementation in use (`_implementation()`), whose backward is hand-written."""
+    """The whole selective scan on float32 tensors (u, delta, z (b, d, L) in any layout; B, C contiguous
+    (b, g, L, n)); runs the CPU implementation in use (`_implementation()`), whose backward is hand-written.
+    An implementation's forward returns (out, last_state, saved tensors), its backward(saved, softplus, dout)
+    the gradients of (u, delta, A, B, C, D, z, delta_bias)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
@@ -119,15 +118,13 @@ class _SelectiveScan(torch.autograd.Function):
         out, last_state, saved = impl.forward(u, delta, A, B, C, D, z, delta_bias, softplus,
                                               for_backward=any(ctx.needs_input_grad))
         ctx.impl, ctx.softplus = impl, softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(last_state)
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
-        grads = ctx.impl.backward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, saved, dout)
-        return (*grads, None)
+        return (*ctx.impl.backward(ctx.saved_tensors, ctx.softplus, dout), None)
 
 
 class _TorchScan:
@@ -149,6 +146,7 @@ class _TorchScan:
 
     @staticmethod
     def forward(u, delta, A, B, C, D, z, delta_bias, softplus, for_backward=True):
+        u, delta, z = (None if t is None else t.contiguous() for t in (u, delta, z))
         shape, _, dt, decay, Bh, Ch = _TorchScan._prepare(u, delta, A, B, C, delta_bias, softplus)
         dBu = (dt * u).reshape(*shape, 1) * Bh
         states = torch.empty_like(decay)
@@ -161,10 +159,11 @@ class _TorchScan:
             out = out + u * D[:, None]
         if z is not None:
             out = out * F.silu(z)
-        return out, x.reshape(u.shape[0], u.shape[1], -1), states
+        return out, x.reshape(u.shape[0], u.shape[1], -1), (u, delta, A, B, C, D, z, delta_bias, states)
 
     @staticmethod
-    def backward(u, delta, A, B, C, D, z, delta_bias, softplus, states, dout):
+    def backward(saved, softplus, dout):
+        u, delta, A, B, C, D, z, delta_bias, states = saved
         shape, raw, dt, decay, Bh, Ch = _TorchScan._prepare(u, delta, A, B, C, delta_bias, softplus)
         _, g, h, L = shape
         dz = None
