@@ -22,12 +22,13 @@ def _check_input(x: torch.Tensor, d_model: int, who: str) -> None:
 class HierarchicalTemporalMamba(nn.Module):
     """HTM: `num_scans` selective scans along time, stacked.
 
-    Follows the paper's HTM (Sec. 3, "Hierarchical Temporal Mamba"): the number of temporal scans is set per
-    U-Net level, more at the high-resolution levels and fewer at the abstract ones (the paper's {2S-1, ..., 3, 1});
-    the caller picks `num_scans` per level. Deviation: the paper runs its K scans inside one gated block that
-    shares the input projection and convolution; here each scan is a full, standard Mamba layer with its own
-    pre-norm (LayerNorm) and residual. That keeps every scan exactly mamba_ssm's layer (its fused CUDA kernel
-    on a GPU, one state_dict for CPU and GPU) and trains stably when stacked, for a few more parameters.
+    Follows the paper's HTM (Sec. 3, "Hierarchical Temporal Mamba"): selective scans along the time axis of
+    the latent, their number set per U-Net level, more at the high-resolution levels and fewer at the
+    abstract ones; the U-Net picks `num_scans` per level. Deviation: the paper runs its scans inside one
+    gated block that shares the input projection and convolution; here each scan is a full, standard Mamba
+    layer with its own pre-norm (LayerNorm) and residual. That keeps every scan exactly mamba_ssm's layer
+    (its fused CUDA kernel on a GPU, one state_dict for CPU and GPU) and trains stably when stacked, for
+    a few more parameters per scan.
 
     Padding (mask (B, L), True = valid): padded frames are identities of every scan (see `Mamba`), so they
     leak into valid frames in neither direction: not forwards, and equally not when a caller scans the
@@ -57,11 +58,12 @@ class BidirectionalSpatialMamba(nn.Module):
     """BSM: scans the channel ("spatial"/joint) axis of every frame forwards and backwards, and merges.
 
     Follows the paper's BSM (Sec. 3, "Bidirectional Spatial Mamba"): within each frame the latent is read as a
-    sequence along its channel axis and scanned in both directions, the two results summed. Deviation, for
-    a practical cost: each frame's d_model channels are split into `num_groups` groups ("joints") of
-    d_model / num_groups channels, and the scan runs over the groups (sequence length num_groups, batch
-    B * L, a token of d_model / num_groups channels) rather than over single scalar channels. The two
-    directions have separate Mamba layers; pre-norm (LayerNorm over d_model) and residual around both.
+    sequence along its channel ("spatial") axis and scanned in both directions, and the two directions are
+    merged; here they are summed. Deviation, for a practical cost: each frame's d_model channels are split
+    into `num_groups` groups ("joints") of d_model / num_groups channels, and the scan runs over the groups
+    (sequence length num_groups, batch B * L, a token of d_model / num_groups channels) rather than over
+    single scalar channels. The two directions have separate Mamba layers; one pre-norm (LayerNorm over
+    d_model) and one residual around both.
 
     Frames are scanned independently, so padding cannot leak between frames; with a mask, padded frames
     come out unchanged.
