@@ -266,6 +266,8 @@ def test_prompt_files_txt_csv_json(tmp_path):
     csv_rows = rows(tmp_path, "p.csv", "prompt,seconds,seed,guidance,steps,name\nwalk,2,,3.5,20,my walk\n")
     assert (csv_rows[0].seconds, csv_rows[0].seed, csv_rows[0].guidance, csv_rows[0].steps) == (2.0, 0, 3.5, 20)
     assert (csv_rows[0].name, csv_rows[0].stem) == ("my walk", "my_walk")
+    unquoted = rows(tmp_path, "q.csv", "prompt,seconds\nwalk, then sit,2\n")[0].error
+    assert unquoted == "the row has 1 more value(s) than the header has columns (quote a prompt that contains commas)"
     js = rows(tmp_path, "p.json", json.dumps(["run", {"prompt": "sit", "seconds": 1.5, "speed": 2}]))
     assert js[0].error == "" and js[0].stem.startswith("run-")
     assert js[1].error == "unknown field(s) speed; known: prompt, seconds, seed, guidance, steps, name"

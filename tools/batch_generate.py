@@ -123,6 +123,9 @@ def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, l
     """A Row from one record (missing or empty fields take the defaults); problems go into ``row.error``."""
     row = Row(index, "", defaults.seconds, defaults.seed, defaults.guidance, defaults.steps)
     try:
+        if None in values:  # csv.DictReader's key for the values beyond the header's columns
+            raise ValueError(f"the row has {len(values[None])} more value(s) than the header has columns (quote a "
+                             "prompt that contains commas)")  # fmt: skip
         unknown = sorted(set(values) - set(ROW_FIELDS))
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(ROW_FIELDS)}")
@@ -162,7 +165,7 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
         unknown = sorted(set(columns) - set(ROW_FIELDS))
         if unknown:
             raise ValueError(f"{path}: unknown column(s) {', '.join(unknown)}; known: {', '.join(ROW_FIELDS)}")
-        return [{c: (v or "") for c, v in zip(columns, record.values())} for record in reader]
+        return [{c: (v or "") for c, v in zip([*columns, None], record.values())} for record in reader]
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -520,6 +523,7 @@ class Batch:
     """Runs the rows: skips finished ones, generates the rest through the backend, writes every output."""
 
     def __init__(self, args: argparse.Namespace, rows: list[Row]) -> None:
+        self.wall_start = time.perf_counter()
         self.args, self.rows = args, rows
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -533,7 +537,6 @@ class Batch:
         self.items = [Item.of(row) for row in rows]
         self.by_row = {item.row: item for item in self.items}
         self.backend: Backend | None = None
-        self.wall_start = time.perf_counter()
         self.generate_start = self.generate_end = 0.0
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
