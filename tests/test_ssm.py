@@ -83,6 +83,13 @@ def test_scan_matches_oracle(implementation, batch, dim, dstate, length, groups)
     assert_matches_oracle(inputs, delta_softplus=True, return_last_state=True)
 
 
+@pytest.mark.parametrize(("b_groups", "c_groups"), [(0, 2), (2, 3)])
+def test_scan_with_differently_grouped_B_and_C(implementation, b_groups, c_groups):
+    inputs = make_inputs(2, 6, 4, 13, groups=c_groups)
+    inputs["B"] = make_inputs(2, 6, 4, 13, groups=b_groups, seed=5)["B"]
+    assert_matches_oracle(inputs, delta_softplus=True)
+
+
 @pytest.mark.parametrize("with_D", [False, True])
 @pytest.mark.parametrize("with_z", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +96,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     dtype_in = u.dtype
     # The scan wants B, C as (batch, groups, L, d_state): each step reads d_state contiguous numbers.
     B_t, C_t = (t.float().reshape(u.shape[0], -1, *t.shape[-2:]).transpose(-1, -2).contiguous() for t in (B, C))
-    if B_t.shape[1] != C_t.shape[1]:  # B and C grouped differently: give both the finer grouping
-        groups = max(B_t.shape[1], C_t.shape[1])
+    if B_t.shape[1] != C_t.shape[1]:  # B and C grouped differently: give both the common refinement
+        groups = math.lcm(B_t.shape[1], C_t.shape[1])
         B_t = B_t.repeat_interleave(groups // B_t.shape[1], dim=1)
         C_t = C_t.repeat_interleave(groups // C_t.shape[1], dim=1)
     D, delta_bias = (None if t is None else t.float().contiguous() for t in (D, delta_bias))
@@ -108,13 +109,14 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
 
 class _SelectiveScan(torch.autograd.Function):
     """The whole selective scan on float32 tensors (u, delta, z (b, d, L) in any layout; B, C contiguous
-    (b, g, L, n)); runs the CPU implementation in use (`_implementation()`), whose backward is hand-written.
+    (b, g, L, n)); runs the implementation in use, whose backward is hand-written.
     An implementation's forward returns (out, last_state, saved tensors), its backward(saved, softplus, dout)
     the gradients of (u, delta, A, B, C, D, z, delta_bias)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        impl = _implementation()
+        # The C kernel reads CPU memory; other devices (CUDA without mamba_ssm, MPS) get the PyTorch scan.
+        impl = _implementation() if u.device.type == "cpu" else _TorchScan
         out, last_state, saved = impl.forward(u, delta, A, B, C, D, z, delta_bias, softplus,
                                               for_backward=any(ctx.needs_input_grad))
         ctx.impl, ctx.softplus = impl, softplus
