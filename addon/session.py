@@ -134,9 +134,9 @@ class Session:
             raise ValueError(self.describe())
         bone_map = map_bones([b.name for b in target.data.bones], settings.preset)
         bone_map.require(target.name, [b.name for b in target.data.bones])  # UnmappableArmatureError
-        bpy.ops.ed.undo_push(message="Before motion generation")  # so one undo removes what follows
         request_id = self.client.submit(settings.prompt, settings.seconds, settings.seed, settings.guidance,
                                         settings.steps, settings.samples)  # fmt: skip
+        bpy.ops.ed.undo_push(message="Before motion generation")  # so one undo removes what follows
         self.job = Job(request_id, settings, target.name, bone_map)
         self.error = self.result = ""
         return self.job
