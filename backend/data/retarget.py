@@ -58,10 +58,7 @@ class JointMap:
         if jmap.up_axis not in ("Y", "Z") or not jmap.units_per_metre > 0:
             raise ValueError(f"joint map {source}: up_axis must be 'Y' or 'Z' and units_per_metre > 0")
         for target, spec in joints.items():
-            ok = isinstance(spec, str) or (
-                isinstance(spec, dict) and len(spec.get("between", ())) == 2 and 0.0 <= float(spec.get("t", -1)) <= 1.0
-            )
-            if not ok:
+            if not (isinstance(spec, str) or _valid_between(spec)):
                 raise ValueError(f"joint map {source}: joint {target!r}: expected a name or "
                                  f"{{'between': [a, b], 't': 0..1}}, got {spec!r}")
         return jmap
@@ -73,6 +70,13 @@ class JointMap:
         for spec in self.joints.values():
             names.update([spec] if isinstance(spec, str) else spec["between"])
         return names
+
+
+def _valid_between(spec: Any) -> bool:
+    if not isinstance(spec, dict) or len(spec.get("between", ())) != 2:
+        return False
+    t = spec.get("t")
+    return isinstance(t, (int, float)) and 0.0 <= t <= 1.0
 
 
 def available_maps() -> list[str]:
