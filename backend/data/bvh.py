@@ -6,7 +6,7 @@ Why our own reader and not a PyPI one (measured on a Bandai-Namco clip, 273 fram
 - ``bvhio`` 1.5.4 reads it and agrees with this reader to 2e-6 m, but builds a Python object per joint per
   frame (glm): 226 ms for parse + world positions of all frames versus 17 ms here (13x), and it adds the
   compiled ``pyglm`` plus ``spatial-transform`` as dependencies.
-- ``bvh`` 0.3 (2017) and ``bvhtoolbox`` 0.1.3 (2020) are unmaintained, per-frame Python.
+- ``bvh`` 0.3 (2017) and ``bvhtoolbox`` 0.1.3 (2020): unmaintained, per-frame Python (not timed).
 The format is small: a whitespace-token hierarchy, then one float matrix. Reading the matrix with one
 ``np.array(text.split(), float)`` and running forward kinematics joint by joint over all frames at once
 (torch, float64) is exact, fast, and costs no dependency; the tests check it against Blender's importer.
