@@ -204,3 +204,4 @@ def test_text_encoder_offline_minilm(tmp_path):
     assert similar > unrelated + 0.2
     with pytest.raises(FileNotFoundError, match="no Hugging Face text encoder"):
         TextEncoder(tmp_path)
+

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from backend import generate
 from backend.checkpoint import load_config, load_state, read_config_file
+from backend.models.text_encoder import TextEncoder
 from backend.pipeline import MotionPipeline
 from backend.train import batch_indices, main, train
 
@@ -135,6 +136,18 @@ def test_generate_cli_writes_npz_bvh_and_preview(trained, tmp_path, capsys):
     np.testing.assert_array_equal(again.features, data["features"])
 
 
+def test_denoiser_with_another_local_text_encoder(dataset, trained, tmp_path):
+    clip = tmp_path / "my-clip"
+    make_clip_folder(clip)
+    run = tmp_path / "clip_run"
+    history = train("denoiser", dataset, run, config="tiny", steps=2, vae=trained["vae_dir"],
+                    text_encoder=clip, progress=False)
+    assert len(history) == 2 and load_config(run)["text_encoder"]["path"] == str(clip)
+    pipe = MotionPipeline.from_checkpoint(run, device="cpu")
+    assert pipe.describe()["text_encoder"] == "my-clip" and pipe.text_encoder.dim == 32
+    assert np.isfinite(pipe("a person walks", seconds=1.0, steps=2).positions).all()
+
+
 def test_generate_cli_bad_input(trained, tmp_path, capsys):
     run = str(trained["run"])
     for args, message in (
@@ -232,3 +245,29 @@ def test_train_bad_input(dataset, tmp_path, capsys):
         train("vae", dataset, tmp_path / "r", config="huge")
     assert main(["denoiser", "--data", str(dataset), "--out", str(tmp_path / "r"), "--config", "tiny"]) == 2
     assert "--vae RUN_DIR" in capsys.readouterr().err
+
+
+def make_clip_folder(folder) -> None:
+    """A small random CLIP (text + vision towers) saved like a Hugging Face download, with a WordPiece
+    tokenizer borrowed from the offline MiniLM (CLIP's own BPE files ship with real CLIP weights)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from backend.models.text_encoder import default_encoder_path
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    config = CLIPConfig(text_config={**small, "vocab_size": 30522, "max_position_embeddings": 64},
+                        vision_config={**small, "image_size": 32, "patch_size": 16}, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (folder / name).write_bytes((default_encoder_path() / name).read_bytes())
+
+
+def test_text_encoder_clip_folder_uses_the_text_tower(tmp_path):
+    make_clip_folder(tmp_path)
+    enc = TextEncoder(tmp_path)
+    assert enc.kind == "clip" and enc.dim == 32 and enc.name == tmp_path.name
+    assert not hasattr(enc.model, "vision_model")
+    batch = enc(["a person walks", "someone waves the right hand"])
+    assert batch.tokens.shape[::2] == (2, 32) and batch.pooled.shape == (2, 32)
+    assert torch.isfinite(batch.pooled).all()

@@ -46,6 +46,7 @@ class TextEncoder(nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # e.g. a full CLIP folder: the unused vision tower is expected
 
         self.path = Path(path) if path is not None else default_encoder_path()
         if not (self.path / "config.json").is_file():
