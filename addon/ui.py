@@ -71,8 +71,12 @@ class MOTION_PT_panel(bpy.types.Panel):
             layout.operator("motion_mamba.generate", icon="PLAY")
         else:
             row = layout.row(align=True)
-            row.progress(factor=job.progress, type="BAR",
-                         text=f"Step {job.step}/{job.total}" if job.total else "Waiting for the backend...")
+            keyed = max((len(k.frames) for k in job.keyers.values()), default=0)
+            if keyed:
+                text = f"Keyed {keyed} frames..."
+            else:
+                text = f"Step {job.step}/{job.total}" if job.total else "Waiting for the backend..."
+            row.progress(factor=job.progress, type="BAR", text=text)
             row.operator("motion_mamba.cancel", text="", icon="CANCEL")
 
         if session is not None and session.error:
