@@ -55,10 +55,19 @@ def backend():
         process.wait(timeout=20)
 
 
-def run_tool(*args: str) -> tuple[int, list[str]]:
-    """Run the tool as a user would (`python tools/batch_generate.py -- ARGS`); (exit status, stdout lines)."""
-    done = subprocess.run([sys.executable, str(TOOL), "--", "--steps", STEPS, *args], cwd=ROOT, env=os.environ,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+def run_tool(*args: str, blender_argv: bool = False) -> tuple[int, list[str]]:
+    """Run the tool as a user would (`python tools/batch_generate.py -- ARGS`); (exit status, stdout lines).
+
+    ``blender_argv`` runs it the way `blender -b scene.blend --python TOOL -- ARGS` does: as __main__ with
+    __file__ set, and Blender's own options in sys.argv before the `--`."""
+    tool_args = ["--", "--steps", STEPS, *args]
+    if blender_argv:
+        argv = ["blender", "-b", "scene.blend", "--python", str(TOOL), *tool_args]
+        code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path({str(TOOL)!r}, run_name='__main__')"
+        command = [sys.executable, "-c", code]
+    else:
+        command = [sys.executable, str(TOOL), *tool_args]
+    done = subprocess.run(command, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=600)
     print(done.stdout, done.stderr[-3000:], sep="\n")
     return done.returncode, done.stdout.strip().splitlines()
 
@@ -172,7 +181,7 @@ def test_a_second_run_does_no_work(three_prompts):
     files = [*sorted(out.glob("*.bvh")), out / "motions.blend"]
     stamps = [f.stat().st_mtime_ns for f in files]
     dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there: any generation would fail
-    status, lines = run_tool(*args, "--backend", dead)  # the last --backend wins
+    status, lines = run_tool(*args, "--backend", dead, blender_argv=True)  # the last --backend wins
     assert status == 0
     assert lines[-1] == "OK: all 3 prompts done (0 generated, 3 skipped)"
     data = summary(out)
@@ -274,10 +283,13 @@ def test_prompt_files_txt_csv_json(tmp_path):
 
 
 def test_the_key_is_stable_and_follows_the_settings(tmp_path):
-    a, b, c = rows(tmp_path, "k.json", json.dumps([{"prompt": "walk", "seed": 1}, {"prompt": "walk", "seed": 1},
-                                                   {"prompt": "walk", "seed": 2}]))  # fmt: skip
+    records = [{"prompt": "walk", "seed": 1}, {"prompt": "walk ", "seed": 1, "name": "again"},
+               {"prompt": "walk", "seed": 2, "name": "w"}, {"prompt": "run", "name": "w"}]  # fmt: skip
+    a, b, c, d = rows(tmp_path, "k.json", json.dumps(records))
     assert a.key == b.key != c.key
-    assert b.error == f"name {a.stem!r} is already used by row 1 (same prompt and settings?)"
+    assert a.key == rows(tmp_path, "k.txt", "walk\n", "--seed", "1")[0].key  # the same in any file format
+    assert b.error == "same prompt and settings as row 1"  # one Action per key: a copy would replace the first
+    assert (c.error, d.error) == ("", "name 'w' is already used by row 3")
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [

@@ -191,15 +191,18 @@ def load_rows(args: argparse.Namespace, limits: wire.Limits = wire.DEFAULT_LIMIT
     if not records:
         raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
     rows = [make_row(i, record, args, limits) for i, record in enumerate(records, 1)]
-    seen: dict[str, int] = {}
+    keys: dict[str, int] = {}
+    stems: dict[str, int] = {}
     for row in rows:
         row.stem = re.sub(r"[^\w.\-]+", "_", row.name).strip("._") or f"{_slug(row.prompt)}-{row.key[:8]}"
         if row.error:
             continue
-        if row.stem in seen:
-            row.error = f"name {row.stem!r} is already used by row {seen[row.stem]} (same prompt and settings?)"
+        if row.key in keys:
+            row.error = f"same prompt and settings as row {keys[row.key]}"
+        elif row.stem in stems:
+            row.error = f"name {row.stem!r} is already used by row {stems[row.stem]}"
         else:
-            seen[row.stem] = row.row
+            keys[row.key], stems[row.stem] = row.row, row.row
     return rows
 
 
