@@ -206,6 +206,9 @@ def positions_to_features(
 
     root_velocity = qrot(root_quat[..., 1:, :], p[..., 1:, 0, :] - p[..., :-1, 0, :])
     root_turn = qmul(root_quat[..., 1:, :], qinv(root_quat[..., :-1, :]))
+    # Shortest arc (w >= 0). HumanML3D omits this, so when the facing crosses +-180 degrees between two frames its
+    # arcsin takes the turn with the wrong sign and the recovered path drifts; its sample files never cross there.
+    root_turn = root_turn * torch.where(root_turn[..., :1] < 0, -1.0, 1.0).to(root_turn.dtype)
     relative = p - p[..., :1, :] * p.new_tensor([1.0, 0.0, 1.0])
     ric = qrot(root_quat[..., None, :].expand((*p.shape[:-1], 4)), relative)
     joint_velocity = qrot(

@@ -145,3 +145,16 @@ def test_bad_positions_are_rejected(bad, message):
 def test_forward_kinematics_rejects_mismatched_frames():
     with pytest.raises(ValueError, match="disagree"):
         forward_kinematics(np.zeros((4, 3)), np.tile([1.0, 0, 0, 0], (5, 22, 1)))
+
+
+def test_turning_through_180_degrees_round_trips():
+    """The facing crosses +-180 degrees between frames: the root yaw must take the short way round."""
+    frames = 40
+    yaw = np.linspace(0.0, 2.5 * np.pi, frames)  # keeps turning: passes +180 degrees
+    turn = np.stack([np.cos(yaw / 2), np.zeros(frames), np.sin(yaw / 2), np.zeros(frames)], -1)
+    local = np.tile([1.0, 0.0, 0.0, 0.0], (frames, 22, 1))  # the rest T-pose, turning on the spot
+    local[:, 0] = turn
+    root = np.stack([np.linspace(0, 2, frames), np.full(frames, 0.95), np.zeros(frames)], -1)
+    positions = canonicalize_positions(forward_kinematics(root, local))
+    recovered = features_to_positions(positions_to_features(positions))
+    assert np.abs(recovered - positions[:-1]).max() < 1e-4
