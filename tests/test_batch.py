@@ -3,11 +3,13 @@ loopback port, Blender's own importers reading back what it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +35,9 @@ def free_port() -> int:
     return batch_generate.free_port()
 
 
-@pytest.fixture(scope="module")
-def backend():
-    """`python -m backend.serve --config tiny` on a free loopback port, for the whole module."""
+@contextlib.contextmanager
+def serve_tiny() -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m backend.serve --config tiny` on a free loopback port: (endpoint, process)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     process = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", "tiny", "--bind", endpoint],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -49,10 +51,17 @@ def backend():
                     break
                 except TimeoutError:
                     assert time.monotonic() < deadline, "the backend did not answer within 180 s"
-        yield endpoint
+        yield endpoint, process
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """A tiny-model backend process for the whole module; its endpoint."""
+    with serve_tiny() as (endpoint, _):
+        yield endpoint
 
 
 def run_tool(*args: str, blender_argv: bool = False) -> tuple[int, list[str]]:
@@ -219,6 +228,31 @@ def test_bad_rows_are_reported_and_the_rest_is_done(tmp_path):
     assert items[3]["error"] == "seed must be an integer, got 'abc'"
     assert sorted(p.name for p in out.glob("*.bvh")) == sorted(Path(items[i]["outputs"]["bvh"]).name for i in (0, 4))
     assert any("row 3" in line and "seconds must be positive" in line for line in lines)
+
+
+def test_a_backend_dying_mid_batch_fails_the_rest_at_once(tmp_path):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,seconds,seed,steps\nquick,0.5,0,2\nlong,10,1,1000\nnever started,10,2,1000\n")
+    out = tmp_path / "out"
+    with serve_tiny() as (endpoint, server):
+        tool = subprocess.Popen([sys.executable, str(TOOL), "--prompts", str(prompts), "--backend", endpoint,
+                                 "--start-backend", "never", "--parallel", "1", "--timeout", "10", "--no-blend-out",
+                                 "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (out / "summary.json").is_file() or summary(out)["items"][0]["status"] != "done":
+            assert tool.poll() is None and time.monotonic() < deadline, tool.stdout.read()
+            time.sleep(0.2)
+        server.kill()
+        killed = time.monotonic()
+        output = tool.communicate(timeout=120)[0]
+    print(output)
+    assert tool.returncode == 1 and time.monotonic() - killed < 30
+    items = summary(out)["items"]
+    assert [i["status"] for i in items] == ["done", "failed", "failed"]
+    assert items[1]["error"].startswith(("backend error (disconnected)", "backend error (timeout)"))
+    assert items[2]["error"] == f"the backend at {endpoint} stopped answering"
+    assert output.strip().splitlines()[-1].startswith("FAILED: 2 of 3 prompts failed")
 
 
 def test_it_starts_its_own_backend_and_writes_fbx_glb_and_gif(tmp_path):

@@ -291,9 +291,16 @@ class Backend:
         self.thread.start()
         return self.server.endpoint
 
-    def alive(self) -> bool:
-        """False once a backend this object started has exited."""
-        return self.process is None or self.process.poll() is None
+    def gone(self, probe: bool) -> str:
+        """Why the backend can serve no more ("" while it can); ``probe`` asks it (after a connection error)."""
+        if self.process is not None and self.process.poll() is not None:
+            return f"the backend exited (status {self.process.returncode}):\n{self.log_tail()}"
+        if probe:
+            try:
+                self.client.hello(timeout=self.args.probe_timeout)
+            except (TimeoutError, ConnectionError, wire.ServerError):
+                return f"the backend at {self.client.endpoint} stopped answering"
+        return ""
 
     def log_tail(self, lines: int = 15) -> str:
         if not self.log_path.is_file():
@@ -622,12 +629,7 @@ class Batch:
 
         while todo or pending:
             top_up()
-            if not self.backend.alive():
-                message = f"the backend exited (status {self.backend.process.returncode}):\n{self.backend.log_tail()}"
-                for row in [p[0] for p in pending.values()] + list(todo):
-                    progress.update(self._fail(row.row, message))
-                return
-            finished = []
+            finished, lost = [], False
             for message in client.poll(timeout=0.1):
                 if message.id not in pending:
                     continue
@@ -644,9 +646,16 @@ class Batch:
                     elif message.type == "error":
                         del pending[message.id]
                         progress.update(self._fail(row.row, f"backend error ({message['code']}): {message['message']}"))
+                        lost = lost or message["code"] in ("timeout", "disconnected")
                 except wire.WireError as exc:  # a broken stream
                     pending.pop(message.id, None)
                     progress.update(self._fail(row.row, f"bad reply from the backend: {exc}"))
+            reason = self.backend.gone(probe=lost)
+            if reason:  # fail what is left at once rather than one timeout after another
+                for row in [p[0] for p in pending.values()] + list(todo):
+                    progress.update(self._fail(row.row, reason))
+                pending.clear()
+                todo.clear()
             top_up()  # the server generates the next ones while Blender keys and exports these
             for row, motion, timings in finished:
                 try:
