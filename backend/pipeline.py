@@ -66,10 +66,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def build_vae(config: dict) -> MotionVAE:
-    return MotionVAE(feature_dim=int(config["feature_dim"]), **config["vae"])
-
-
 def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -95,7 +91,7 @@ class MotionPipeline:
     def _build(cls, config: dict, source: str) -> MotionPipeline:
         text = config.get("text_encoder", {})
         encoder = TextEncoder(text.get("path"), max_length=int(text.get("max_length", 32)))
-        vae = build_vae(config)
+        vae = MotionVAE.from_config(config)
         denoiser = build_denoiser(config["denoiser"], vae.latent_dim, encoder.dim)
         d = int(config["feature_dim"])
         return cls(config, vae, denoiser, encoder, np.zeros(d, np.float32), np.ones(d, np.float32),

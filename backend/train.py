@@ -72,10 +72,12 @@ class VAETask:
         self.config, self.device = config, device
         self.train_cfg = config["train"]["vae"]
         self.data = Path(args.data)
-        self.mean, self.std = load_normalizer_from_dataset(self.data)
+        from backend.data.dataset import load_normalizer as dataset_normalizer
+
+        self.mean, self.std = dataset_normalizer(self.data)
         config["feature_dim"] = int(self.mean.shape[0])
         self.dataset = _dataset(self.data, int(self.train_cfg["max_frames"]))
-        self.model = MotionVAE(feature_dim=config["feature_dim"], **config["vae"]).to(device)
+        self.model = MotionVAE.from_config(config).to(device)
 
     def loss(self, model: nn.Module, items: list[dict]) -> dict[str, torch.Tensor]:
         x = crop_to_common_length(items).to(self.device)
@@ -116,7 +118,7 @@ class DenoiserTask:
         if args.text_encoder:
             config["text_encoder"] = {**config.get("text_encoder", {}), "path": str(Path(args.text_encoder))}
         self.config = config
-        self.vae = MotionVAE(feature_dim=config["feature_dim"], **config["vae"])
+        self.vae = MotionVAE.from_config(config)
         load_weights(self.vae, self.vae_dir / "vae.safetensors")
         self.vae.to(device).eval().requires_grad_(False)
         self.mean, self.std = load_normalizer(self.vae_dir)
@@ -185,13 +187,6 @@ class DenoiserTask:
         self.latent_scale = state.get("latent_scale")
         if self.latent_scale is not None:
             self.config["latent_scale"] = self.latent_scale
-
-
-def load_normalizer_from_dataset(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    from backend.data.dataset import load_normalizer
-
-    mean, std = load_normalizer(root)
-    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
 def crop_to_common_length(items: list[dict]) -> torch.Tensor:

@@ -82,7 +82,8 @@ class MotionVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> MotionVAE:
-        return cls(**config)
+        """From a model config (``feature_dim`` and the ``vae`` section)."""
+        return cls(feature_dim=int(config["feature_dim"]), **config["vae"])
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) normalised, T a multiple of 4 -> (mu, logvar), each (B, T/4, latent_dim)."""
