@@ -444,9 +444,10 @@ def _empty_channels_last(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(batch, length, dim).transpose(1, 2)
 
 
-def _tasks(blocks: int) -> list[tuple[int, int]]:
-    """The blocks cut into one contiguous range per thread."""
-    parts = min(blocks, max(1, torch.get_num_threads()))
+def _tasks(blocks: int, steps: int = 1024) -> list[tuple[int, int]]:
+    """The blocks cut into one contiguous range per thread (fewer when there is too little work: a task
+    should scan at least ~512 block-steps to be worth a hand-off to the pool)."""
+    parts = min(blocks, max(1, torch.get_num_threads()), max(1, blocks * steps // 512))
     return [(blocks * i // parts, blocks * (i + 1) // parts) for i in range(parts)]
 
 
@@ -471,7 +472,7 @@ class CompiledScan:
                             delta_bias=delta_bias, out=out, last=last, ckpt=ckpt)
         state = u.new_zeros(batch * dim * n)  # each block's running state, (blocks, n, lanes)
         _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1, state[b0 * n * lanes:].data_ptr())
-              for b0, b1 in _tasks(batch * dim // lanes)])
+              for b0, b1 in _tasks(batch * dim // lanes, L)])
         if u_in.is_contiguous() and not u.is_contiguous():  # give (b, d, L) inputs a (b, d, L) output
             out = _transposed(out.transpose(1, 2))
         return out, last, (u, delta, A, B, C, D, z, delta_bias, ckpt)
@@ -488,7 +489,7 @@ class CompiledScan:
         dout = channels_last(dout.float())
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, ckpt=ckpt, dout=dout, du=du, ddelta=ddelta, dz=dz)
-        tasks = _tasks(batch * dim // lanes)
+        tasks = _tasks(batch * dim // lanes, L)
         dA, dD, dbias = A.new_empty(batch, dim, n), u.new_empty(batch, dim), u.new_empty(batch, dim)
         dB = B.new_zeros(len(tasks), batch, groups, L, n)  # per task: its blocks' channels summed
         dC = C.new_zeros(len(tasks), batch, groups, L, n)
