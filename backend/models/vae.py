@@ -127,5 +127,6 @@ class MotionVAE(nn.Module):
         rec = self.decode(z)
         recon = nn.functional.mse_loss(rec, x)
         vel = nn.functional.mse_loss(rec[:, 1:] - rec[:, :-1], x[:, 1:] - x[:, :-1])
+        mu, logvar = mu.float(), logvar.float()  # the KL in float32 also under bf16 autocast
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return {"loss": recon + vel + kl_weight * kl, "recon": recon, "vel": vel, "kl": kl}
