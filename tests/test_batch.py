@@ -132,6 +132,7 @@ def test_three_prompts_make_actions_on_the_target_armature(three_prompts):
     assert any(line.startswith("throughput: ") and "prompts/minute" in line for line in lines)
     bpy.ops.wm.open_mainfile(filepath=str(out / "motions.blend"))
     rig = bpy.data.objects["Rig"]
+    assert bpy.context.scene.render.fps == 24  # the user's scene keeps its frame rate
     actions = batch_actions()
     assert sorted(actions) == ["a person jumps", "a person walks forward", "waves, then sits"]
     assert actions["a person jumps"].name == "jump"  # the row's name column

@@ -352,12 +352,14 @@ class Target:
 
     def __init__(self, args: argparse.Namespace, blend_out: Path | None) -> None:
         self.args, self.blend_out = args, blend_out
+        self.own_scene = False  # an empty scene this tool made (its frame rate is ours to set)
         if blend_out is not None and blend_out.is_file() and not args.force:
             bpy.ops.wm.open_mainfile(filepath=str(blend_out))  # earlier runs' Actions are kept and added to
         elif args.blend:
             bpy.ops.wm.open_mainfile(filepath=str(args.blend))
         elif not bpy.data.filepath:  # no scene given: an empty one (Blender's startup cube is no use here)
             bpy.ops.wm.read_factory_settings(use_empty=True)
+            self.own_scene = True
         self.scene = bpy.context.scene
         self.obj = None
         if args.armature:
@@ -376,8 +378,9 @@ class Target:
 
     def prepare(self, skeleton: CanonicalSkeleton, fps: float) -> None:
         """Create the canonical armature when no target was named; read the target's bones."""
-        if self.obj is None:
+        if self.own_scene:  # one key per generated frame
             self.scene.render.fps, self.scene.render.fps_base = round(fps), 1.0
+        if self.obj is None:
             self.obj = create_canonical_armature(self.scene.collection, skeleton, CANONICAL_ARMATURE)
         self.skeleton, self.fps = skeleton, fps
         self.rig = TargetRig.from_armature(self.obj)
@@ -416,6 +419,7 @@ class Target:
             obj.select_set(obj in chosen)
         layer.objects.active = self.obj
         start, end = self.scene.frame_start, math.ceil(action.frame_range[1])
+        frame_end = self.scene.frame_end
         try:
             if fmt == "bvh":
                 result = bpy.ops.export_anim.bvh(filepath=str(path), frame_start=start, frame_end=end)
@@ -435,6 +439,7 @@ class Target:
                     export_animation_mode="ACTIVE_ACTIONS",
                 )
         finally:
+            self.scene.frame_end = frame_end
             self.obj.animation_data.action = previous[0]
             if previous[0] is not None and previous[1] is not None:
                 self.obj.animation_data.action_slot = previous[1]
