@@ -102,6 +102,19 @@ def test_callback_every_step_and_cancel(pipe):
         pipe("a person walks", seconds=1.0, steps=7, callback=cancel)
 
 
+def test_cpu_threads_apply_while_generating_only(pipe):
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        for _ in pipe.stream("a person walks", seconds=2.0, steps=2,
+                             callback=lambda s, n: seen.append(torch.get_num_threads())):
+            seen.append(("caller", torch.get_num_threads()))
+        assert seen[:2] == [1, 1] and set(seen[2:]) == {("caller", 2)}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_guidance_changes_the_motion(pipe):
     a = pipe("a person walks", seconds=1.0, steps=4, guidance=1.0)
     b = pipe("a person walks", seconds=1.0, steps=4, guidance=4.0)

@@ -14,8 +14,6 @@ import argparse
 import os
 import time
 
-import torch
-
 from backend.pipeline import MotionPipeline
 
 
@@ -28,16 +26,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: these small ops gain nothing from more, and on a shared "
-                             "machine extra threads wait on each other)")
+                        help="torch CPU threads while generating (the pipeline's cpu_threads, default 1)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     pipe = MotionPipeline.random(args.config, device=args.device)
+    pipe.cpu_threads = args.threads
     info = pipe.describe()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"model {info['model']} ({info['arch']}), device {info['device']}, torch threads "
-          f"{torch.get_num_threads()}, params: vae {info['params']['vae']:,}, denoiser "
+          f"{pipe.cpu_threads}, params: vae {info['params']['vae']:,}, denoiser "
           f"{info['params']['denoiser']:,}, text encoder {info['params']['text_encoder']:,}")
     print(f"{args.steps} DDIM steps, guidance {args.guidance}, best of {args.repeats}; load average at start "
           f"{load:.2f} on {os.cpu_count()} cores")
