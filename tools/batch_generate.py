@@ -227,7 +227,12 @@ class Backend:
         self.thread: threading.Thread | None = None
         self.started = ""  # "", "subprocess" or "inprocess"
         self.start_s = 0.0
-        self.client = self._connect()
+        self.client: wire.MotionClient | None = None
+        try:
+            self.client = self._connect()
+        except BaseException:  # a backend started for nothing must not outlive the tool
+            self.close()
+            raise
 
     def _hello(self, endpoint: str, timeout: float) -> wire.MotionClient | None:
         client = wire.MotionClient(endpoint, timeout=self.args.timeout)
@@ -260,7 +265,6 @@ class Backend:
             if client is not None:
                 self.start_s = time.perf_counter() - start
                 return client
-        self.close()
         raise ConnectionError(f"the backend started at {endpoint} did not answer within {args.start_timeout} s")
 
     def _model_args(self) -> list[str]:
@@ -315,7 +319,7 @@ class Backend:
 
     def close(self) -> None:
         """Close the connection; stop a backend this object started."""
-        if getattr(self, "client", None) is not None:
+        if self.client is not None:
             self.client.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -605,7 +609,8 @@ class Batch:
                 self.generate_start = time.perf_counter()
                 self._generate(todo, progress)
                 self.generate_end = time.perf_counter()
-        except (ConnectionError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # no backend (ConnectionError, no weights: FileNotFoundError), bad rig
+            print(f"error: {exc}", file=sys.stderr)
             for row in todo:
                 self._fail(row.row, f"no generation: {exc}")
         finally:
