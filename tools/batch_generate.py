@@ -593,7 +593,8 @@ class Batch:
 
     # -- generation ---------------------------------------------------------------------------------------
     def run(self) -> int:
-        todo = deque(row for row in self.rows if not row.error and row.row not in self.finished_before())
+        skipped = self.finished_before()
+        todo = deque(row for row in self.rows if not row.error and row.row not in skipped)
         progress = None
         try:
             if todo:
