@@ -142,8 +142,9 @@ class MotionPipeline:
     def random(cls, config: str | Path = "tiny", device: str = "cpu", seed: int = 0) -> MotionPipeline:
         """Random weights from ``configs/<config>.json`` (tests, benchmarks): finite but meaningless motion."""
         cfg = read_config_file(config)
-        torch.manual_seed(seed)
-        pipe = cls._build(cfg, f"random:{cfg['name']}")
+        with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's global RNG untouched
+            torch.manual_seed(seed)
+            pipe = cls._build(cfg, f"random:{cfg['name']}")
         return pipe.to(resolve_device(device))
 
     def to(self, device: str | torch.device) -> MotionPipeline:
