@@ -21,6 +21,15 @@ SPLIT_SIZES = {"train": 40, "val": 12, "test": 36, "test_unseen_pairs": 32}
 MAX_FRAMES = 48  # clips are cut to this many frames: tiny generation, tiny evaluator
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared CPU: one torch thread is as fast and far kinder to the neighbours; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _prepare_from_archive(archive: Path, tmp: Path) -> Path:
     """Prepare a slice of the real Bandai archive (1 clip in 16, chosen by a hash of its name) with its labels."""
     from backend.data.captions import stable_seed
