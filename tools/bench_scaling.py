@@ -67,9 +67,11 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def measure_point(config: str, seconds: float, steps: int, device: str, min_time: float) -> dict:
+def measure_point(config: str, seconds: float, steps: int, device: str, min_time: float, threads: int) -> dict:
     """Time and peak memory of one generation of ``seconds`` seconds (run inside the child process)."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from backend.models.vae import DOWNSAMPLE
     from backend.pipeline import MotionPipeline
@@ -124,7 +126,9 @@ def measure_point(config: str, seconds: float, steps: int, device: str, min_time
     }
 
 
-def run_point(config: str, seconds: float, steps: int, device: str, min_time: float, timeout: float) -> dict:
+def run_point(
+    config: str, seconds: float, steps: int, device: str, min_time: float, threads: int, timeout: float
+) -> dict:
     """``measure_point`` in a fresh interpreter (a clean heap per point); an error or timeout is recorded."""
     cmd = [
         sys.executable,
@@ -138,6 +142,8 @@ def run_point(config: str, seconds: float, steps: int, device: str, min_time: fl
         device,
         "--min-time",
         str(min_time),
+        "--threads",
+        str(threads),
     ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -256,12 +262,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (the same for both models)")
     p.add_argument("--device", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
     p.add_argument("--min-time", type=float, default=2.0, help="repeat a point until it took this many seconds")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per point before giving up on it")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "scaling", help="writes OUT.md, OUT.png, OUT.json")
     p.add_argument("--point", nargs=2, metavar=("CONFIG", "SECONDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.point:
-        print(json.dumps(measure_point(args.point[0], float(args.point[1]), args.steps, args.device[0], args.min_time)))
+        print(
+            json.dumps(
+                measure_point(
+                    args.point[0], float(args.point[1]), args.steps, args.device[0], args.min_time, args.threads
+                )
+            )
+        )
         return []
     import torch
 
@@ -272,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for device in devices:
         for model, config in MODELS.items():
             for seconds in args.lengths:
-                r = run_point(config, seconds, args.steps, device, args.min_time, args.timeout)
+                r = run_point(config, seconds, args.steps, device, args.min_time, args.threads, args.timeout)
                 results.append(r | {"model": model})
                 print(
                     f"{device} {model:16s} {seconds:6g} s: "
