@@ -3,11 +3,13 @@
 and builds in a few seconds.
 
 It computes all of `selective_scan` (delta_bias, softplus, the recurrence, D and the silu(z) gate) and its
-backward, on float32 contiguous u, delta, z (b, d, L), A (d, n), B, C (b, g, L, n). The SIMD lanes are W
+backward, on float32 u, delta, z (b, d, L) in any strided layout (fastest with adjacent channels, i.e.
+(b, L, d) memory, which is what the Mamba layer has), A (d, n), B, C (b, g, L, n). The SIMD lanes are W
 consecutive channels d of one batch element (W = 16 where d allows), which share B_t and C_t, so the d_state
-loop has no horizontal reductions and the state stays in L1. The forward checkpoints the state every `CHUNK`
-steps; the backward walks the chunks from the last, recomputes each chunk's states from its checkpoint and
-runs the reverse (adjoint) scan over it, so memory is O(L / CHUNK) states per channel, not O(L).
+loop has no horizontal reductions and the state stays in L1. Work goes chunk by chunk (`CHUNK` steps): the
+forward checkpoints the state before every chunk; the backward walks the chunks from the last, recomputes
+each chunk's states from its checkpoint and runs the reverse (adjoint) scan over it, so memory is
+O(L / CHUNK) states per channel, not O(L), and time is linear in L.
 exp and log1p are Cephes-style polynomials written so that gcc/clang vectorise them, without -ffast-math
 (which would change the floating-point mode of the whole process). ctypes releases the GIL, so a thread pool
 of torch.get_num_threads() workers runs blocks of channels in parallel.
@@ -40,8 +42,8 @@ SOURCE = r"""
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* A (b, d, L) tensor whose channels are adjacent in memory (channel stride 1), e.g. (b, L, d) memory. */
-typedef struct { float *p; int64_t sb, st; } View;
+/* A (b, d, L) tensor in any strided layout; adjacent channels ((b, L, d) memory) are the fastest. */
+typedef struct { float *p; int64_t sb, sd, st; } View;
 
 typedef struct {
     View u, delta, z, out, dout, du, ddelta, dz;   /* z may be absent (p NULL); dout, du, ... backward only */
@@ -90,22 +92,30 @@ INLINE float vlog1p(float e) {
     return d == 0.0f ? e : lg * (e / d);
 }
 
-/* Channels d0..d0+W-1 of v at (b, t), in and out. */
-INLINE void get(View v, int64_t b, int64_t d0, int64_t t, float *dst, const int W) {
-    memcpy(dst, v.p + b * v.sb + t * v.st + d0, W * sizeof(float));
+/* Stage channels d0..d0+W-1 of steps t0..t0+m-1 of v into buf (m x W), or write buf back: one contiguous
+   copy per step when channels are adjacent ((b, L, d) memory), a small tile transpose otherwise. */
+INLINE void stage_in(View v, int64_t b, int64_t d0, int64_t t0, int64_t m, float *buf, const int W) {
+    const float *p = v.p + b * v.sb + d0 * v.sd + t0 * v.st;
+    if (v.sd == 1)
+        for (int64_t j = 0; j < m; j++) memcpy(buf + j * W, p + j * v.st, W * sizeof(float));
+    else
+        for (int w = 0; w < W; w++)
+            for (int64_t j = 0; j < m; j++) buf[j * W + w] = p[w * v.sd + j * v.st];
 }
 
-INLINE void put(View v, int64_t b, int64_t d0, int64_t t, const float *src, const int W) {
-    memcpy(v.p + b * v.sb + t * v.st + d0, src, W * sizeof(float));
+INLINE void stage_out(View v, int64_t b, int64_t d0, int64_t t0, int64_t m, const float *buf, const int W) {
+    float *p = v.p + b * v.sb + d0 * v.sd + t0 * v.st;
+    if (v.sd == 1)
+        for (int64_t j = 0; j < m; j++) memcpy(p + j * v.st, buf + j * W, W * sizeof(float));
+    else
+        for (int w = 0; w < W; w++)
+            for (int64_t j = 0; j < m; j++) p[w * v.sd + j * v.st] = buf[j * W + w];
 }
 
-/* u and the step size of lanes d0.. at step t: delta (+ delta_bias), (softplus); sig = d(dt)/d(delta). */
-INLINE void load_step(const Scan *s, int64_t b, int64_t d0, int64_t t, float *dt, float *sig, float *ut,
-                      const int W) {
-    get(s->u, b, d0, t, ut, W);
-    get(s->delta, b, d0, t, dt, W);
+/* Step sizes of the lanes from raw delta: (+ delta_bias), (softplus); sig = d(dt)/d(delta). */
+INLINE void step_size(const Scan *s, int64_t d0, const float *raw, float *dt, float *sig, const int W) {
     for (int w = 0; w < W; w++) {
-        float r = dt[w] + (s->delta_bias ? s->delta_bias[d0 + w] : 0.0f);
+        float r = raw[w] + (s->delta_bias ? s->delta_bias[d0 + w] : 0.0f);
         if (s->softplus) {
             float e = vexp(r < 0.0f ? r : -r);  /* exp(-|r|) */
             dt[w] = (r > 0.0f ? r : 0.0f) + vlog1p(e);
@@ -118,9 +128,9 @@ INLINE void load_step(const Scan *s, int64_t b, int64_t d0, int64_t t, float *dt
 }
 
 /* A block is W consecutive rows d0..d0+W-1 of one batch element b, all in one group of B/C: the W rows are
-   the SIMD lanes and share B_t, C_t. x[k * W + w] is the state of lane w. A task (one call) runs a range of
-   blocks of one batch element chunk by chunk (K steps), so that chunk's B, C (and dB, dC) stay in L1 while
-   every block of the task passes over it: time and memory traffic stay linear in L. */
+   the SIMD lanes and share B_t, C_t. x[k * W + w] is the state of lane w. A task (one call) runs its range
+   of blocks chunk by chunk (K steps), so that a chunk's B, C (and dB, dC) stay in cache while the blocks
+   pass over it, and the per-step inputs are staged chunk-wise: time and memory traffic stay linear in L. */
 #define BLOCK_SETUP                                                                           \
     const int64_t dim = s->dim, L = s->L, n = s->n, K = s->K, nck = (L + K - 1) / K;          \
     const int64_t b = blk / (dim / W), d0 = (blk % (dim / W)) * W, row0 = b * dim + d0;       \
@@ -128,14 +138,22 @@ INLINE void load_step(const Scan *s, int64_t b, int64_t d0, int64_t t, float *dt
     const int64_t t0 = c * K, m = (L - t0 < K) ? L - t0 : K;                                  \
     const float *Bg = s->B + (b * s->groups + g) * L * n, *Cg = s->C + (b * s->groups + g) * L * n; \
     float *ck = s->ckpt ? s->ckpt + (blk * nck + c) * n * W : NULL;  /* state before chunk c */ \
-    float Ab[n * W];                                                                          \
+    float Ab[n * W], U[K * W], DT[K * W], SIG[K * W], Z[K * W];                               \
     for (int64_t k = 0; k < n; k++)                                                           \
-        for (int w = 0; w < W; w++) Ab[k * W + w] = s->A[(d0 + w) * n + k];
+        for (int w = 0; w < W; w++) Ab[k * W + w] = s->A[(d0 + w) * n + k];                   \
+    stage_in(s->u, b, d0, t0, m, U, W);                                                       \
+    stage_in(s->delta, b, d0, t0, m, DT, W);                                                  \
+    if (s->z.p) stage_in(s->z, b, d0, t0, m, Z, W);                                           \
+    for (int64_t j = 0; j < m; j++) step_size(s, d0, DT + j * W, DT + j * W, SIG + j * W, W);
 
 /* x_t = exp(dt A) x_{t-1} + dt u B_t for the W lanes; decay (may be NULL) gets exp(dt A); y = C_t . x_t. */
-INLINE void step(const float *Ab, const float *Bt, const float *Ct, const float *dt, const float *dtu,
+INLINE void step(const float *Ab, const float *Bt, const float *Ct, const float *dt, const float *ut,
                  const float *prev, float *x, float *decay, float *y, int64_t n, const int W) {
-    for (int w = 0; w < W; w++) y[w] = 0.0f;
+    float dtu[W];
+    for (int w = 0; w < W; w++) {
+        y[w] = 0.0f;
+        dtu[w] = dt[w] * ut[w];
+    }
     for (int64_t k = 0; k < n; k++) {
         const float bk = Bt[k], ck = Ct[k], *Ak = Ab + k * W, *pk = prev + k * W;
         float *xk = x + k * W;
@@ -153,21 +171,19 @@ INLINE void step(const float *Ab, const float *Bt, const float *Ct, const float 
 /* Forward of chunk c of one block; x (n * W) carries the block's state from chunk to chunk. */
 INLINE void fwd_chunk(const Scan *s, int64_t blk, int64_t c, float *x, const int W) {
     BLOCK_SETUP
-    float dt[W], sig[W], ut[W], dtu[W], y[W], zt[W];
+    float O[K * W];
     if (ck)  /* checkpoints only when a backward will follow */
         memcpy(ck, x, n * W * sizeof(float));
-    for (int64_t t = t0; t < t0 + m; t++) {
-        load_step(s, b, d0, t, dt, sig, ut, W);
-        for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
-        step(Ab, Bg + t * n, Cg + t * n, dt, dtu, x, x, NULL, y, n, W);
+    for (int64_t j = 0; j < m; j++) {
+        const float *ut = U + j * W;
+        float *y = O + j * W;
+        step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, DT + j * W, ut, x, x, NULL, y, n, W);
         if (s->D)
             for (int w = 0; w < W; w++) y[w] += s->D[d0 + w] * ut[w];
-        if (s->z.p) {
-            get(s->z, b, d0, t, zt, W);
-            for (int w = 0; w < W; w++) y[w] *= zt[w] / (1.0f + vexp(-zt[w]));
-        }
-        put(s->out, b, d0, t, y, W);
+        if (s->z.p)
+            for (int w = 0; w < W; w++) y[w] *= Z[j * W + w] / (1.0f + vexp(-Z[j * W + w]));
     }
+    stage_out(s->out, b, d0, t0, m, O, W);
     if (t0 + m == L)
         for (int w = 0; w < W; w++)
             for (int64_t k = 0; k < n; k++) s->last[(row0 + w) * n + k] = x[k * W + w];
@@ -180,30 +196,26 @@ typedef struct { float *gx, *dA, *dD, *dbias; } Carry;
    scan over it, G_t = dLoss/dx_t = gy_t C_t + exp(dt_{t+1} A) G_{t+1}. */
 INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Carry cr, const int W) {
     BLOCK_SETUP
-    float x0[n * W], dt[W], sig[W], ut[W], dtu[W], gy[W], gB[W], gA[W], zt[W], gz[W];
+    float x0[n * W], GY[K * W], DU[K * W], DD[K * W], DZ[K * W], gB[W], gA[W];
     float *X = sl->work, *decay = X + K * n * W, *Y = decay + K * n * W;
     float *dBg = sl->dB + (b * s->groups + g) * L * n, *dCg = sl->dC + (b * s->groups + g) * L * n;
     memcpy(x0, ck, n * W * sizeof(float));
-    for (int64_t j = 0; j < m; j++) {
-        load_step(s, b, d0, t0 + j, dt, sig, ut, W);
-        for (int w = 0; w < W; w++) dtu[w] = dt[w] * ut[w];
-        step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, dt, dtu, j ? X + (j - 1) * n * W : x0,
+    for (int64_t j = 0; j < m; j++)
+        step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, DT + j * W, U + j * W, j ? X + (j - 1) * n * W : x0,
              X + j * n * W, decay + j * n * W, Y + j * W, n, W);
-    }
+    stage_in(s->dout, b, d0, t0, m, GY, W);
+    if (s->z.p)  /* out = (y + D u) * silu(z): gradients of z, and of y + D u (into GY) */
+        for (int64_t i = 0; i < m * W; i++) {
+            const int w = (int)(i % W);
+            float zz = Z[i], sz = 1.0f / (1.0f + vexp(-zz));
+            float pre = Y[i] + (s->D ? s->D[d0 + w] * U[i] : 0.0f);
+            DZ[i] = GY[i] * pre * sz * (1.0f + zz * (1.0f - sz));
+            GY[i] *= zz * sz;
+        }
     for (int64_t j = m - 1; j >= 0; j--) {
         const int64_t t = t0 + j;
-        load_step(s, b, d0, t, dt, sig, ut, W);
-        get(s->dout, b, d0, t, gy, W);
-        if (s->z.p) {  /* out = (y + D u) * silu(z) */
-            get(s->z, b, d0, t, zt, W);
-            for (int w = 0; w < W; w++) {
-                float zz = zt[w], sz = 1.0f / (1.0f + vexp(-zz));
-                float pre = Y[j * W + w] + (s->D ? s->D[d0 + w] * ut[w] : 0.0f);
-                gz[w] = gy[w] * pre * sz * (1.0f + zz * (1.0f - sz));
-                gy[w] *= zz * sz;
-            }
-            put(s->dz, b, d0, t, gz, W);
-        }
+        const float *dt = DT + j * W, *ut = U + j * W, *gy = GY + j * W;
+        float dtu[W];
         for (int w = 0; w < W; w++) {
             cr.dD[w] += gy[w] * ut[w];
             dtu[w] = dt[w] * ut[w];
@@ -232,14 +244,15 @@ INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Car
             dBt[k] += sB;
             dCt[k] += sC;
         }
-        for (int w = 0; w < W; w++) {  /* reuse gz, zt: du, ddelta of the lanes */
-            zt[w] = (ut[w] * gB[w] + gA[w]) * sig[w];
-            gz[w] = dt[w] * gB[w] + (s->D ? gy[w] * s->D[d0 + w] : 0.0f);
-            cr.dbias[w] += zt[w];
+        for (int w = 0; w < W; w++) {
+            DD[j * W + w] = (ut[w] * gB[w] + gA[w]) * SIG[j * W + w];
+            DU[j * W + w] = dt[w] * gB[w] + (s->D ? gy[w] * s->D[d0 + w] : 0.0f);
+            cr.dbias[w] += DD[j * W + w];
         }
-        put(s->du, b, d0, t, gz, W);
-        put(s->ddelta, b, d0, t, zt, W);
     }
+    stage_out(s->du, b, d0, t0, m, DU, W);
+    stage_out(s->ddelta, b, d0, t0, m, DD, W);
+    if (s->z.p) stage_out(s->dz, b, d0, t0, m, DZ, W);
 }
 
 /* Forward of blocks b0 <= blk < b1; state: (b1 - b0) * n * W zeros. */
@@ -264,21 +277,6 @@ INLINE void bwd_task(const Scan *s, const Slot *sl, int64_t b0, int64_t b1, cons
             for (int64_t k = 0; k < n; k++) sl->dA[(row0 + w) * n + k] = p[n * W + k * W + w];
             sl->dD[row0 + w] = p[2 * n * W + w];
             sl->ddelta_bias[row0 + w] = p[2 * n * W + W + w];
-        }
-    }
-}
-
-/* dst (b, C, R) = src (b, R, C) transposed, for tiles p0 <= p < p1 of 32 rows (numbered across batches). */
-void transpose(const float *src, float *dst, int64_t R, int64_t C, int64_t p0, int64_t p1) {
-    const int64_t T = 32, tiles = (R + T - 1) / T;
-    for (int64_t p = p0; p < p1; p++) {
-        const int64_t b = p / tiles, r0 = (p % tiles) * T, r1 = r0 + T < R ? r0 + T : R;
-        const float *S = src + b * R * C;
-        float *D = dst + b * R * C;
-        for (int64_t c0 = 0; c0 < C; c0 += T) {
-            const int64_t c1 = c0 + T < C ? c0 + T : C;
-            for (int64_t r = r0; r < r1; r++)
-                for (int64_t c = c0; c < c1; c++) D[c * R + r] = S[r * C + c];
         }
     }
 }
@@ -358,8 +356,7 @@ def build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), *[ctypes.c_int64] * 3, ctypes.c_void_p]
     lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), *[ctypes.c_int64] * 3]
-    lib.transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4]
-    lib.scan_fwd.restype = lib.scan_bwd.restype = lib.transpose.restype = None
+    lib.scan_fwd.restype = lib.scan_bwd.restype = None
     return lib
 
 
@@ -389,7 +386,7 @@ def _lanes(dim: int, groups: int) -> int:
 
 
 class _View(ctypes.Structure):
-    _fields_ = [("p", ctypes.c_void_p), ("sb", ctypes.c_int64), ("st", ctypes.c_int64)]
+    _fields_ = [("p", ctypes.c_void_p), *((name, ctypes.c_int64) for name in ("sb", "sd", "st"))]
 
 
 _VIEWS = ("u", "delta", "z", "out", "dout", "du", "ddelta", "dz")
@@ -408,40 +405,20 @@ class _Slot(ctypes.Structure):
 def _scan_struct(dim: int, groups: int, L: int, n: int, softplus: bool, **tensors) -> _Scan:
     """The kernel's argument block; absent tensors (None or not given) become NULL."""
     def view(t):
-        if t is None:
-            return _View()
-        assert t.stride(1) == 1 or t.shape[1] == 1, "the kernel needs channel stride 1 (see channels_last)"
-        return _View(t.data_ptr(), t.stride(0), t.stride(2))
+        return _View() if t is None else _View(t.data_ptr(), *t.stride())
 
     return _Scan(**{k: view(tensors.get(k)) for k in _VIEWS},
                  **{k: (None if tensors.get(k) is None else tensors[k].data_ptr()) for k in _PTRS},
                  dim=dim, groups=groups, L=L, n=n, K=CHUNK, softplus=int(softplus))
 
 
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    """(b, R, C) contiguous -> (b, C, R) contiguous, by the kernel's tiled transpose (torch's strided copy is
-    several times slower on large tensors: it thrashes the TLB)."""
-    batch, rows, cols = t.shape
-    out = t.new_empty(batch, cols, rows)
-    tiles = batch * -(-rows // 32)
-    _run([functools.partial(load().transpose, t.data_ptr(), out.data_ptr(), rows, cols, p0, p1)
-          for p0, p1 in _tasks(tiles)])
-    return out
-
-
-def channels_last(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t (b, d, L) float32 with adjacent channels, as the kernel reads it: t itself when it already is (e.g. a
-    view of (b, L, d) memory, what the Mamba layer passes), else a (b, L, d) copy seen as (b, d, L)."""
-    if t is None or t.stride(1) == 1 or t.shape[1] == 1:
-        return t
-    if t.is_contiguous():
-        return _transposed(t).transpose(1, 2)
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _empty_channels_last(like: torch.Tensor) -> torch.Tensor:
-    batch, dim, length = like.shape
-    return like.new_empty(batch, length, dim).transpose(1, 2)
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (b, d, L) tensor laid out like t when t's channels are adjacent ((b, L, d) memory,
+    the Mamba layer's), else contiguous (b, d, L) (mamba_ssm's layout)."""
+    batch, dim, length = t.shape
+    if t.stride(1) == 1 and dim > 1:
+        return t.new_empty(batch, length, dim).transpose(1, 2)
+    return t.new_empty(batch, dim, length)
 
 
 def _tasks(blocks: int, steps: int = 1024) -> list[tuple[int, int]]:
@@ -452,8 +429,8 @@ def _tasks(blocks: int, steps: int = 1024) -> list[tuple[int, int]]:
 
 
 class CompiledScan:
-    """`selective_scan`'s CPU implementation on the C kernel: float32; u, delta, z, dout with channel stride 1
-    (`channels_last`); A, D, delta_bias contiguous; B, C contiguous (b, g, L, n)."""
+    """`selective_scan`'s CPU implementation on the C kernel: float32; u, delta, z (b, d, L) in any layout
+    (adjacent channels fastest); A, D, delta_bias contiguous; B, C contiguous (b, g, L, n)."""
 
     name = "compiled"
 
@@ -463,8 +440,7 @@ class CompiledScan:
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
-        u_in, (u, delta, z) = u, (channels_last(t) for t in (u, delta, z))
-        out = _empty_channels_last(u)
+        out = _empty_like(u)
         last = u.new_empty(batch, dim, n)
         # the state before every chunk, per block: (blocks, chunks, n, lanes)
         ckpt = u.new_empty(batch * dim * ((L + CHUNK - 1) // CHUNK) * n) if for_backward else None
@@ -473,8 +449,6 @@ class CompiledScan:
         state = u.new_zeros(batch * dim * n)  # each block's running state, (blocks, n, lanes)
         _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1, state[b0 * n * lanes:].data_ptr())
               for b0, b1 in _tasks(batch * dim // lanes, L)])
-        if u_in.is_contiguous() and not u.is_contiguous():  # give (b, d, L) inputs a (b, d, L) output
-            out = _transposed(out.transpose(1, 2))
         return out, last, (u, delta, A, B, C, D, z, delta_bias, ckpt)
 
     @staticmethod
@@ -484,16 +458,16 @@ class CompiledScan:
         batch, dim, L = u.shape
         groups, n = B.shape[1], A.shape[1]
         lanes = _lanes(dim, groups)
-        du, ddelta = _empty_channels_last(u), _empty_channels_last(u)
-        dz = None if z is None else _empty_channels_last(z)
-        dout = channels_last(dout.float())
+        du, ddelta = _empty_like(u), _empty_like(delta)
+        dz = None if z is None else _empty_like(z)
+        dout = dout.float()
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, ckpt=ckpt, dout=dout, du=du, ddelta=ddelta, dz=dz)
         tasks = _tasks(batch * dim // lanes, L)
         dA, dD, dbias = A.new_empty(batch, dim, n), u.new_empty(batch, dim), u.new_empty(batch, dim)
         dB = B.new_zeros(len(tasks), batch, groups, L, n)  # per task: its blocks' channels summed
         dC = C.new_zeros(len(tasks), batch, groups, L, n)
-        work = u.new_empty(len(tasks), (2 * n + 1) * CHUNK * lanes)
+        work = u.new_empty(len(tasks), (2 * n + 1) * CHUNK * lanes)  # a chunk's states, decays, outputs
         carry = u.new_zeros(batch * dim // lanes, 2 * (n + 1) * lanes)  # per block: gx, dA, dD, ddelta_bias
         slots = [_Slot(*(t.data_ptr() for t in (dA, dB[i], dC[i], dD, dbias, work[i], carry[b0])))
                  for i, (b0, _) in enumerate(tasks)]
