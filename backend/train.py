@@ -114,6 +114,7 @@ class DenoiserTask:
         if vae_config.get("kind") not in ("vae", "pipeline"):
             raise ValueError(f"{vae_dir} holds no VAE (kind {vae_config.get('kind')!r})")
         self.vae_dir = Path(vae_dir)
+        self.train_cfg["vae"] = str(self.vae_dir.resolve())  # recorded: --resume needs no --vae
         config["vae"], config["feature_dim"] = vae_config["vae"], vae_config["feature_dim"]
         if args.text_encoder:
             config["text_encoder"] = {**config.get("text_encoder", {}), "path": str(Path(args.text_encoder))}
