@@ -169,8 +169,8 @@ def test_cpu_and_mamba_ssm_layers_share_parameters_and_outputs():
     theirs.load_state_dict(ours.state_dict())  # CPU checkpoint -> mamba_ssm on the GPU
     x = torch.randn(2, 40, 32)
     expected = ours(x)
-    torch.testing.assert_close(theirs(x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.cuda()(x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)  # our fused path
+    torch.testing.assert_close(theirs(x.cuda()).cpu(), expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(ours.cuda()(x.cuda()).cpu(), expected, atol=1e-3, rtol=1e-3)  # our fused path
     back = seeded(Mamba, 32, seed=9)
     back.load_state_dict({k: v.cpu() for k, v in theirs.state_dict().items()})  # GPU -> CPU
     torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-5)

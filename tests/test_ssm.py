@@ -41,21 +41,22 @@ def make_inputs(batch, dim, dstate, length, groups=0, with_D=True, with_z=True, 
     }
 
 
-def assert_matches_oracle(inputs, delta_softplus, return_last_state=False, tol=1e-4):
+def assert_matches_oracle(inputs, delta_softplus, return_last_state=False, tol=1e-4, atol=None):
     ours = selective_scan(**inputs, delta_softplus=delta_softplus, return_last_state=return_last_state)
     ref = selective_scan_ref(**inputs, delta_softplus=delta_softplus, return_last_state=return_last_state)
     if return_last_state:
         (ours, our_state), (ref, ref_state) = ours, ref
-        torch.testing.assert_close(our_state, ref_state, atol=tol, rtol=tol)
-    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
-    weight = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(our_state, ref_state, atol=atol or tol, rtol=tol)
+    torch.testing.assert_close(ours, ref, atol=atol or tol, rtol=tol)
+    weight = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1)).to(ours.device)
     names = [n for n in GRAD_NAMES if inputs[n] is not None]
     tensors = [inputs[n] for n in names]
     ours_grad = torch.autograd.grad((ours * weight).sum(), tensors)
     ref_grad = torch.autograd.grad((ref * weight).sum(), tensors)
     for name, a, b in zip(names, ours_grad, ref_grad):
         scale = max(1.0, b.abs().max().item())  # gradients summed over long sequences grow; compare relatively
-        torch.testing.assert_close(a / scale, b / scale, atol=tol, rtol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(a / scale, b / scale, atol=atol or tol, rtol=tol,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.fixture(params=["compiled", "torch"])
@@ -152,15 +153,17 @@ def test_bad_input_is_a_clear_error(change, error, match):
 @pytest.mark.skipif(not ssm.mamba_ssm_available(), reason="needs CUDA and mamba_ssm's CUDA kernels")
 @pytest.mark.parametrize("groups", [0, 2])
 def test_cuda_dispatch_uses_mamba_ssm_and_matches_oracle(groups):
+    """mamba_ssm's CUDA kernel against the oracle (on the GPU) and against our CPU scan, at mamba_ssm's own
+    float32 tolerances (its tests: rtol 6e-4, atol 2e-3, doubled with z)."""
     cpu_inputs = make_inputs(2, 8, 16, 129, groups=groups)
     cuda_inputs = {k: v.detach().cuda().requires_grad_() for k, v in cpu_inputs.items()}
     out, state = selective_scan(**cuda_inputs, delta_softplus=True, return_last_state=True)
     ref, ref_state = selective_scan_ref(**cuda_inputs, delta_softplus=True, return_last_state=True)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(state, ref_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, atol=4e-3, rtol=1.2e-3)
+    torch.testing.assert_close(state, ref_state, atol=4e-3, rtol=1.2e-3)
     cpu_out = selective_scan(**cpu_inputs, delta_softplus=True)
-    torch.testing.assert_close(out.cpu(), cpu_out, atol=1e-4, rtol=1e-4)
-    assert_matches_oracle(cuda_inputs, delta_softplus=True)
+    torch.testing.assert_close(out.cpu(), cpu_out, atol=4e-3, rtol=1.2e-3)
+    assert_matches_oracle(cuda_inputs, delta_softplus=True, tol=1.2e-3, atol=4e-3)
 
 
 def test_scan_runs_the_compiled_kernel_here():
