@@ -343,6 +343,8 @@ def train(kind: str, data: str | Path, out: str | Path, config: str | Path | Non
         cfg = state["config"]
     else:
         cfg = read_config_file(config or "default")
+    if kind not in cfg.get("train", {}):
+        raise ValueError(f"config {cfg.get('name')!r} has no train.{kind} section (batch_size, lr, steps, ...)")
     if steps is not None:
         cfg["train"][kind]["steps"] = int(steps)
     tcfg = cfg["train"][kind]

@@ -243,6 +243,10 @@ def test_train_bad_input(dataset, tmp_path, capsys):
         train("vae", dataset, tmp_path / "fresh", resume=True)
     with pytest.raises(FileNotFoundError, match="config 'huge' not found"):
         train("vae", dataset, tmp_path / "r", config="huge")
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in read_config_file("tiny").items() if k != "train"}))
+    with pytest.raises(ValueError, match=r"no train\.vae section"):
+        train("vae", dataset, tmp_path / "r", config=bare)
     assert main(["denoiser", "--data", str(dataset), "--out", str(tmp_path / "r"), "--config", "tiny"]) == 2
     assert "--vae RUN_DIR" in capsys.readouterr().err
 
