@@ -235,7 +235,7 @@ class MotionPipeline:
     def stream(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
                guidance: float = 2.5, steps: int = 50, samples: int = 1,
                callback: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, Motion]]:
-        """Yield (sample_index, start_frame, chunk) window by window as the VAE decodes.
+        """Yield (sample_index, start_frame, chunk) as the VAE decodes the latent window by window.
 
         Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of a prompt uses seed + k.
         ``callback(step, total)`` runs after every denoising step; an exception it raises propagates.
@@ -251,12 +251,17 @@ class MotionPipeline:
         with torch_threads(threads):
             z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback)
         decoded: list[list[np.ndarray]] = [[] for _ in prompts]
-        for first, last in self.vae.windows(z.shape[1]):
-            start = first * DOWNSAMPLE
-            if start >= frames:
-                break
+        windows = self.vae.windows(z.shape[1])
+        done = 0
+        while done < len(windows):
+            # A chunk is one decode window, then as many windows as were yielded before it (1, 1, 2, 4, ...):
+            # the first frames come at once, and recomputing the prefix stays linear in the length overall.
+            group = windows[done: done + max(1, done)]
+            done += len(group)
+            start = group[0][0] * DOWNSAMPLE
             with torch_threads(threads):  # not held across a yield: the caller runs with its own setting
-                window = self.vae.decode_window(z, first, last)[:, : frames - start].float().cpu().numpy()
+                window = torch.cat([self.vae.decode_window(z, a, b) for a, b in group], dim=1)
+                window = window[:, : frames - start].float().cpu().numpy()
                 chunks = [self._chunk(decoded[k], window[k] * self.std + self.mean, start, prompts[k], seeds[k])
                           for k in range(len(prompts))]
             for k, chunk in enumerate(chunks):
