@@ -148,6 +148,19 @@ def test_denoiser_with_another_local_text_encoder(dataset, trained, tmp_path):
     assert np.isfinite(pipe("a person walks", seconds=1.0, steps=2).positions).all()
 
 
+def test_v_prediction_denoiser(dataset, trained, tmp_path):
+    config = read_config_file("tiny")
+    config["diffusion"]["prediction"] = "v"
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(config))
+    history = train("denoiser", dataset, tmp_path / "v", config=path, steps=3, vae=trained["vae_dir"],
+                    progress=False)
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    pipe = MotionPipeline.from_checkpoint(tmp_path / "v", device="cpu")
+    assert pipe.diffusion.prediction == "v"
+    assert np.isfinite(pipe("a person walks", seconds=1.0, steps=3).features).all()
+
+
 def test_generate_cli_bad_input(trained, tmp_path, capsys):
     run = str(trained["run"])
     for args, message in (
