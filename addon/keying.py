@@ -9,8 +9,9 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from .retarget import RetargetResult
+from .retarget import RetargetResult, natural_name
 
+GENERATION_PROPERTY = "motion_mamba"  # the custom property holding a generated Action's prompt, seed and settings
 ROTATION_PATH = 'pose.bones["{}"].rotation_quaternion'
 LOCATION_PATH = 'pose.bones["{}"].location'
 
@@ -61,6 +62,19 @@ class ActionKeyer:
         self.rotation_modes: dict[str, str] = {}  # restored by discard()
         self.frames = np.zeros(0)
         self.values = np.zeros((0, 0))
+
+    @classmethod
+    def for_generation(
+        cls, obj, scene, settings: dict, source_fps: float, name: str | None = None, assign: bool = True
+    ) -> ActionKeyer:
+        """A keyer for one generated motion: the Action is named "<prompt> (seed N)" unless `name` is given,
+        `settings` (prompt, seed and whatever else describes the generation) are stored on it, and frames at
+        `source_fps` are spread over the scene's frame rate from its start frame."""
+        step = scene.render.fps / scene.render.fps_base / float(source_fps)
+        name = name or f"{natural_name(settings['prompt'])} (seed {settings['seed']})"
+        keyer = cls(obj, name, frame_start=scene.frame_start, frame_step=step, assign=assign)
+        keyer.action[GENERATION_PROPERTY] = settings
+        return keyer
 
     def _create_fcurves(self, result: RetargetResult) -> None:
         bag = _channelbag(self.action, self.slot) if self.slot is not None else None

@@ -174,27 +174,20 @@ class Session:
             job.retargeters[sample] = Retargeter(
                 self.skeleton or SMPL22_BUILTIN, TargetRig.from_armature(obj), job.bone_map, job.settings.root_motion
             )
-            scene = bpy.context.scene
-            step = scene.render.fps / scene.render.fps_base / float(self.server.get("fps", 20.0))
-            keyer = job.keyers[sample] = ActionKeyer(
-                obj, self._action_name(job, sample), frame_start=scene.frame_start, frame_step=step,
-                assign=sample == 0,
-            )  # fmt: skip
-            keyer.action["motion_mamba"] = {
+            fps = float(self.server.get("fps", 20.0))
+            settings = {
                 "prompt": job.settings.prompt, "seed": job.settings.seed + sample, "seconds": job.settings.seconds,
                 "guidance": job.settings.guidance, "steps": job.settings.steps, "sample": sample,
-                "preset": job.bone_map.preset, "root_motion": job.settings.root_motion,
-                "fps": float(self.server.get("fps", 20.0)), "device": str(self.server.get("device", "")),
+                "preset": job.bone_map.preset, "root_motion": job.settings.root_motion, "fps": fps,
+                "device": str(self.server.get("device", "")),
             }  # fmt: skip
+            keyer = job.keyers[sample] = ActionKeyer.for_generation(
+                obj, bpy.context.scene, settings, fps, assign=sample == 0
+            )
         elif message["start"] != len(keyer.frames):
             raise ValueError(f"sample {sample}: frames arrived out of order (got {message['start']}, "
                              f"expected {len(keyer.frames)})")  # fmt: skip
         keyer.append(job.retargeters[sample](root, rotations))
-
-    @staticmethod
-    def _action_name(job: Job, sample: int) -> str:
-        seed = job.settings.seed + sample
-        return f"{natural_name(job.settings.prompt)} (seed {seed})"
 
     def _done(self, message: wire.Message) -> None:
         job = self.job

@@ -59,14 +59,13 @@ except ImportError:
 from addon import wire  # noqa: E402
 from addon.armature import create_canonical_armature  # noqa: E402
 from addon.canonical import CanonicalSkeleton  # noqa: E402
-from addon.keying import ActionKeyer, assign_action  # noqa: E402
-from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones, natural_name  # noqa: E402
+from addon.keying import GENERATION_PROPERTY, ActionKeyer, assign_action  # noqa: E402
+from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones  # noqa: E402
 
 SUMMARY = "summary.json"
 CANONICAL_ARMATURE = "MotionSkeleton"
 EXPORTS = ("bvh", "fbx", "glb")
 ROW_FIELDS = ("prompt", "seconds", "seed", "guidance", "steps", "name")
-META = "motion_mamba"  # the custom property on each Action (as the add-on writes it), plus the batch key
 
 
 def script_args(argv: list[str], blender: bool | None = None) -> list[str]:
@@ -378,7 +377,7 @@ class Target:
 
     def actions(self) -> dict[str, Any]:
         """The batch's Actions in the scene by key."""
-        return {a[META]["key"]: a for a in bpy.data.actions if META in a and "key" in a[META]}
+        return {a[GENERATION_PROPERTY]["key"]: a for a in bpy.data.actions if "key" in a.get(GENERATION_PROPERTY, {})}
 
     def prepare(self, skeleton: CanonicalSkeleton, fps: float) -> None:
         """Create the canonical armature when no target was named; read the target's bones."""
@@ -396,16 +395,15 @@ class Target:
         if old is not None:
             bpy.data.actions.remove(old)
         retarget = Retargeter(self.skeleton, self.rig, self.bone_map, root_motion=not self.args.in_place)
-        render = self.scene.render
-        keyer = ActionKeyer(self.obj, row.name or f"{natural_name(row.prompt)} (seed {row.seed})",
-                            frame_start=self.scene.frame_start, frame_step=render.fps / render.fps_base / self.fps,
-                            assign=False)  # fmt: skip
-        keyer.append(retarget(root, rotations))
-        keyer.action[META] = {
+        settings = {
             "prompt": row.prompt, "seed": row.seed, "seconds": row.seconds, "guidance": row.guidance,
             "steps": row.steps, "sample": 0, "preset": self.bone_map.preset, "root_motion": not self.args.in_place,
             "fps": self.fps, "key": row.key, "stem": row.stem,
         }  # fmt: skip
+        keyer = ActionKeyer.for_generation(
+            self.obj, self.scene, settings, self.fps, name=row.name or None, assign=False
+        )
+        keyer.append(retarget(root, rotations))
         self.dirty = True
         last = math.ceil(keyer.frames[-1])
         if self.obj.name == CANONICAL_ARMATURE and self.scene.frame_end < last:
