@@ -99,6 +99,26 @@ def ratio(ref: float | None, ours: float) -> str:
     return "-" if ref is None else f"{ref / ours:.0f}x"
 
 
+def scaling(shape, repeats: int) -> str:
+    """time(4096) / time(512) for both layouts, forward and forward+backward; the two lengths are timed in
+    alternation so that a change of machine load hits both."""
+    parts = []
+    for channels_last in (False, True):
+        times = {length: ([], []) for length in (512, 4096)}
+        inputs = {length: make_inputs(*shape[:2], shape[2], length, channels_last=channels_last)
+                  for length in times}
+        for length in times:  # warm-up
+            forward_backward_time(ssm.selective_scan, inputs[length], 1)
+        for _ in range(repeats):
+            for length, (fwd, fb) in times.items():
+                fwd.append(forward_time(ssm.selective_scan, inputs[length], 1))
+                fb.append(forward_backward_time(ssm.selective_scan, inputs[length], 1))
+        fwd_ratio, fb_ratio = (statistics.median(times[4096][i]) / statistics.median(times[512][i]) for i in (0, 1))
+        parts.append(f"{'(b,L,d)' if channels_last else '(b,d,L)'} forward {fwd_ratio:.2f}, "
+                     f"forward+backward {fb_ratio:.2f}")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -121,41 +141,28 @@ def main() -> None:
     print("| device | L | ours fwd | ours (b,L,d) fwd | oracle fwd | fwd speed-up | ours fwd+bwd | "
           "ours (b,L,d) fwd+bwd | oracle fwd+bwd | fwd+bwd speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    ours_fwd, ours_fb, last_fwd, last_fb = {}, {}, {}, {}
-    for length in (196, 512, 1024, 4096):
+    for length in (196, 1024, 4096):
         inputs = make_inputs(*shape[:2], shape[2], length)
-        ours_fwd[length] = forward_time(ssm.selective_scan, inputs, args.repeats)
-        ours_fb[length] = forward_backward_time(ssm.selective_scan, inputs, args.repeats)
         channels_last = make_inputs(*shape[:2], shape[2], length, channels_last=True)
-        last_fwd[length] = forward_time(ssm.selective_scan, channels_last, args.repeats)
-        last_fb[length] = forward_backward_time(ssm.selective_scan, channels_last, args.repeats)
-        if length == 512:
-            continue  # measured for the length scaling only
+        ours_fwd = forward_time(ssm.selective_scan, inputs, args.repeats)
+        ours_fb = forward_backward_time(ssm.selective_scan, inputs, args.repeats)
+        last_fwd = forward_time(ssm.selective_scan, channels_last, args.repeats)
+        last_fb = forward_backward_time(ssm.selective_scan, channels_last, args.repeats)
         ref_fwd = forward_time(selective_scan_ref, inputs, 1 if length > 196 else 3)
         # The oracle's autograd backward grows quadratically (it keeps every step's graph): ~1.5 minutes at
         # L=1024 on 2 cores, tens of minutes at L=4096. Timed once at 1024, left out at 4096.
         slow = length >= 4096 or (args.quick and length > 196)
         ref_fb = None if slow else forward_backward_time(selective_scan_ref, inputs, 1)
-        print(f"| cpu | {length} | {fmt(ours_fwd[length])} | {fmt(last_fwd[length])} | {fmt(ref_fwd)} | "
-              f"{ratio(ref_fwd, ours_fwd[length])} | {fmt(ours_fb[length])} | {fmt(last_fb[length])} | "
-              f"{fmt(ref_fb)} | {ratio(ref_fb, ours_fb[length])} |", flush=True)
-    print("\nlength scaling, time(L=4096) / time(L=512) (linear = 8.0): "
-          f"ours forward {ours_fwd[4096] / ours_fwd[512]:.2f}, forward+backward {ours_fb[4096] / ours_fb[512]:.2f}; "
-          f"ours (b,L,d) forward {last_fwd[4096] / last_fwd[512]:.2f}, "
-          f"forward+backward {last_fb[4096] / last_fb[512]:.2f}")
+        print(f"| cpu | {length} | {fmt(ours_fwd)} | {fmt(last_fwd)} | {fmt(ref_fwd)} | {ratio(ref_fwd, ours_fwd)} | "
+              f"{fmt(ours_fb)} | {fmt(last_fb)} | {fmt(ref_fb)} | {ratio(ref_fb, ours_fb)} |", flush=True)
     print("oracle fwd+bwd at L=4096: not run (its backward is quadratic in L: tens of minutes)")
+    print(f"\nlength scaling, ours, time(L=4096) / time(L=512) (linear = 8.0), medians of {args.repeats} "
+          "interleaved runs:")
+    print(f"  default allocator: {scaling(shape, args.repeats)}")
     if reuse_freed_memory():
-        scaling = []
-        for channels_last in (False, True):
-            times = {}
-            for length in (512, 4096):
-                inputs = make_inputs(*shape[:2], shape[2], length, channels_last=channels_last)
-                times[length] = (forward_time(ssm.selective_scan, inputs, args.repeats),
-                                 forward_backward_time(ssm.selective_scan, inputs, args.repeats))
-            scaling.append(f"forward {times[4096][0] / times[512][0]:.2f}, "
-                           f"forward+backward {times[4096][1] / times[512][1]:.2f}")
-        print("the same scaling with glibc reusing freed memory (no fresh 32 MB mappings, so no first-touch page "
-              f"faults: the scan's own scaling): ours {scaling[0]}; ours (b,L,d) {scaling[1]}")
+        print(f"  glibc reusing freed memory: {scaling(shape, args.repeats)}")
+        print("  (by default glibc maps every block >= 32 MB afresh, and the (8, 256, 4096) tensors are 32 MB: their\n"
+              "  first-touch page faults are the part of the time that grows faster than L)")
 
     if ssm.mamba_ssm_available():
         print("\n| device | L | mamba_ssm fwd | oracle fwd | fwd speed-up | mamba_ssm fwd+bwd | oracle fwd+bwd | "
