@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import platform
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -263,6 +264,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.mm_prompts > 0 and not 1 <= args.mm_pairs <= args.mm_samples:
+        raise ValueError(f"--mm-pairs must be in 1..--mm-samples ({args.mm_samples}), got {args.mm_pairs}")
     device = resolve_device(args.device)
     evaluator = load_evaluator(args.evaluator, device)
     evaluator_config = load_config(args.evaluator)
@@ -393,5 +396,15 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def cli() -> int:
+    """``python -m backend.evaluate``: bad arguments and missing folders end with a one-line error, status 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

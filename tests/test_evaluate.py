@@ -193,6 +193,16 @@ def test_bad_evaluation_arguments_are_value_errors(mini_dataset, runs, tmp_path)
         evaluate.main(["--data", str(mini_dataset), "--evaluator", str(runs["vae"])])
     with pytest.raises(ValueError, match="R-precision needs"):
         evaluate.main(_args(mini_dataset, runs, tmp_path / "r.json", "--max-clips", "10"))
+    with pytest.raises(ValueError, match="mm-pairs"):
+        evaluate.main(_args(mini_dataset, runs, tmp_path / "r.json", "--mm-pairs", "5"))
+    with pytest.raises(FileNotFoundError):
+        evaluate.main(_args(mini_dataset, runs, tmp_path / "r.json", "--checkpoint", str(tmp_path / "missing")))
+
+
+def test_cli_reports_bad_input_in_one_line(mini_dataset, runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["evaluate", *_args(mini_dataset, runs, tmp_path / "r.json", "--repeats", "0")])
+    assert evaluate.cli() == 2
+    assert capsys.readouterr().err.strip() == "error: --repeats must be >= 1, got 0"
 
 
 def test_motion_embedding_does_not_depend_on_batch_padding():

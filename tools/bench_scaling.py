@@ -67,7 +67,9 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def measure_point(config: str, seconds: float, steps: int, device: str, min_time: float, threads: int) -> dict:
+def measure_point(
+    config: str, seconds: float, steps: int, device: str, min_time: float, min_runs: int, threads: int
+) -> dict:
     """Time and peak memory of one generation of ``seconds`` seconds (run inside the child process)."""
     import torch
 
@@ -106,7 +108,7 @@ def measure_point(config: str, seconds: float, steps: int, device: str, min_time
         with PeakRSS() as rss:
             runs = [generate(seconds)]
         peak = rss.increase
-    while sum(a + b for a, b in runs) < min_time and len(runs) < 5:
+    while len(runs) < min_runs or (sum(a + b for a, b in runs) < min_time and len(runs) < 5):
         runs.append(generate(seconds))
     denoise, decode = min(runs, key=lambda r: r[0] + r[1])
     return {
@@ -127,7 +129,7 @@ def measure_point(config: str, seconds: float, steps: int, device: str, min_time
 
 
 def run_point(
-    config: str, seconds: float, steps: int, device: str, min_time: float, threads: int, timeout: float
+    config: str, seconds: float, steps: int, device: str, min_time: float, min_runs: int, threads: int, timeout: float
 ) -> dict:
     """``measure_point`` in a fresh interpreter (a clean heap per point); an error or timeout is recorded."""
     cmd = [
@@ -142,6 +144,8 @@ def run_point(
         device,
         "--min-time",
         str(min_time),
+        "--min-runs",
+        str(min_runs),
         "--threads",
         str(threads),
     ]
@@ -172,8 +176,13 @@ def slope(points: list[dict], key: str) -> float | None:
 
 def markdown(results: list[dict], steps: int) -> str:
     lines = [
-        f"Generation of one sample (guidance 2.5, {steps} DDIM steps, VAE decode), random weights, "
-        "default-size models. Peak memory: see the method in tools/bench_scaling.py.",
+        f"Generation of one sample: classifier-free guidance 2.5 (the denoiser sees a batch of 2), {steps} DDIM "
+        "steps, then the VAE decode; random weights (cost does not depend on weight values); the default-size "
+        "models of configs/default.json and configs/mld_transformer.json (same VAE, denoisers of matched size). "
+        "Time: the fastest of 3 to 5 runs (more while under --min-time), after a 10 s warm-up, each point "
+        "in a fresh process. Peak memory: CUDA, torch.cuda.max_memory_allocated minus the allocation before "
+        "the run; CPU, peak resident set size sampled every 2 ms from /proc/self/statm during the run minus "
+        "the resident size before it (activations and workspace; the weights are loaded before).",
         "",
     ]
     for device in dict.fromkeys(r["device"] for r in results):
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (the same for both models)")
     p.add_argument("--device", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
     p.add_argument("--min-time", type=float, default=2.0, help="repeat a point until it took this many seconds")
+    p.add_argument("--min-runs", type=int, default=3, help="timed runs per point at least (the fastest is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per point before giving up on it")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "scaling", help="writes OUT.md, OUT.png, OUT.json")
@@ -271,7 +281,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             json.dumps(
                 measure_point(
-                    args.point[0], float(args.point[1]), args.steps, args.device[0], args.min_time, args.threads
+                    args.point[0],
+                    float(args.point[1]),
+                    args.steps,
+                    args.device[0],
+                    args.min_time,
+                    args.min_runs,
+                    args.threads,
                 )
             )
         )
@@ -279,13 +295,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     if args.quick:
-        args.lengths, args.steps, args.min_time = [10, 20, 40], 2, 0.0
+        args.lengths, args.steps, args.min_time, args.min_runs = [10, 20, 40], 2, 0.0, 1
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     results = []
     for device in devices:
         for model, config in MODELS.items():
             for seconds in args.lengths:
-                r = run_point(config, seconds, args.steps, device, args.min_time, args.threads, args.timeout)
+                r = run_point(
+                    config, seconds, args.steps, device, args.min_time, args.min_runs, args.threads, args.timeout
+                )
                 results.append(r | {"model": model})
                 print(
                     f"{device} {model:16s} {seconds:6g} s: "
