@@ -251,6 +251,17 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_previews(out: Path, name: str, items: list[Item], motions: list[np.ndarray]) -> None:
+    """Stick-figure contact sheets ``<out>_previews/<k>_<name>.png`` of the first repeat's motions."""
+    from backend.motion import features_to_positions
+    from backend.preview import render_preview
+
+    folder = out.with_name(out.stem + "_previews")
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (item, motion) in enumerate(zip(items, motions)):
+        render_preview(features_to_positions(motion), folder / f"{k:02d}_{name}.png", title=f"{name}: {item.caption}")
+
+
 def _same_vae(a: str | Path, b: str | Path) -> bool:
     def digest(p: str | Path) -> str:
         return hashlib.sha256((Path(p) / "vae.safetensors").read_bytes()).hexdigest()
@@ -317,7 +328,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         ]
         for method in methods:
             rng = np.random.default_rng(seed)  # every row gets the same R-precision batches and diversity pairs
-            emb = embed_motions(evaluator, method.generate(items, seed))
+            motions = method.generate(items, seed)
+            if r == 0 and args.previews and args.out:
+                write_previews(Path(args.out), method.name, items[: args.previews], motions)
+            emb = embed_motions(evaluator, motions)
             v = values[method.name]
             for k, top in enumerate(metrics.r_precision(text, emb, batch_size=GUO["r_batch"], rng=rng), 1):
                 v[f"R@{k}"].append(float(top))
@@ -384,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm-pairs", type=int, default=GUO["mm_pairs"])
     p.add_argument("--aits-prompts", type=int, default=20, help="sentences timed for AITS (0: skip)")
     p.add_argument("--max-clips", type=int, default=None, help="use only the first N clips of the split")
+    p.add_argument("--previews", type=int, default=0, help="contact sheets of the first N prompts, every row")
     p.add_argument("--no-retrieval", action="store_true", help="skip the text-retrieval row")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

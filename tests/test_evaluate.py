@@ -146,6 +146,8 @@ def test_evaluation_report_has_every_metric_with_a_ci(mini_dataset, runs, tmp_pa
             str(runs["mamba"]),
             "--baseline",
             str(runs["mld"]),
+            "--previews",
+            "1",
         )
     )
     rows = {row["name"]: row for row in report["rows"]}
@@ -163,6 +165,8 @@ def test_evaluation_report_has_every_metric_with_a_ci(mini_dataset, runs, tmp_pa
     assert report["device"].startswith("cpu")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"][0]["metrics"]["FID"] == rows["real"]["metrics"]["FID"]
+    previews = sorted(p.name for p in (tmp_path / "report_previews").iterdir())
+    assert previews == [f"00_{name}.png" for name in sorted(rows)]
     table = (tmp_path / "report.md").read_text()
     assert table.startswith("| Method |") and "motion_mamba" in table and "±" in table
     print(table)
