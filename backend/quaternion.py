@@ -52,6 +52,8 @@ def qbetween(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 def qfix(q: torch.Tensor) -> torch.Tensor:
     """Flip signs along time (dim -3 of (..., T, J, 4) or dim -2 of (..., T, 4)) so neighbours agree."""
     time_dim = q.dim() - 3 if q.dim() >= 3 else 0
+    if q.shape[time_dim] < 2:
+        return q
     dots = (q.narrow(time_dim, 1, q.shape[time_dim] - 1) * q.narrow(time_dim, 0, q.shape[time_dim] - 1)).sum(-1)
     flips = torch.cumsum((dots < 0).to(torch.int64), dim=time_dim) % 2
     sign = torch.cat([torch.zeros_like(flips.narrow(time_dim, 0, 1)), flips], dim=time_dim)

@@ -158,3 +158,11 @@ def test_turning_through_180_degrees_round_trips():
     positions = canonicalize_positions(forward_kinematics(root, local))
     recovered = features_to_positions(positions_to_features(positions))
     assert np.abs(recovered - positions[:-1]).max() < 1e-4
+
+
+def test_single_frame_rotations(humanml3d_samples):
+    features = load_clips(humanml3d_samples)[0][1][:1]
+    root, quats = features_to_rotations(features)
+    assert root.shape == (1, 3) and quats.shape == (1, 22, 4)
+    error = np.linalg.norm(forward_kinematics(root, quats) - features_to_positions(features), axis=-1)
+    assert error.mean() < 0.01

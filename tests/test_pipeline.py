@@ -54,7 +54,6 @@ def test_motion_has_the_requested_length_and_is_consistent(pipe):
     np.testing.assert_allclose(np.linalg.norm(motion.rotations, axis=-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.xfail(raises=RuntimeError, reason="backend.quaternion.qfix fails on a 1-frame motion (reported)")
 def test_one_frame_motion(pipe):
     assert pipe("a person jumps", seconds=0.05, steps=2).frames == 1
 
