@@ -313,8 +313,16 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
+    """$MOTION_MAMBA_CACHE, else ~/.cache/motion_mamba; a temporary folder where that is not writable."""
     root = os.environ.get("MOTION_MAMBA_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "motion_mamba"
+    path = Path(root) / "motion_mamba"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"motion_mamba-{getattr(os, 'getuid', lambda: 'user')()}"
 
 
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
