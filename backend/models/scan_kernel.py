@@ -378,13 +378,13 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
 
 
 def _run(calls) -> None:
-    """Run the kernel calls on torch's thread count (ctypes releases the GIL inside each)."""
+    """Run the kernel calls on torch's thread count, the calling thread taking the last one (ctypes releases
+    the GIL inside each)."""
     workers = max(1, torch.get_num_threads())
-    if workers == 1 or len(calls) == 1:
-        for call in calls:
-            call()
-        return
-    for future in [_pool(workers, os.getpid()).submit(call) for call in calls]:
+    futures = [_pool(workers - 1, os.getpid()).submit(call) for call in calls[:-1]] if workers > 1 else []
+    for call in calls[len(futures):]:
+        call()
+    for future in futures:
         future.result()
 
 
