@@ -11,8 +11,9 @@ forward checkpoints the state before every chunk; the backward walks the chunks 
 each chunk's states from its checkpoint and runs the reverse (adjoint) scan over it, so memory is
 O(L / CHUNK) states per channel, not O(L), and time is linear in L.
 exp and log1p are Cephes-style polynomials written so that gcc/clang vectorise them, without -ffast-math
-(which would change the floating-point mode of the whole process). ctypes releases the GIL, so a thread pool
-of torch.get_num_threads() workers runs blocks of channels in parallel.
+(which would change the floating-point mode of the whole process). Blocks of channels run in parallel in an
+OpenMP loop on torch.get_num_threads() threads; built with -fopenmp, the kernel shares the OpenMP runtime
+torch has loaded, so torch's workers run it instead of competing with it. ctypes releases the GIL meanwhile.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -290,14 +290,27 @@ INLINE void bwd_task(const Scan *s, const Slot *sl, int64_t b0, int64_t b1, cons
     default: CALL(1); break;          \
     }
 
-void scan_fwd(const Scan *s, int64_t W, int64_t b0, int64_t b1, float *state) {
-#define FWD(w) fwd_task(s, b0, b1, state, w)
-    DISPATCH(FWD)
+/* The tasks i < tasks (block ranges bounds[i] .. bounds[i + 1]) in parallel. Compiled with -fopenmp, this is
+   the OpenMP runtime torch itself runs on (libgomp.so.1, already loaded by torch): one thread team, no
+   second pool competing with torch's spinning workers. */
+void scan_fwd(const Scan *s, int64_t W, const int64_t *bounds, int64_t tasks, float *state, int64_t threads) {
+    #pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && tasks > 1)
+    for (int64_t i = 0; i < tasks; i++) {
+        const int64_t b0 = bounds[i], b1 = bounds[i + 1];
+        float *st = state + b0 * s->n * W;
+#define FWD(w) fwd_task(s, b0, b1, st, w)
+        DISPATCH(FWD)
+    }
 }
 
-void scan_bwd(const Scan *s, const Slot *slot, int64_t W, int64_t b0, int64_t b1) {
-#define BWD(w) bwd_task(s, slot, b0, b1, w)
-    DISPATCH(BWD)
+void scan_bwd(const Scan *s, const Slot *slots, int64_t W, const int64_t *bounds, int64_t tasks,
+              int64_t threads) {
+    #pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && tasks > 1)
+    for (int64_t i = 0; i < tasks; i++) {
+        const int64_t b0 = bounds[i], b1 = bounds[i + 1];
+#define BWD(w) bwd_task(s, slots + i, b0, b1, w)
+        DISPATCH(BWD)
+    }
 }
 """
 
@@ -326,6 +339,7 @@ def _cache_dir() -> Path:
 
 
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
+OPENMP = "-fopenmp"  # threads over blocks of channels; without it (e.g. Apple clang) the kernel runs serially
 NATIVE = "-march=native"  # AVX2 / AVX-512 where the CPU has them: 3-6x faster than baseline SSE2
 
 
@@ -343,7 +357,7 @@ def build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', '')!r}; install gcc or clang, or set CC)")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, NATIVE, platform.machine(), _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, OPENMP, NATIVE, platform.machine(), _cpu_id()]).encode())
     target = _cache_dir() / f"scan_kernel_{key.hexdigest()[:16]}{'.dll' if os.name == 'nt' else '.so'}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +365,8 @@ def build() -> ctypes.CDLL:
             src, out = Path(tmp) / "scan_kernel.c", Path(tmp) / target.name
             src.write_text(SOURCE)
             errors = []
-            for flags in ([*FLAGS, NATIVE], FLAGS):  # some compilers reject -march=native: retry without
+            # some compilers reject -march=native or -fopenmp: retry without
+            for flags in ([*FLAGS, OPENMP, NATIVE], [*FLAGS, OPENMP], FLAGS):
                 cmd = [cc, *flags, str(src), "-o", str(out)]
                 result = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if result.returncode == 0:
@@ -362,30 +377,14 @@ def build() -> ctypes.CDLL:
             os.replace(out, target)  # atomic: concurrent first uses never load a half-written file
         log.info("built the CPU scan kernel: %s", target)
     lib = ctypes.CDLL(str(target))
-    lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), *[ctypes.c_int64] * 3, ctypes.c_void_p]
-    lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), *[ctypes.c_int64] * 3]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), i64, ptr, i64, ptr, i64]
+    lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), i64, ptr, i64, i64]
     lib.scan_fwd.restype = lib.scan_bwd.restype = None
     return lib
 
 
 load = functools.cache(build)  # one build/load per process
-
-
-@functools.cache
-def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
-    """One pool per process (keyed by pid: a forked child, e.g. a DataLoader worker, gets its own threads)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
-
-
-def _run(calls) -> None:
-    """Run the kernel calls on torch's thread count, the calling thread taking the last one (ctypes releases
-    the GIL inside each)."""
-    workers = max(1, torch.get_num_threads())
-    futures = [_pool(workers - 1, os.getpid()).submit(call) for call in calls[:-1]] if workers > 1 else []
-    for call in calls[len(futures):]:
-        call()
-    for future in futures:
-        future.result()
 
 
 def _lanes(dim: int, groups: int) -> int:
@@ -429,11 +428,12 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(batch, dim, length)
 
 
-def _tasks(blocks: int, steps: int = 1024) -> list[tuple[int, int]]:
-    """The blocks cut into one contiguous range per thread (fewer when there is too little work: a task
-    should scan at least ~512 block-steps to be worth a hand-off to the pool)."""
-    parts = min(blocks, max(1, torch.get_num_threads()), max(1, blocks * steps // 512))
-    return [(blocks * i // parts, blocks * (i + 1) // parts) for i in range(parts)]
+def _tasks(blocks: int, steps: int) -> tuple[ctypes.Array, int, int]:
+    """Block ranges, one per thread (fewer when there is too little work: a task should scan at least ~512
+    block-steps): (bounds array, number of tasks, threads)."""
+    threads = max(1, torch.get_num_threads())
+    parts = min(blocks, threads, max(1, blocks * steps // 512))
+    return (ctypes.c_int64 * (parts + 1))(*(blocks * i // parts for i in range(parts + 1))), parts, threads
 
 
 class CompiledScan:
@@ -455,8 +455,8 @@ class CompiledScan:
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, out=out, last=last, ckpt=ckpt)
         state = u.new_zeros(batch * dim * n)  # each block's running state, (blocks, n, lanes)
-        _run([functools.partial(lib.scan_fwd, ctypes.byref(args), lanes, b0, b1, state[b0 * n * lanes:].data_ptr())
-              for b0, b1 in _tasks(batch * dim // lanes, L)])
+        bounds, tasks, threads = _tasks(batch * dim // lanes, L)
+        lib.scan_fwd(ctypes.byref(args), lanes, bounds, tasks, state.data_ptr(), threads)
         return out, last, (u, delta, A, B, C, D, z, delta_bias, ckpt)
 
     @staticmethod
@@ -471,15 +471,15 @@ class CompiledScan:
         dout = dout.float()
         args = _scan_struct(dim, groups, L, n, softplus, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                             delta_bias=delta_bias, ckpt=ckpt, dout=dout, du=du, ddelta=ddelta, dz=dz)
-        tasks = _tasks(batch * dim // lanes, L)
+        bounds, tasks, threads = _tasks(batch * dim // lanes, L)
         dA, dD, dbias = A.new_empty(batch, dim, n), u.new_empty(batch, dim), u.new_empty(batch, dim)
-        dB = B.new_zeros(len(tasks), batch, groups, L, n)  # per task: its blocks' channels summed
-        dC = C.new_zeros(len(tasks), batch, groups, L, n)
-        work = u.new_empty(len(tasks), (2 * n + 1) * CHUNK * lanes)  # a chunk's states, decays, outputs
+        dB = B.new_zeros(tasks, batch, groups, L, n)  # per task: its blocks' channels summed
+        dC = C.new_zeros(tasks, batch, groups, L, n)
+        work = u.new_empty(tasks, (2 * n + 1) * CHUNK * lanes)  # a chunk's states, decays, outputs
         carry = u.new_zeros(batch * dim // lanes, 2 * (n + 1) * lanes)  # per block: gx, dA, dD, ddelta_bias
-        slots = [_Slot(*(t.data_ptr() for t in (dA, dB[i], dC[i], dD, dbias, work[i], carry[b0])))
-                 for i, (b0, _) in enumerate(tasks)]
-        _run([functools.partial(lib.scan_bwd, ctypes.byref(args), ctypes.byref(slot), lanes, b0, b1)
-              for slot, (b0, b1) in zip(slots, tasks)])
+        slots = (_Slot * tasks)(*(_Slot(*(t.data_ptr() for t in (dA, dB[i], dC[i], dD, dbias, work[i],
+                                                                   carry[bounds[i]])))
+                                  for i in range(tasks)))
+        lib.scan_bwd(ctypes.byref(args), slots, lanes, bounds, tasks, threads)
         return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else dbias.sum(0))
