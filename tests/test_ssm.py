@@ -235,3 +235,15 @@ def test_contiguous_inputs_give_a_contiguous_output(implementation):
     """As mamba_ssm's: (b, d, L) contiguous in, (b, d, L) contiguous out (other layouts may come back strided)."""
     out = selective_scan(**make_inputs(2, 32, 4, 9), delta_softplus=True)
     assert out.is_contiguous() and out.shape == (2, 32, 9)
+
+
+def test_multithreaded_scan_matches_oracle(implementation):
+    """Enough work to split over threads: tasks sum their partial dB/dC, each writes its own rows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        inputs = make_inputs(3, 64, 16, 200)
+        assert scan_kernel._tasks(3 * 64 // 16, 200)[1] == 4
+        assert_matches_oracle(inputs, delta_softplus=True, return_last_state=True)
+    finally:
+        torch.set_num_threads(threads)
