@@ -86,17 +86,20 @@ def measure_point(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def generate(secs: float) -> tuple[float, float]:
+    def generate(secs: float) -> dict:
         tokens = -(-round(secs * pipe.fps) // DOWNSAMPLE)
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         z = pipe._latents([PROMPT], [0], tokens, 2.5, steps, None)
         sync()
         t1 = time.perf_counter()
         with torch.no_grad():
             pipe.vae.decode(z)
         sync()
-        return t1 - t0, time.perf_counter() - t1
+        t2, c2 = time.perf_counter(), time.process_time()
+        # CPU: process CPU seconds (what a run costs, whatever else the shared machine runs); CUDA: wall seconds
+        total = c2 - c0 if dev.type == "cpu" else t2 - t0
+        return {"denoise_wall_s": t1 - t0, "decode_wall_s": t2 - t1, "wall_s": t2 - t0, "total_s": total}
 
     generate(10.0)
     if dev.type == "cuda":
@@ -108,9 +111,9 @@ def measure_point(
         with PeakRSS() as rss:
             runs = [generate(seconds)]
         peak = rss.increase
-    while len(runs) < min_runs or (sum(a + b for a, b in runs) < min_time and len(runs) < 5):
+    while len(runs) < min_runs or (sum(r["wall_s"] for r in runs) < min_time and len(runs) < 5):
         runs.append(generate(seconds))
-    denoise, decode = min(runs, key=lambda r: r[0] + r[1])
+    best = min(runs, key=lambda r: r["total_s"])
     return {
         "model": config,
         "arch": pipe.config["denoiser"]["arch"],
@@ -119,9 +122,7 @@ def measure_point(
         "steps": steps,
         "latent_tokens": -(-round(seconds * pipe.fps) // DOWNSAMPLE),
         "denoiser_params": pipe.describe()["params"]["denoiser"],
-        "denoise_s": denoise,
-        "decode_s": decode,
-        "total_s": denoise + decode,
+        **best,
         "peak_mem_mb": peak / 2**20,
         "runs": len(runs),
         "threads": torch.get_num_threads(),
@@ -179,7 +180,8 @@ def markdown(results: list[dict], steps: int) -> str:
         f"Generation of one sample: classifier-free guidance 2.5 (the denoiser sees a batch of 2), {steps} DDIM "
         "steps, then the VAE decode; random weights (cost does not depend on weight values); the default-size "
         "models of configs/default.json and configs/mld_transformer.json (same VAE, denoisers of matched size). "
-        "Time: the fastest of 3 to 5 runs (more while under --min-time), after a 10 s warm-up, each point "
+        "Time: on the CPU, the process CPU seconds of the run (robust to other load on a shared machine; one torch "
+        "thread by default), on CUDA wall seconds; the least of 3 to 5 runs, after a 10 s warm-up, each point "
         "in a fresh process. Peak memory: CUDA, torch.cuda.max_memory_allocated minus the allocation before "
         "the run; CPU, peak resident set size sampled every 2 ms from /proc/self/statm during the run minus "
         "the resident size before it (activations and workspace; the weights are loaded before).",
@@ -233,7 +235,10 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "total_s", "generation time (s)"), (axes[1], "peak_mem_mb", "peak memory (MiB)")):
+    for ax, key, label in (
+        (axes[0], "total_s", "generation time (s; CPU: process CPU time)"),
+        (axes[1], "peak_mem_mb", "peak memory (MiB)"),
+    ):
         anchor = None
         for (model, device), style in zip(
             sorted({(r["model"], r["device"]) for r in results}), ("o-", "s-", "o--", "s--")
@@ -310,8 +315,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     + (
                         r["error"]
                         if "error" in r
-                        else f"{r['total_s']:8.3f} s (denoise {r['denoise_s']:.3f}, decode {r['decode_s']:.3f}), "
-                        f"peak {r['peak_mem_mb']:8.1f} MiB"
+                        else f"{r['total_s']:8.3f} s (wall {r['wall_s']:.3f}: denoise {r['denoise_wall_s']:.3f}, "
+                        f"decode {r['decode_wall_s']:.3f}), peak {r['peak_mem_mb']:8.1f} MiB"
                     ),
                     flush=True,
                 )
