@@ -29,6 +29,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     pip install --no-build-isolation "mamba-ssm>=2.2" "causal-conv1d>=1.4" || echo "[setup] WARNING: mamba-ssm CUDA build failed; using the CPU scan"
   fi
   pip install --no-deps -e .
+  # Build the CPU selective-scan kernel now (a few seconds, cached) rather than at the first generation.
+  "$VENV/bin/python" -c "from backend.models import scan_kernel; scan_kernel.load()" || echo "[setup] note: no C compiler; using the slower PyTorch scan"
   echo "$want" > "$STAMP"
 fi
 echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, bpy, zmq; print("torch", torch.__version__, "| blender", bpy.app.version_string, "| zmq", zmq.zmq_version(), "| cuda", torch.cuda.is_available())')"
