@@ -7,8 +7,9 @@ Both models run at their default sizes (configs/default.json, configs/mld_transf
 matched denoiser parameter budget) with random weights: the cost of a forward pass does not depend on the
 weight values. One sample, classifier-free guidance 2.5 (so the denoiser sees a batch of 2), the same number of
 DDIM steps for both. Every (model, length, device) point runs in a fresh subprocess: load, one warm-up
-generation at 10 s, then the timed generation (DDIM denoising, then the VAE decode), repeated while under
-``--min-time`` seconds and the fastest kept.
+generation of 1 s, then the timed generation (DDIM denoising, then the VAE decode), 3 to 5 times, the least
+kept. Time on the CPU is the process CPU time (one torch thread by default: on a shared machine wall time
+mostly measures the neighbours); on CUDA, wall time after synchronising.
 
 Peak memory: CUDA, ``torch.cuda.max_memory_allocated`` during the timed run minus the allocation before it;
 CPU, the peak resident set size sampled every 2 ms from /proc/self/statm by a thread during the first timed run,
@@ -101,7 +102,7 @@ def measure_point(
         total = c2 - c0 if dev.type == "cpu" else t2 - t0
         return {"denoise_wall_s": t1 - t0, "decode_wall_s": t2 - t1, "wall_s": t2 - t0, "total_s": total}
 
-    generate(10.0)
+    generate(1.0)  # warm-up: small, so that its freed heap cannot hide a short run's memory
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
@@ -181,7 +182,7 @@ def markdown(results: list[dict], steps: int) -> str:
         "steps, then the VAE decode; random weights (cost does not depend on weight values); the default-size "
         "models of configs/default.json and configs/mld_transformer.json (same VAE, denoisers of matched size). "
         "Time: on the CPU, the process CPU seconds of the run (robust to other load on a shared machine; one torch "
-        "thread by default), on CUDA wall seconds; the least of 3 to 5 runs, after a 10 s warm-up, each point "
+        "thread by default), on CUDA wall seconds; the least of 3 to 5 runs, after a 1 s warm-up, each point "
         "in a fresh process. Peak memory: CUDA, torch.cuda.max_memory_allocated minus the allocation before "
         "the run; CPU, peak resident set size sampled every 2 ms from /proc/self/statm during the run minus "
         "the resident size before it (activations and workspace; the weights are loaded before).",
