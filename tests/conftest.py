@@ -31,3 +31,15 @@ def bandai_archive() -> Path:
     if not BANDAI_ARCHIVE.is_file():
         pytest.skip(f"Bandai-Namco archive not found at {BANDAI_ARCHIVE}")
     return BANDAI_ARCHIVE
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
+    other); the previous count is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

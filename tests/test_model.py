@@ -14,15 +14,7 @@ from backend.models.vae import MotionVAE
 UNET = {"arch": "motion_mamba", "dims": [16, 24, 32], "scans": [2, 1, 1], "groups": 4, "heads": 2, "d_state": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
-    other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize(module: nn.Module) -> nn.Module:
@@ -58,7 +50,7 @@ def test_vae_window_reads_only_its_context(vae):
     ref = vae.decode_window(z, start, stop)
     far = z.clone()
     far[:, : start - vae.context] += 5.0  # tokens outside [start - context, stop + context)
-    far[:, stop + vae.context:] -= 5.0
+    far[:, stop + vae.context :] -= 5.0
     assert torch.equal(vae.decode_window(far, start, stop), ref)
     near = z.clone()
     near[:, start - vae.context] += 5.0
@@ -204,4 +196,3 @@ def test_text_encoder_offline_minilm(tmp_path):
     assert similar > unrelated + 0.2
     with pytest.raises(FileNotFoundError, match="no Hugging Face text encoder"):
         TextEncoder(tmp_path)
-

@@ -14,16 +14,7 @@ from backend.checkpoint import read_config_file, save_array, save_json, save_wei
 from backend.models.denoiser import build_denoiser
 from backend.pipeline import DEFAULT_WEIGHTS, Motion, MotionPipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
-    other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +29,9 @@ def pipe() -> MotionPipeline:
 
 
 def _equal(a: Motion, b: Motion) -> bool:
-    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in
-               ("features", "positions", "root_translation", "rotations"))
+    return all(
+        np.array_equal(getattr(a, k), getattr(b, k)) for k in ("features", "positions", "root_translation", "rotations")
+    )
 
 
 def test_motion_has_the_requested_length_and_is_consistent(pipe):
@@ -110,8 +102,9 @@ def test_cpu_threads_apply_while_generating_only(pipe):
     seen = []
     torch.set_num_threads(2)
     try:
-        for _ in pipe.stream("a person walks", seconds=2.0, steps=2,
-                             callback=lambda s, n: seen.append(torch.get_num_threads())):
+        for _ in pipe.stream(
+            "a person walks", seconds=2.0, steps=2, callback=lambda s, n: seen.append(torch.get_num_threads())
+        ):
             seen.append(("caller", torch.get_num_threads()))
         assert seen[:2] == [1, 1] and set(seen[2:]) == {("caller", 2)}
         assert torch.get_num_threads() == 2
@@ -130,26 +123,29 @@ def test_long_motion_sixty_seconds(pipe):
     assert motion.frames == 1200 and np.isfinite(motion.positions).all()
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"prompt": ""}, ValueError, "prompt is empty"),
-    ({"prompt": "   "}, ValueError, "prompt is empty"),
-    ({"prompt": "x" * 1001}, ValueError, "too long"),
-    ({"prompt": 3}, TypeError, "prompt must be"),
-    ({"prompt": ["walk", None]}, TypeError, "every prompt must be a string"),
-    ({"prompt": []}, TypeError, "non-empty"),
-    ({"seconds": 0}, ValueError, "seconds must be > 0"),
-    ({"seconds": -2.0}, ValueError, "seconds must be > 0"),
-    ({"seconds": 120.5}, ValueError, "<= 120"),
-    ({"seconds": float("nan")}, ValueError, "seconds must be"),
-    ({"seconds": "10"}, TypeError, "seconds must be a number"),
-    ({"seconds": 0.01}, ValueError, "shorter than one frame"),
-    ({"steps": 0}, ValueError, "steps must be"),
-    ({"steps": 2.5}, ValueError, "steps must be"),
-    ({"guidance": float("inf")}, ValueError, "guidance"),
-    ({"samples": 0}, ValueError, "samples"),
-    ({"seed": -1}, ValueError, "seed"),
-    ({"seed": [1, 2]}, TypeError, "one per prompt"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompt": ""}, ValueError, "prompt is empty"),
+        ({"prompt": "   "}, ValueError, "prompt is empty"),
+        ({"prompt": "x" * 1001}, ValueError, "too long"),
+        ({"prompt": 3}, TypeError, "prompt must be"),
+        ({"prompt": ["walk", None]}, TypeError, "every prompt must be a string"),
+        ({"prompt": []}, TypeError, "non-empty"),
+        ({"seconds": 0}, ValueError, "seconds must be > 0"),
+        ({"seconds": -2.0}, ValueError, "seconds must be > 0"),
+        ({"seconds": 120.5}, ValueError, "<= 120"),
+        ({"seconds": float("nan")}, ValueError, "seconds must be"),
+        ({"seconds": "10"}, TypeError, "seconds must be a number"),
+        ({"seconds": 0.01}, ValueError, "shorter than one frame"),
+        ({"steps": 0}, ValueError, "steps must be"),
+        ({"steps": 2.5}, ValueError, "steps must be"),
+        ({"guidance": float("inf")}, ValueError, "guidance"),
+        ({"samples": 0}, ValueError, "samples"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": [1, 2]}, TypeError, "one per prompt"),
+    ],
+)
 def test_bad_arguments(pipe, kwargs, error, message):
     args = {"prompt": "a person walks", "seconds": 2.0, **kwargs}
     with pytest.raises(error, match=message):
@@ -204,7 +200,19 @@ def test_bad_checkpoints(pipe, tmp_path):
         MotionPipeline.from_checkpoint(swapped)
 
 
-@pytest.mark.skipif((DEFAULT_WEIGHTS / "config.json").is_file(), reason="shipped weights are present")
-def test_no_shipped_weights_says_how_to_get_them():
+def test_no_shipped_weights_says_how_to_get_them(monkeypatch, tmp_path):
+    import backend.pipeline
+
+    monkeypatch.setattr(backend.pipeline, "DEFAULT_WEIGHTS", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"python -m backend.train vae"):
         MotionPipeline.from_checkpoint()
+
+
+def test_the_shipped_model_loads_and_generates():
+    assert (DEFAULT_WEIGHTS / "MODEL_CARD.md").is_file(), "the shipped checkpoint needs its model card"
+    pipe = MotionPipeline.from_checkpoint(device="cpu")
+    motion = pipe("an elderly person walks forward slowly", seconds=3.0, seed=0, steps=10)
+    assert motion.features.shape == (60, 263) and motion.fps == 20
+    assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
+    travelled = np.linalg.norm(motion.root_translation[-1, [0, 2]] - motion.root_translation[0, [0, 2]])
+    assert travelled > 0.5, f"a 3 s walk should travel, got {travelled:.2f} m"

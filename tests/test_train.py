@@ -30,15 +30,7 @@ CAPTIONS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
-    other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,8 @@ def dataset(humanml3d_samples: Path, tmp_path_factory) -> Path:
     (root / "texts").mkdir()
     for clip, caps in CAPTIONS.items():
         (root / "new_joint_vecs" / f"{clip}.npy").write_bytes(
-            (humanml3d_samples / "new_joint_vecs" / f"{clip}.npy").read_bytes())
+            (humanml3d_samples / "new_joint_vecs" / f"{clip}.npy").read_bytes()
+        )
         (root / "texts" / f"{clip}.txt").write_text("".join(f"{c}#{c}#0.0#0.0\n" for c in caps))
     (root / "train.txt").write_text("\n".join(CAPTIONS) + "\n")
     for split in ("val", "test"):
@@ -79,8 +72,10 @@ def trained(dataset, tmp_path_factory) -> dict:
         t0 = time.perf_counter()
         out[kind] = train(kind, dataset, runs / kind, config="tiny", progress=False, **extra)
         out[f"{kind}_seconds"] = time.perf_counter() - t0
-        print(f"tiny {kind}: {len(out[kind])} steps in {out[f'{kind}_seconds']:.1f} s, loss "
-              f"{out[kind][0]['loss']:.3f} -> {out[kind][-1]['loss']:.3f}")
+        print(
+            f"tiny {kind}: {len(out[kind])} steps in {out[f'{kind}_seconds']:.1f} s, loss "
+            f"{out[kind][0]['loss']:.3f} -> {out[kind][-1]['loss']:.3f}"
+        )
     out["vae_dir"], out["run"] = runs / "vae", runs / "denoiser"
     return out
 
@@ -119,16 +114,37 @@ def test_run_folder_is_a_generation_checkpoint(trained):
 
 def test_generate_cli_writes_npz_bvh_and_preview(trained, tmp_path, capsys):
     run = str(trained["run"])
-    assert generate.main(["a person jumps in place", "--seconds", "2.5", "--steps", "5", "--seed", "3",
-                          "--checkpoint", run, "--out", str(tmp_path / "m.npz"),
-                          "--preview", str(tmp_path / "m.png")]) == 0
+    assert (
+        generate.main(
+            [
+                "a person jumps in place",
+                "--seconds",
+                "2.5",
+                "--steps",
+                "5",
+                "--seed",
+                "3",
+                "--checkpoint",
+                run,
+                "--out",
+                str(tmp_path / "m.npz"),
+                "--preview",
+                str(tmp_path / "m.png"),
+            ]
+        )
+        == 0
+    )
     assert "50 frames (2.50 s at 20 fps)" in capsys.readouterr().out
     data = np.load(tmp_path / "m.npz")
     assert data["features"].shape == (50, 263) and data["rotations"].shape == (50, 22, 4)
     assert str(data["prompt"]) == "a person jumps in place" and int(data["seed"]) == 3
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
-    assert generate.main(["a person walks", "--seconds", "1", "--steps", "3", "--checkpoint", run,
-                          "--out", str(tmp_path / "m.bvh")]) == 0
+    assert (
+        generate.main(
+            ["a person walks", "--seconds", "1", "--steps", "3", "--checkpoint", run, "--out", str(tmp_path / "m.bvh")]
+        )
+        == 0
+    )
     bvh = (tmp_path / "m.bvh").read_text()
     assert bvh.startswith("HIERARCHY") and "Frames: 20" in bvh
     pipe = MotionPipeline.from_checkpoint(run, device="cpu")  # same seed and settings, same motion
@@ -140,8 +156,9 @@ def test_denoiser_with_another_local_text_encoder(dataset, trained, tmp_path):
     clip = tmp_path / "my-clip"
     make_clip_folder(clip)
     run = tmp_path / "clip_run"
-    history = train("denoiser", dataset, run, config="tiny", steps=2, vae=trained["vae_dir"],
-                    text_encoder=clip, progress=False)
+    history = train(
+        "denoiser", dataset, run, config="tiny", steps=2, vae=trained["vae_dir"], text_encoder=clip, progress=False
+    )
     assert len(history) == 2 and load_config(run)["text_encoder"]["path"] == str(clip)
     pipe = MotionPipeline.from_checkpoint(run, device="cpu")
     assert pipe.describe()["text_encoder"] == "my-clip" and pipe.text_encoder.dim == 32
@@ -153,8 +170,7 @@ def test_v_prediction_denoiser(dataset, trained, tmp_path):
     config["diffusion"]["prediction"] = "v"
     path = tmp_path / "v.json"
     path.write_text(json.dumps(config))
-    history = train("denoiser", dataset, tmp_path / "v", config=path, steps=3, vae=trained["vae_dir"],
-                    progress=False)
+    history = train("denoiser", dataset, tmp_path / "v", config=path, steps=3, vae=trained["vae_dir"], progress=False)
     assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
     pipe = MotionPipeline.from_checkpoint(tmp_path / "v", device="cpu")
     assert pipe.diffusion.prediction == "v"
@@ -180,8 +196,9 @@ def test_generate_cli_bad_input(trained, tmp_path, capsys):
 def test_resume_reproduces_the_uninterrupted_run(dataset, short_config, trained, tmp_path, kind):
     extra = {"vae": trained["vae_dir"]} if kind == "denoiser" else {}
     full = train(kind, dataset, tmp_path / "full", config=short_config, steps=6, progress=False, **extra)
-    part = train(kind, dataset, tmp_path / "cut", config=short_config, steps=6, progress=False, stop_after=5,
-                 **extra)  # a "kill" after step 5: the last checkpoint is step 4
+    part = train(
+        kind, dataset, tmp_path / "cut", config=short_config, steps=6, progress=False, stop_after=5, **extra
+    )  # a "kill" after step 5: the last checkpoint is step 4
     assert len(part) == 5 and load_state(tmp_path / "cut" / "train_state.pt")["step"] == 4
     resumed = train(kind, dataset, tmp_path / "cut", steps=6, resume=True, progress=False)  # no --vae needed
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]  # steps 5 and 6 recomputed exactly
@@ -200,10 +217,26 @@ def test_resume_after_sigkill(dataset, short_config, tmp_path):
     cfg = tmp_path / "every_step.json"
     cfg.write_text(json.dumps(config))
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "backend.train", "vae", "--data", str(dataset), "--out", str(run),
-                             "--config", str(cfg), "--steps", "40"], cwd=ROOT,
-                            env=_subprocess_env(torch.get_num_threads()),  # same float reductions as here
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backend.train",
+            "vae",
+            "--data",
+            str(dataset),
+            "--out",
+            str(run),
+            "--config",
+            str(cfg),
+            "--steps",
+            "40",
+        ],
+        cwd=ROOT,
+        env=_subprocess_env(torch.get_num_threads()),  # same float reductions as here
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     state = run / "train_state.pt"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -225,10 +258,33 @@ def test_resume_after_sigkill(dataset, short_config, tmp_path):
 
 def test_ddp_two_processes_gloo(dataset, short_config, tmp_path):
     run = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29531", "-m", "backend.train", "vae", "--data", str(dataset),
-                           "--out", str(run), "--config", str(short_config), "--steps", "3"],
-                          cwd=ROOT, env=_subprocess_env(1), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "backend.train",
+            "vae",
+            "--data",
+            str(dataset),
+            "--out",
+            str(run),
+            "--config",
+            str(short_config),
+            "--steps",
+            "3",
+        ],
+        cwd=ROOT,
+        env=_subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ddp: 2 processes, parameters identical on every rank" in proc.stdout
     state = load_state(run / "train_state.pt")
@@ -273,8 +329,11 @@ def make_clip_folder(folder) -> None:
 
     torch.manual_seed(0)
     small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-    config = CLIPConfig(text_config={**small, "vocab_size": 30522, "max_position_embeddings": 64},
-                        vision_config={**small, "image_size": 32, "patch_size": 16}, projection_dim=16)
+    config = CLIPConfig(
+        text_config={**small, "vocab_size": 30522, "max_position_embeddings": 64},
+        vision_config={**small, "image_size": 32, "patch_size": 16},
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (folder / name).write_bytes((default_encoder_path() / name).read_bytes())
