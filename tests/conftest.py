@@ -37,9 +37,7 @@ def bandai_archive() -> Path:
 def one_torch_thread():
     """Small models: one torch thread is as fast, and far faster on a shared CPU (no threads waiting on each
     other); the previous count is restored after the module."""
-    import torch
+    from backend.pipeline import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
