@@ -117,14 +117,37 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def read_config_file(name_or_path: str | Path) -> dict:
-    """A model/training config: a JSON file path, or the name of one in ``configs/`` ("tiny", "default")."""
+    """A model/training config: a JSON file path, or the name of one in ``configs/`` ("tiny", "default").
+
+    A config may name another in ``"base"``: it then holds only the top-level sections it changes
+    (``"denoiser"``, ``"train"``, ...), each replacing the base's section whole.
+    """
+    config, seen = {}, []
+    while name_or_path is not None:
+        path = _config_path(name_or_path)
+        if path.resolve() in seen:
+            raise ValueError(f"config {path} names itself as a base, through {' -> '.join(map(str, seen))}")
+        seen.append(path.resolve())
+        try:
+            own = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config {path} is not valid JSON: {exc}") from None
+        if not isinstance(own, dict):
+            raise ValueError(f"config {path} is not a JSON object")
+        own.setdefault("name", path.stem)
+        name_or_path = own.pop("base", None)
+        if name_or_path is not None and Path(name_or_path).suffix:
+            name_or_path = path.parent / name_or_path  # a relative base file sits beside the config naming it
+        config = own | config
+    config["format"] = FORMAT
+    return config
+
+
+def _config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = CONFIGS_DIR / f"{name_or_path}.json"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
         raise FileNotFoundError(f"config {name_or_path!r} not found (a .json path, or one of {known})")
-    config = json.loads(path.read_text())
-    config.setdefault("name", path.stem)
-    config["format"] = FORMAT
-    return config
+    return path

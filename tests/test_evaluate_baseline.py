@@ -1,23 +1,16 @@
 """The MLD-style transformer baseline: registered in the denoiser factory, padding-safe, budget-matched."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
+from backend.checkpoint import read_config_file
 from backend.models.denoiser import build_denoiser
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TEXT_DIM = 384
 
 
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _load(name: str) -> dict:
-    return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
 def _inputs(batch: int = 2, tokens: int = 10, latent: int = 4, words: int = 6):
@@ -30,9 +23,12 @@ def _inputs(batch: int = 2, tokens: int = 10, latent: int = 4, words: int = 6):
     return x, t, text, text_mask, pooled
 
 
-@pytest.mark.parametrize(("baseline", "mamba"), [("mld_transformer", "default"), ("mld_transformer_tiny", "tiny")])
+@pytest.mark.parametrize(
+    ("baseline", "mamba"),
+    [("mld_transformer", "default"), ("mld_transformer_tiny", "tiny"), ("bandai_cpu_mld", "bandai_cpu")],
+)
 def test_baseline_config_matches_the_mamba_config_but_for_the_denoiser(baseline, mamba):
-    a, b = _load(baseline), _load(mamba)
+    a, b = read_config_file(baseline), read_config_file(mamba)
     assert a["denoiser"]["arch"] == "mld_transformer"
     for key in set(a) | set(b):
         if key not in ("name", "denoiser"):
@@ -45,7 +41,7 @@ def test_baseline_config_matches_the_mamba_config_but_for_the_denoiser(baseline,
 
 
 def test_baseline_output_shape_and_padding_invariance():
-    model = build_denoiser(_load("mld_transformer_tiny")["denoiser"], 4, TEXT_DIM).eval()
+    model = build_denoiser(read_config_file("mld_transformer_tiny")["denoiser"], 4, TEXT_DIM).eval()
     torch.nn.init.normal_(model.out.weight)  # the zero-initialised head would hide everything
     x, t, text, text_mask, pooled = _inputs()
     text_mask[1, 3:] = False
@@ -59,7 +55,7 @@ def test_baseline_output_shape_and_padding_invariance():
 
 
 def test_baseline_uses_text_and_drop_swaps_it_out():
-    model = build_denoiser(_load("mld_transformer_tiny")["denoiser"], 4, TEXT_DIM).eval()
+    model = build_denoiser(read_config_file("mld_transformer_tiny")["denoiser"], 4, TEXT_DIM).eval()
     torch.nn.init.normal_(model.out.weight)
     x, t, text, text_mask, pooled = _inputs()
     with torch.no_grad():
@@ -73,7 +69,7 @@ def test_baseline_uses_text_and_drop_swaps_it_out():
 
 def test_baseline_learns_a_fixed_batch():
     torch.manual_seed(0)
-    model = build_denoiser(_load("mld_transformer_tiny")["denoiser"] | {"dropout": 0.0}, 4, TEXT_DIM)
+    model = build_denoiser(read_config_file("mld_transformer_tiny")["denoiser"] | {"dropout": 0.0}, 4, TEXT_DIM)
     x, t, text, text_mask, pooled = _inputs()
     target = torch.randn_like(x)
     drop = torch.tensor([True, False])
@@ -91,6 +87,6 @@ def test_baseline_learns_a_fixed_batch():
 
 @pytest.mark.parametrize("bad", [{"layers": 4}, {"layers": 0}, {"d_model": 30, "heads": 4}])
 def test_bad_baseline_config_is_a_value_error(bad):
-    config = _load("mld_transformer_tiny")["denoiser"] | bad
+    config = read_config_file("mld_transformer_tiny")["denoiser"] | bad
     with pytest.raises(ValueError):
         build_denoiser(config, 4, TEXT_DIM)
