@@ -65,3 +65,15 @@ def test_file_names_are_safe_and_distinct():
     assert len(set(names)) == len(names) == 9
     assert all(n.endswith(".png") and " " not in n for n in names)
     assert any(s == 60.0 for _, s in make_previews.PROMPTS)
+
+
+def test_the_tool_renders_and_measures_with_the_shipped_model(tmp_path, capsys):
+    assert make_previews.main(["--out", str(tmp_path), "--first", "2", "--steps", "3"]) == 0
+    rows = [line for line in (tmp_path / "measurements.md").read_text().splitlines() if line.startswith("| a ")]
+    assert len(rows) == 1 and "tired old man" in rows[0]  # the second prompt starts with "someone"
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        make_previews.file_name(i, p, s) for i, (p, s) in enumerate(make_previews.PROMPTS[:2])
+    )
+    assert "wrote 2 previews" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        make_previews.main(["--out", str(tmp_path), "--first", "0"])

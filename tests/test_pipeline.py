@@ -216,3 +216,21 @@ def test_the_shipped_model_loads_and_generates():
     assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
     travelled = np.linalg.norm(motion.root_translation[-1, [0, 2]] - motion.root_translation[0, [0, 2]])
     assert travelled > 0.5, f"a 3 s walk should travel, got {travelled:.2f} m"
+
+
+def test_the_shipped_model_follows_the_prompt():
+    """Prompts whose answer is plain in the joints: which hand is up, and how far a run goes next to a walk."""
+    pipe = MotionPipeline.from_checkpoint(device="cpu")
+    prompts = ["a person waves with the left hand", "a person waves with the right hand",
+               "a person raises both hands", "a person walks forward", "a person runs forward"]
+    left, right, both, walk, run = pipe(prompts, seconds=4.0, seed=1, steps=10)
+    wrists = {name: (m.positions[:, 20, 1].max(), m.positions[:, 21, 1].max())  # left, right wrist heights (m)
+              for name, m in (("left", left), ("right", right), ("both", both))}
+    assert wrists["left"][0] > 1.5 > 1.2 > wrists["left"][1], wrists
+    assert wrists["right"][1] > 1.5 > 1.2 > wrists["right"][0], wrists
+    assert min(wrists["both"]) > 1.5, wrists
+
+    def travel(m):
+        return np.linalg.norm(m.root_translation[-1, [0, 2]] - m.root_translation[0, [0, 2]])
+
+    assert travel(run) > 1.8 * travel(walk) > 1.8 * 2.0, (travel(run), travel(walk))

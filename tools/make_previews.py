@@ -66,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/previews", help="folder for the PNGs and measurements.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--first", type=int, default=len(PROMPTS), help="only the first N prompts (a quick look)")
     args = parser.parse_args(argv)
+    prompts = PROMPTS[: max(args.first, 0)]
+    if not prompts:
+        parser.error("--first must be at least 1")
 
     pipe = MotionPipeline.from_checkpoint(args.checkpoint, device="cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"# Previews of `{pipe.describe()['name']}`",
+        f"# Previews of `{pipe.describe()['model']}`",
         "",
         f"`python tools/make_previews.py` (seed {args.seed}, {args.steps} DDIM steps, default guidance). Heights are"
         " metres above the floor (the canonical skeleton is 1.7 m tall; wrists hang at ~0.85 m, feet rest at ~0.05"
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "| prompt | file | " + " | ".join(COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
     ]
-    for i, (prompt, seconds) in enumerate(PROMPTS):
+    for i, (prompt, seconds) in enumerate(prompts):
         start = time.perf_counter()
         motion = pipe(prompt, seconds=seconds, seed=args.seed, steps=args.steps)
         took = time.perf_counter() - start
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = ", ".join(f"{c} {m[c]:.2f}" for c in COLUMNS)
         print(f"{prompt!r} ({seconds:g} s): generated in {took:.2f} s; {summary}")
     (out / "measurements.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(PROMPTS)} previews and measurements.md to {out}")
+    print(f"wrote {len(prompts)} previews and measurements.md to {out}")
     return 0
 
 
