@@ -91,6 +91,24 @@ def run_until(condition, seconds: float, each=None) -> None:
         time.sleep(0.01)
 
 
+def pump(session: Session, until, seconds: float, each=None) -> list:
+    """Hand the session its replies one at a time (what a timer tick does in a loop), checking ``until`` and
+    calling ``each`` after every one: the tiny model can send a whole motion between two ticks, and this sees
+    every state in between. Returns the replies not handled yet."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert time.monotonic() < deadline, f"timed out; status: {session.describe()}"
+        messages = session.client.poll(timeout=0.05)
+        while messages:
+            if until():
+                return messages
+            session.handle(messages.pop(0))
+            if each is not None:
+                each()
+        if until():
+            return []
+
+
 def generated() -> list:
     return [a for a in bpy.data.actions if "motion_mamba" in a]
 
@@ -102,8 +120,8 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
     bpy.context.scene.motion_mamba.samples = 2
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
     seen = set()
-    run_until(lambda: session.job is None, 180,
-              each=lambda: seen.update(len(k.frames) for k in (session.job.keyers if session.job else {}).values()))
+    pump(session, lambda: session.job is None, 180,
+         each=lambda: seen.update(len(k.frames) for k in (session.job.keyers if session.job else {}).values()))
     assert session.error == "", session.error
     actions = generated()
     assert sorted(a["motion_mamba"]["seed"] for a in actions) == [5, 6]
@@ -135,15 +153,17 @@ def test_cancel_leaves_no_half_action(scene):
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.motion_mamba.generate()
-    run_until(lambda: session.job is not None and session.job.keyers, 180)
-    assert 0 < len(session.job.keyers[0].frames) < 40  # a half action exists now
+    late = pump(session, lambda: session.job is not None and session.job.keyers, 180)
+    assert 0 < len(session.job.keyers[0].frames) < 40
     assert bpy.ops.motion_mamba.cancel() == {"FINISHED"}
     assert generated() == [] and rig.animation_data.action.name == "users own"
     assert session.error == "Cancelled"
-    for _ in range(100):  # late frames for the cancelled request are ignored
+    for message in late:  # the rest of the cancelled request's replies are ignored
+        session.handle(message)
+    for _ in range(100):
         addon._timer()
         time.sleep(0.01)
-    assert generated() == []
+    assert generated() == [] and session.job is None
 
 
 def test_dead_backend_gives_a_clear_status(monkeypatch):
