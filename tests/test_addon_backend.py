@@ -178,7 +178,7 @@ def test_dead_backend_gives_a_clear_status(monkeypatch):
         props = bpy.context.scene.motion_mamba
         props.prompt, props.seconds, props.steps = "a person jumps", 2.0, 50
         assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
-        run_until(lambda: session.job.total > 0, 120)  # the backend is working on it
+        pump(session, lambda: session.job is not None and session.job.total > 0, 120)  # working on it
         process.kill()
         start = time.monotonic()
         run_until(lambda: session.job is None, 30)
