@@ -211,6 +211,12 @@ def _subprocess_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
+def _train_vae_module_args(dataset: Path, run: Path, config: Path, steps: int) -> list[str]:
+    """``-m backend.train vae ...`` as a user types it, for ``python`` or ``torchrun``."""
+    return ["-m", "backend.train", "vae", "--data", str(dataset), "--out", str(run), "--config", str(config),
+            "--steps", str(steps)]
+
+
 def test_resume_after_sigkill(dataset, short_config, tmp_path):
     config = json.loads(short_config.read_text())
     config["train"]["vae"]["save_every"] = 1
@@ -218,20 +224,7 @@ def test_resume_after_sigkill(dataset, short_config, tmp_path):
     cfg.write_text(json.dumps(config))
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.train",
-            "vae",
-            "--data",
-            str(dataset),
-            "--out",
-            str(run),
-            "--config",
-            str(cfg),
-            "--steps",
-            "40",
-        ],
+        [sys.executable, *_train_vae_module_args(dataset, run, cfg, 40)],
         cwd=ROOT,
         env=_subprocess_env(torch.get_num_threads()),  # same float reductions as here
         stdout=subprocess.DEVNULL,
@@ -259,26 +252,8 @@ def test_resume_after_sigkill(dataset, short_config, tmp_path):
 def test_ddp_two_processes_gloo(dataset, short_config, tmp_path):
     run = tmp_path / "ddp"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29531",
-            "-m",
-            "backend.train",
-            "vae",
-            "--data",
-            str(dataset),
-            "--out",
-            str(run),
-            "--config",
-            str(short_config),
-            "--steps",
-            "3",
-        ],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         *_train_vae_module_args(dataset, run, short_config, 3)],
         cwd=ROOT,
         env=_subprocess_env(1),
         capture_output=True,
