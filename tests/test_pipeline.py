@@ -208,29 +208,32 @@ def test_no_shipped_weights_says_how_to_get_them(monkeypatch, tmp_path):
         MotionPipeline.from_checkpoint()
 
 
-def test_the_shipped_model_loads_and_generates():
+@pytest.fixture(scope="module")
+def shipped() -> MotionPipeline:
+    return MotionPipeline.from_checkpoint(device="cpu")
+
+
+def _travel(motion: Motion) -> float:
+    """Metres between the first and last root position on the floor."""
+    return float(np.linalg.norm(motion.root_translation[-1, [0, 2]] - motion.root_translation[0, [0, 2]]))
+
+
+def test_the_shipped_model_loads_and_generates(shipped):
     assert (DEFAULT_WEIGHTS / "MODEL_CARD.md").is_file(), "the shipped checkpoint needs its model card"
-    pipe = MotionPipeline.from_checkpoint(device="cpu")
-    motion = pipe("an elderly person walks forward slowly", seconds=3.0, seed=0, steps=10)
+    motion = shipped("an elderly person walks forward slowly", seconds=3.0, seed=0, steps=10)
     assert motion.features.shape == (60, 263) and motion.fps == 20
     assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
-    travelled = np.linalg.norm(motion.root_translation[-1, [0, 2]] - motion.root_translation[0, [0, 2]])
-    assert travelled > 0.5, f"a 3 s walk should travel, got {travelled:.2f} m"
+    assert _travel(motion) > 0.5, f"a 3 s walk should travel, got {_travel(motion):.2f} m"
 
 
-def test_the_shipped_model_follows_the_prompt():
+def test_the_shipped_model_follows_the_prompt(shipped):
     """Prompts whose answer is plain in the joints: which hand is up, and how far a run goes next to a walk."""
-    pipe = MotionPipeline.from_checkpoint(device="cpu")
     prompts = ["a person waves with the left hand", "a person waves with the right hand",
                "a person raises both hands", "a person walks forward", "a person runs forward"]
-    left, right, both, walk, run = pipe(prompts, seconds=4.0, seed=1, steps=10)
+    left, right, both, walk, run = shipped(prompts, seconds=4.0, seed=1, steps=10)
     wrists = {name: (m.positions[:, 20, 1].max(), m.positions[:, 21, 1].max())  # left, right wrist heights (m)
               for name, m in (("left", left), ("right", right), ("both", both))}
     assert wrists["left"][0] > 1.5 > 1.2 > wrists["left"][1], wrists
     assert wrists["right"][1] > 1.5 > 1.2 > wrists["right"][0], wrists
     assert min(wrists["both"]) > 1.5, wrists
-
-    def travel(m):
-        return np.linalg.norm(m.root_translation[-1, [0, 2]] - m.root_translation[0, [0, 2]])
-
-    assert travel(run) > 1.8 * travel(walk) > 1.8 * 2.0, (travel(run), travel(walk))
+    assert _travel(run) > 1.8 * _travel(walk) > 1.8 * 2.0, (_travel(run), _travel(walk))
