@@ -10,6 +10,10 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=.venv
+# The add-on is also tested on the newest Blender, which bundles Python 3.13 (bpy for 3.11 stops at 5.0.1): a
+# second, torch-free venv holds that bpy; the add-on tests run there against a backend from $VENV.
+BLENDER_VENV=.venv-blender
+BLENDER_BPY=bpy==5.3.0
 STAMP=$VENV/.setup-stamp
 want=$(cat pyproject.toml setup.sh | sha256sum | cut -c1-16)
 
@@ -29,9 +33,26 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     pip install --no-build-isolation "mamba-ssm>=2.2" "causal-conv1d>=1.4" || echo "[setup] WARNING: mamba-ssm CUDA build failed; using the CPU scan"
   fi
   pip install --no-deps -e .
+  # The extension's pyzmq wheels (cp311 + cp313, every platform), hash-checked and cached in .whl/ for the build.
+  "$VENV/bin/python" tools/build_extension.py --fetch-only
   # Build the CPU selective-scan kernel now (a few seconds, cached) rather than at the first generation.
   "$VENV/bin/python" -c "from backend.models import scan_kernel; scan_kernel.load()" || echo "[setup] note: no C compiler; using the slower PyTorch scan"
   echo "$want" > "$STAMP"
+fi
+# Python 3.13 for the newest Blender: on PATH, or from pyenv (whose shim fails unless that version is selected).
+py313=""
+for candidate in python3.13 "$HOME"/.pyenv/versions/3.13*/bin/python3.13; do
+  if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1; then py313=$candidate; fi
+done
+BLENDER_STAMP=$BLENDER_VENV/.setup-stamp
+if [ -z "$py313" ]; then
+  echo "[setup] note: no Python 3.13 found, so the add-on tests run on Blender 5.0 (Python 3.11) only;" \
+       "install Python 3.13 and re-run ./setup.sh to test on the newest Blender too"
+elif [ ! -f "$BLENDER_STAMP" ] || [ "$(cat "$BLENDER_STAMP")" != "$want" ]; then
+  echo "[setup] installing $BLENDER_BPY into $BLENDER_VENV (Python 3.13, no torch)"
+  [ -x "$BLENDER_VENV/bin/python" ] || "$py313" -m venv "$BLENDER_VENV"
+  "$BLENDER_VENV/bin/python" -m pip --disable-pip-version-check -q install "$BLENDER_BPY" pyzmq pytest pytest-timeout hypothesis
+  echo "$want" > "$BLENDER_STAMP"
 fi
 echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, bpy, zmq; print("torch", torch.__version__, "| blender", bpy.app.version_string, "| zmq", zmq.zmq_version(), "| cuda", torch.cuda.is_available())')"
 if [ "${1:-}" = "--run" ]; then
