@@ -173,7 +173,7 @@ class ActionKeyer:
     ) -> None:  # fmt: skip
         if place not in PLACEMENTS:
             raise ValueError(f"place must be one of {PLACEMENTS}, got {place!r}")
-        self.object_name, self.frame_start, self.place = obj.name, frame_start, place
+        self.object_name, self.frame_start, self.strip_frame = obj.name, frame_start, round(strip_frame)
         self.resampler = Resampler(source_fps, scene_fps, keep_timing)
         anim = obj.animation_data
         previous = anim.action if anim is not None and place == "ACTIVE" else None
@@ -197,7 +197,7 @@ class ActionKeyer:
             anim = obj.animation_data or obj.animation_data_create()
             track = anim.nla_tracks.new()
             track.name = self.track = action.name
-            strip = track.strips.new(action.name, round(strip_frame), action)
+            strip = track.strips.new(action.name, self.strip_frame, action)
             if self.slot is not None:
                 strip.action_slot = _slot(action, self.slot)
         self.channels: list[tuple[str, int, str]] = []  # (data path, index, group) per column of `values`
@@ -244,12 +244,7 @@ class ActionKeyer:
     def end_frame(self) -> float:
         """The scene frame where the keyed motion ends (on the NLA strip's timeline when placed there)."""
         last = self.frame_start + (self.offsets[-1] if len(self.offsets) else 0.0)
-        if self.track is None:
-            return last
-        obj, action = self.resolve()
-        track = obj.animation_data.nla_tracks.get(self.track) if obj.animation_data else None
-        strip = track.strips.get(action.name) if track is not None else None
-        return strip.frame_end if strip is not None else last
+        return last if self.track is None else self.strip_frame + last - self.frame_start
 
     def _fcurves(self, action) -> list:
         """This keyer's F-curves (one per channel), found by data path; KeyingStopped if one is gone."""

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 bpy = pytest.importorskip("bpy")
@@ -121,31 +122,32 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
     seen = set()
     pump(session, lambda: session.job is None, 180,
-         each=lambda: seen.update(len(k.frames) for k in (session.job.keyers if session.job else {}).values()))
+         each=lambda: seen.update(k.received for k in (session.job.keyers if session.job else {}).values()))
     assert session.error == "", session.error
     actions = generated()
     assert sorted(a["motion_mamba"]["seed"] for a in actions) == [5, 6]
     expected = round(2.0 * session.server["fps"])
     print(f"generated {[a.name for a in actions]}; keyed frame counts seen while streaming: {sorted(seen)}")
+    # keys on whole frames at the scene's rate (24 fps by default) over the source's duration (20 fps)
+    fps_ratio = bpy.context.scene.render.fps / session.server["fps"]
+    whole_frames = 1 + np.arange(int((expected - 1) * fps_ratio) + 1)
     for action in actions:
         curves = action_fcurves(action)
         assert len(curves) == 22 * 4 + 3
-        assert {len(fc.keyframe_points) for fc in curves} == {expected}
+        for fc in curves:
+            assert np.array_equal([k.co[0] for k in fc.keyframe_points], whole_frames), fc.data_path
         assert action["motion_mamba"]["prompt"] == "a person walks"
         assert action["motion_mamba"]["steps"] == 3
-        # keys at the scene's frame rate (24 fps by default) from the source's 20 fps: same duration in seconds
-        fps_ratio = bpy.context.scene.render.fps / session.server["fps"]
-        assert curves[0].keyframe_points[-1].co[0] == pytest.approx(1 + (expected - 1) * fps_ratio, abs=1e-3)
     assert rig.animation_data.action in actions and rig.animation_data.action_slot is not None
     assert min(seen) < expected, "keys should appear before the whole motion has arrived"
     assert [tuple(fc.keyframe_points[0].co) for fc in action_fcurves(user)] == user_keys
-    assert user.name in bpy.data.actions and bpy.data.actions[user.name].use_fake_user  # kept alive
+    assert not user.use_fake_user and user.users == 1  # kept alive by the generated action, not a fake user
 
     name = rig.name
     bpy.ops.ed.undo()  # one step removes the whole generation (Python references are stale after undo)
     assert generated() == []
     rig = bpy.data.objects[name]
-    assert rig.animation_data.action.name == "users own"
+    assert rig.animation_data.action.name == "users own" and not rig.animation_data.action.use_fake_user
 
 
 def test_cancel_leaves_no_half_action(scene):
@@ -154,9 +156,10 @@ def test_cancel_leaves_no_half_action(scene):
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.motion_mamba.generate()
     late = pump(session, lambda: session.job is not None and session.job.keyers, 180)
-    assert 0 < len(session.job.keyers[0].frames) < 40
+    assert 0 < session.job.keyers[0].received < 40
     assert bpy.ops.motion_mamba.cancel() == {"FINISHED"}
     assert generated() == [] and rig.animation_data.action.name == "users own"
+    assert not rig.animation_data.action.use_fake_user
     assert session.error == "Cancelled"
     for message in late:  # the rest of the cancelled request's replies are ignored
         session.handle(message)
@@ -164,6 +167,94 @@ def test_cancel_leaves_no_half_action(scene):
         addon._timer()
         time.sleep(0.01)
     assert generated() == [] and session.job is None
+
+
+def test_users_euler_action_still_drives_its_bones(scene):
+    """Keys go into each bone's own rotation mode: the rig is not switched to quaternions, so the user's own
+    Euler-keyed action still moves the bone when assigned again."""
+    session, rig = scene
+    user = rig.animation_data.action
+    elbow = rig.pose.bones["left_elbow"]
+    elbow.rotation_mode = "XYZ"
+    elbow.rotation_euler = (1.2, 0.0, 0.0)
+    rig.keyframe_insert('pose.bones["left_elbow"].rotation_euler', frame=1)
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    pump(session, lambda: session.job is None, 180)
+    assert session.error == "", session.error
+    (action,) = generated()
+    paths = {fc.data_path for fc in action_fcurves(action)}
+    assert 'pose.bones["left_elbow"].rotation_euler' in paths
+    assert 'pose.bones["left_elbow"].rotation_quaternion' not in paths
+    assert rig.pose.bones["left_elbow"].rotation_mode == "XYZ"
+    assert not user.use_fake_user
+    rig.animation_data.action = user  # as the Action editor's browse menu does
+    bpy.context.scene.frame_set(1)
+    elbow = rig.pose.bones["left_elbow"]
+    assert elbow.rotation_euler.x == pytest.approx(1.2)
+    assert elbow.matrix_basis.to_euler("XYZ").x == pytest.approx(1.2, abs=1e-5)
+
+
+def test_streamed_keys_appear_tick_by_tick(scene, monkeypatch):
+    """Each timer tick keys at most one streamed chunk (the panel and viewport redraw in between), so keys are
+    on the armature while the motion is still arriving, even when chunks arrive faster than ticks."""
+    session, _rig = scene
+    bpy.context.scene.motion_mamba.seconds = 6.0
+    handled: list[str] = []
+    handle = session.handle
+    monkeypatch.setattr(session, "handle", lambda m: (handled.append(m.type), handle(m))[1])
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    per_tick, keyed_while_running = [], []
+    deadline = time.monotonic() + 180
+    while session.job is not None:
+        assert time.monotonic() < deadline, session.describe()
+        time.sleep(0.2)  # slow ticks: several chunks wait in the socket
+        before = handled.count("frames")
+        addon._timer()
+        per_tick.append(handled.count("frames") - before)
+        if session.job is not None and session.job.keyers:
+            keyer = session.job.keyers[0]
+            curve = action_fcurves(bpy.data.actions[keyer.action_name])[0]
+            keyed_while_running.append((keyer.keyed, len(curve.keyframe_points)))
+    assert session.error == "", session.error
+    print(f"frames messages per tick: {per_tick}; (keyed, keys on the curve) while streaming: "
+          f"{keyed_while_running}")  # fmt: skip
+    assert handled.count("frames") >= 3 and max(per_tick) == 1
+    assert len(keyed_while_running) >= 2 and all(k == n > 0 for k, n in keyed_while_running)
+    final = len(action_fcurves(generated()[0])[0].keyframe_points)
+    assert keyed_while_running[0][0] < keyed_while_running[-1][0] <= final  # keys grew while streaming
+
+
+def test_nla_strip_option(scene):
+    session, rig = scene
+    user = rig.animation_data.action
+    props = bpy.context.scene.motion_mamba
+    props.nla_strip = True
+    bpy.context.scene.frame_current = 30
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    pump(session, lambda: session.job is None, 180)
+    assert session.error == "", session.error
+    (action,) = generated()
+    anim = rig.animation_data
+    assert anim.action == user and not user.use_fake_user  # the active action is untouched
+    (track,) = anim.nla_tracks
+    (strip,) = track.strips
+    assert strip.action == action and strip.frame_start == 30
+    assert strip.frame_end == pytest.approx(30 + action.frame_range[1] - action.frame_range[0])
+    name = rig.name
+    bpy.ops.ed.undo()
+    assert generated() == [] and len(bpy.data.objects[name].animation_data.nla_tracks) == 0
+
+
+def test_limits_from_hello_set_the_panel_ranges(scene):
+    session, _rig = scene
+    addon._timer()
+    limits = session.client.limits
+    props = bpy.context.scene.motion_mamba
+    assert props.bl_rna.properties["seconds"].hard_max == limits.max_seconds == 120.0  # tiny config's maximum
+    props.seconds = 100.0  # the panel used to cap it at 60 s
+    assert props.seconds == 100.0
+    assert props.bl_rna.properties["steps"].hard_max == limits.max_steps
+    assert props.bl_rna.properties["samples"].hard_max == limits.max_samples
 
 
 def test_dead_backend_gives_a_clear_status(monkeypatch):

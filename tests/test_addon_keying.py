@@ -83,7 +83,7 @@ def test_keys_on_whole_frames_at_the_scene_rate(rig, fps):
     quats, location = motion(41)  # 2 s at 20 fps
     keyer = key(rig, quats, location, frame_start=1.0, source_fps=20.0, scene_fps=float(fps))
     action = rig.animation_data.action
-    frames, values = keys(action, f'pose.bones["{BONES[2]}"].rotation_quaternion', 4)
+    frames = keys(action, f'pose.bones["{BONES[2]}"].rotation_quaternion', 4)[0]
     expected_count = 2 * fps + 1  # frames 1 .. 1 + 2 s * fps: the same duration as the source
     assert np.array_equal(frames, 1 + np.arange(expected_count)), frames[:5]
     assert keyer.keyed == expected_count and keyer.received == 41
@@ -188,7 +188,7 @@ def test_partial_actions_removed_and_replaced_action_restored(rig):
     user = bpy.data.actions.new("users own")
     rig.animation_data_create().action = user
     quats, location = motion(10)
-    running, left = key(rig, quats, location), None
+    running = key(rig, quats, location)
     left = ActionKeyer(rig, "left behind")  # e.g. brought back by a redo
     left.append(RetargetResult(BONES, quats, ROOT, location))
     assert rig.animation_data.action.name == "left behind"
