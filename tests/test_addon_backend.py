@@ -5,6 +5,7 @@ The timer/poll loop is driven by hand (bpy.app.timers do not fire without Blende
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -255,6 +256,41 @@ def test_limits_from_hello_set_the_panel_ranges(scene):
     assert props.seconds == 100.0
     assert props.bl_rna.properties["steps"].hard_max == limits.max_steps
     assert props.bl_rna.properties["samples"].hard_max == limits.max_samples
+
+
+def test_undo_at_every_phase_is_safe(backend):
+    """Ctrl+Z while queued, denoising, keying (also with an undo step of the user's in between, redone) and after
+    the generation, three times each, in a Blender subprocess (a crash fails the test): a running generation is
+    cancelled on the server and leaves nothing; a finished one goes in one step; the user's rig and action stay
+    as they were."""
+    rounds = 3
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "addon_undo_session.py"), backend, str(rounds)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert out.returncode == 0 and line is not None, f"code {out.returncode}\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
+    results = json.loads(line[len("RESULT ") :])
+    phases = ["queued", "denoising", "keying", "keying+redo", "done"]
+    assert [r["phase"] for r in results] == phases * rounds
+    user_scene = {"generated": [], "active": "users own", "nla_tracks": 0, "elbow_mode": "XYZ", "elbow_x": 1.2,
+                  "user_fake": False}  # fmt: skip
+    for r in results:
+        print({k: v for k, v in r.items() if not k.startswith("after_")})
+        assert {k: r[k] for k in user_scene} == user_scene, r
+        assert not r["job"], r
+        if r["phase"] == "done":
+            assert len(r["after_generate"]["generated"]) == 1, r
+            assert r["after_generate"]["active"] == r["after_generate"]["generated"][0], r
+            assert r["after_undo"] == user_scene, r
+            assert r["after_redo"] == r["after_generate"], r
+            continue
+        assert r["error"] == "Stopped by undo: the generation was cancelled, nothing was kept", r
+        if r["phase"] == "queued":
+            assert r["server"] == "error cancelled: cancelled before it started", r
+        elif r["phase"] == "denoising":
+            assert r["server"].startswith("error cancelled: cancelled after denoising step"), r
+            assert r["keyed_before"] == 0, r
+        else:
+            assert r["keyed_before"] > 0, r
 
 
 def test_dead_backend_gives_a_clear_status(monkeypatch):
