@@ -46,7 +46,7 @@ def stop_generation(*_args) -> None:
     """Before an undo, redo or file load (they replace Blender's data): a running generation stops, the server is
     told, and nothing of it is kept (the state undone to predates its actions)."""
     if _session is not None and _session.job is not None:
-        _session.abandon("Stopped by undo: the generation was cancelled, nothing was kept")
+        _session.abandon("Stopped by undo, redo or a file load: the generation was cancelled, nothing was kept")
 
 
 @persistent

@@ -225,7 +225,8 @@ class Session:
         last = int(np.ceil(max(k.end_frame() for k in job.keyers.values())))
         scene.frame_end = max(scene.frame_end, last)  # the whole motion on the timeline
         names = ", ".join(k.action_name for k in job.keyers.values())
-        self.result = f"Created {names} ({message['frames']} frames)"
+        keyed = max(k.keyed for k in job.keyers.values())
+        self.result = f"Created {names} ({keyed} frames at {scene.render.fps / scene.render.fps_base:g} fps)"
         bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.prompt)}")
 
     def handle(self, message: wire.Message) -> None:

@@ -141,6 +141,7 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
         assert action["motion_mamba"]["steps"] == 3
     assert rig.animation_data.action in actions and rig.animation_data.action_slot is not None
     assert min(seen) < expected, "keys should appear before the whole motion has arrived"
+    assert session.result.endswith(f"({len(whole_frames)} frames at 24 fps)"), session.result
     assert [tuple(fc.keyframe_points[0].co) for fc in action_fcurves(user)] == user_keys
     assert not user.use_fake_user and user.users == 1  # kept alive by the generated action, not a fake user
 
@@ -168,6 +169,21 @@ def test_cancel_leaves_no_half_action(scene):
         addon._timer()
         time.sleep(0.01)
     assert generated() == [] and session.job is None
+
+
+def test_file_saved_mid_generation_opens_without_the_partial_action(scene, tmp_path):
+    """Opening a file stops the running generation; a partial action saved in a file is removed when it opens,
+    and the object gets back the action it replaced."""
+    session, rig = scene
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    pump(session, lambda: session.job is not None and session.job.keyers, 180)
+    path = str(tmp_path / "mid-generation.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path, copy=True)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    assert session.job is None and session.error.startswith("Stopped by undo, redo or a file load")
+    assert generated() == []
+    rig = bpy.data.objects["MotionSkeleton"]
+    assert rig.animation_data.action.name == "users own" and not rig.animation_data.action.use_fake_user
 
 
 def test_users_euler_action_still_drives_its_bones(scene):
@@ -283,7 +299,7 @@ def test_undo_at_every_phase_is_safe(backend):
             assert r["after_undo"] == user_scene, r
             assert r["after_redo"] == r["after_generate"], r
             continue
-        assert r["error"] == "Stopped by undo: the generation was cancelled, nothing was kept", r
+        assert r["error"] == "Stopped by undo, redo or a file load: the generation was cancelled, nothing was kept", r
         if r["phase"] == "queued":
             assert r["server"] == "error cancelled: cancelled before it started", r
         elif r["phase"] == "denoising":
