@@ -20,7 +20,7 @@ import numpy as np
 
 from . import wire
 from .canonical import SMPL22_BUILTIN, CanonicalSkeleton
-from .keying import ActionKeyer
+from .keying import ActionKeyer, remove_partial_actions
 from .retarget import BoneMap, Retargeter, TargetRig, map_bones, natural_name
 
 HELLO_INTERVAL = 3.0  # seconds between hellos while idle (how the status line notices a backend come and go)
@@ -176,6 +176,7 @@ class Session:
         job, self.job = self.job, None
         for keyer in job.keyers.values():
             keyer.discard()
+        remove_partial_actions()  # one renamed while keying, which discard() could not find by name
         self.error = message
 
     def _retargeter(self, job: Job, obj) -> Retargeter:

@@ -176,6 +176,16 @@ def test_cancel_leaves_no_half_action(scene):
     assert generated() == [] and session.job is None
 
 
+def test_action_renamed_while_keying_stops_the_generation_cleanly(scene):
+    session, rig = scene
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    pump(session, lambda: session.job is not None and session.job.keyers, 180)
+    bpy.data.actions[session.job.keyers[0].action_name].name = "renamed by the user"
+    pump(session, lambda: session.job is None, 180)
+    assert session.error.startswith("Generation failed, nothing was kept: the action being keyed"), session.error
+    assert generated() == [] and rig.animation_data.action.name == "users own"
+
+
 def test_file_saved_mid_generation_opens_without_the_partial_action(scene, tmp_path):
     """Opening a file stops the running generation; a partial action saved in a file is removed when it opens,
     and the object gets back the action it replaced."""
