@@ -202,7 +202,6 @@ class ActionKeyer:
                 strip.action_slot = _slot(action, self.slot)
         self.channels: list[tuple[str, int, str]] = []  # (data path, index, group) per column of `values`
         self.rotations: list[_Rotations] = []
-        self.switches: dict[str, float] = {}
         self.offsets = np.zeros(0)  # keyed frames, as offsets from frame_start
         self.values = np.zeros((0, 0))
 
@@ -238,7 +237,7 @@ class ActionKeyer:
             raise KeyingStopped(f"the target armature '{self.object_name}' is gone")
         action = bpy.data.actions.get(self.action_name)
         if action is None or PARTIAL_PROPERTY not in action:
-            raise KeyingStopped(f"the action being keyed, '{self.action_name}', is gone (undone or deleted)")
+            raise KeyingStopped(f"the action being keyed, '{self.action_name}', is gone (undone, deleted or renamed)")
         return obj, action
 
     def end_frame(self) -> float:
@@ -273,8 +272,7 @@ class ActionKeyer:
                 bag.fcurves.new(path, index=index, group_name=group)
             else:
                 action.fcurves.new(path, index=index, action_group=group)
-        self.switches = dict(result.switches)
-        for path, value in self.switches.items():  # constant channels: one key at the start
+        for path, value in result.switches.items():  # constant channels: one key at the start
             fc = (bag.fcurves.new(path, index=0, group_name=SWITCH_GROUP) if bag is not None
                   else action.fcurves.new(path, index=0, action_group=SWITCH_GROUP))  # fmt: skip
             fc.keyframe_points.add(1)
