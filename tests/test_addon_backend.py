@@ -144,7 +144,9 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
             assert np.array_equal([k.co[0] for k in fc.keyframe_points], whole_frames), fc.data_path
         assert action["motion_mamba"]["prompt"] == "a person walks"
         assert action["motion_mamba"]["steps"] == 3
-    assert rig.animation_data.action in actions and rig.animation_data.action_slot is not None
+    anim = rig.animation_data
+    assert anim.action in actions
+    assert not hasattr(anim, "action_slot") or anim.action_slot is not None  # slotted actions (4.4+)
     assert min(seen) < expected, "keys should appear before the whole motion has arrived"
     assert session.result.endswith(f"({len(whole_frames)} frames at 24 fps)"), session.result
     assert [tuple(fc.keyframe_points[0].co) for fc in action_fcurves(user)] == user_keys
