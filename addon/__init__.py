@@ -22,7 +22,9 @@ def register() -> None:
 
     def tick() -> float:
         try:
-            interval = operators.session(bpy.context).tick()
+            session = operators.session(bpy.context)
+            interval = session.tick()
+            properties.apply_limits(session.client.limits)  # the backend's announced ranges in the panel
         except Exception:  # a timer that raises is dropped by Blender: report and keep polling
             traceback.print_exc()
             interval = 1.0
@@ -31,16 +33,16 @@ def register() -> None:
 
     _timer = tick
     bpy.app.timers.register(_timer, first_interval=0.1, persistent=True)
-    bpy.app.handlers.load_pre.append(_cancel_on_load)
+    for handlers, function in _handlers(bpy, operators):
+        handlers.append(function)
 
 
-def _cancel_on_load(*_args) -> None:
-    """A generation cannot continue into another file: stop it before the current one goes away."""
-    from . import operators
-
-    session = operators.current_session()
-    if session is not None and session.job is not None:
-        session.cancel()
+def _handlers(bpy, operators) -> list:
+    """(handler list, function): a generation stops before undo/redo/load and incomplete actions go after."""
+    h = bpy.app.handlers
+    return [(h.undo_pre, operators.stop_generation), (h.redo_pre, operators.stop_generation),
+            (h.load_pre, operators.stop_generation), (h.undo_post, operators.drop_partial_actions),
+            (h.redo_post, operators.drop_partial_actions), (h.load_post, operators.drop_partial_actions)]
 
 
 def unregister() -> None:
@@ -53,8 +55,9 @@ def unregister() -> None:
     if _timer is not None and bpy.app.timers.is_registered(_timer):
         bpy.app.timers.unregister(_timer)
     _timer = None
-    if _cancel_on_load in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(_cancel_on_load)
+    for handlers, function in _handlers(bpy, operators):
+        if function in handlers:
+            handlers.remove(function)
     operators.close_session()
     for cls in reversed((*operators.CLASSES, *ui.CLASSES)):
         bpy.utils.unregister_class(cls)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import bpy
+from bpy.app.handlers import persistent
 
 from .armature import create_canonical_armature
 from .canonical import SMPL22_BUILTIN
-from .keying import assign_action
+from .keying import assign_action, remove_partial_actions
 from .properties import preferences, target_armature
 from .session import Session, Settings
 
@@ -40,6 +41,21 @@ def current_session() -> Session | None:
     return _session
 
 
+@persistent
+def stop_generation(*_args) -> None:
+    """Before an undo, redo or file load (they replace Blender's data): a running generation stops, the server is
+    told, and nothing of it is kept (the state undone to predates its actions)."""
+    if _session is not None and _session.job is not None:
+        _session.abandon("Stopped by undo, redo or a file load: the generation was cancelled, nothing was kept")
+
+
+@persistent
+def drop_partial_actions(*_args) -> None:
+    """After an undo, redo or load: remove generated actions left incomplete (e.g. in an undo step the user made
+    while keys were streaming in, then redone, or in a file saved then)."""
+    remove_partial_actions(keep=_session.keyed_actions() if _session is not None else ())
+
+
 def redraw_panels() -> None:
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
@@ -58,7 +74,8 @@ class MOTION_OT_generate(bpy.types.Operator):
         if props.randomise_seed:
             props.seed = random.randrange(2**31 - 1)
         settings = Settings(props.prompt, props.seconds, props.seed, props.guidance, props.steps, props.samples,
-                            props.preset, props.root_motion)  # fmt: skip
+                            props.preset, props.root_motion, props.keep_timing, props.nla_strip,
+                            props.foot_lock)  # fmt: skip
         try:
             session(context).generate(settings, target_armature(context))
         except (ValueError, TypeError, ConnectionError) as exc:  # UnmappableArmatureError is a ValueError

@@ -19,24 +19,49 @@ def _is_armature(_self, obj) -> bool:
     return obj.type == "ARMATURE"
 
 
+def _seconds(limits: wire.Limits) -> FloatProperty:
+    return FloatProperty(name="Duration", description="Length of the motion in seconds", default=4.0,
+                         min=limits.min_seconds, max=limits.max_seconds, subtype="TIME_ABSOLUTE",
+                         unit="TIME_ABSOLUTE")  # fmt: skip
+
+
+def _steps(limits: wire.Limits) -> IntProperty:
+    return IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=50, min=1,
+                       max=limits.max_steps)  # fmt: skip
+
+
+def _samples(limits: wire.Limits) -> IntProperty:
+    return IntProperty(name="Samples", description="Variations to generate (one Action each)", default=1, min=1,
+                       max=limits.max_samples)  # fmt: skip
+
+
+RANGED = {"seconds": _seconds, "steps": _steps, "samples": _samples}  # settings whose range the backend sets
+
+
 class MotionSettings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'")
-    seconds: FloatProperty(name="Duration", description="Length of the motion in seconds", default=4.0, min=0.5,
-                           max=60.0, subtype="TIME_ABSOLUTE", unit="TIME_ABSOLUTE")  # fmt: skip
+    seconds: _seconds(wire.DEFAULT_LIMITS)
     seed: IntProperty(name="Seed", description="Same prompt + seed + settings give the same motion", default=0,
                       min=0, max=2**31 - 1)  # fmt: skip
     randomise_seed: BoolProperty(name="Randomise", description="Pick a new seed for every generation", default=True)
     guidance: FloatProperty(name="Guidance", description="Classifier-free guidance: how closely to follow the prompt",
                             default=2.5, min=0.0, max=30.0)  # fmt: skip
-    steps: IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=50, min=1, max=1000)
-    samples: IntProperty(name="Samples", description="Variations to generate (one Action each)", default=1, min=1,
-                         max=8)  # fmt: skip
+    steps: _steps(wire.DEFAULT_LIMITS)
+    samples: _samples(wire.DEFAULT_LIMITS)
     target: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature,
                             description="Armature to animate (empty: the active armature)")  # fmt: skip
     preset: EnumProperty(name="Bone map", description="How the armature's bones are named",
                          items=[(k, v, "") for k, v in PRESET_LABELS.items()], default="AUTO")  # fmt: skip
     root_motion: BoolProperty(name="Root motion", default=True,
                               description="Move the character through space (off: in place, height kept)")  # fmt: skip
+    foot_lock: BoolProperty(name="Foot locking", default=True,
+                            description="Feet planted in the motion stay planted")  # fmt: skip
+    keep_timing: BoolProperty(name="Source timing", default=False,
+                              description="Key the motion's own frames (20 fps), spread over the scene's frame rate "
+                              "on fractional frames; off: keys on whole frames, resampled")  # fmt: skip
+    nla_strip: BoolProperty(name="As NLA strip", default=False,
+                            description="Place the result as an NLA strip at the current frame; the active action "
+                            "stays as it is")  # fmt: skip
     history_index: IntProperty(name="History", default=-1)
 
 
@@ -84,6 +109,16 @@ def target_armature(context):
 
 
 CLASSES = (MotionSettings, MotionPreferences)
+_applied: wire.Limits | None = None  # the limits the ranged settings were last defined with
+
+
+def apply_limits(limits: wire.Limits) -> None:
+    """Give the duration, steps and samples settings the ranges a backend announced (values outside are clamped)."""
+    global _applied
+    if limits != _applied:
+        for name, define in RANGED.items():
+            setattr(MotionSettings, name, define(limits))
+        _applied = limits
 
 
 def register() -> None:
@@ -93,6 +128,8 @@ def register() -> None:
 
 
 def unregister() -> None:
+    global _applied
+    _applied = None
     del bpy.types.Scene.motion_mamba
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

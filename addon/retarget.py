@@ -293,6 +293,7 @@ class RetargetResult:
     rotations: np.ndarray
     root_bone: str
     root_location: np.ndarray
+    switches: Mapping[str, float] = field(default_factory=dict)
 
 
 class Retargeter:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import wire
 from .canonical import SMPL22_BUILTIN, CanonicalSkeleton
-from .keying import ActionKeyer
+from .keying import ActionKeyer, remove_partial_actions
 from .retarget import BoneMap, Retargeter, TargetRig, map_bones, natural_name
 
 HELLO_INTERVAL = 3.0  # seconds between hellos while idle (how the status line notices a backend come and go)
@@ -38,6 +39,9 @@ class Settings:
     samples: int = 1
     preset: str = "AUTO"
     root_motion: bool = True
+    keep_timing: bool = False  # key the source frames (fractional scene frames) instead of whole frames
+    nla_strip: bool = False  # place the result as an NLA strip at the current frame, not as the active action
+    foot_lock: bool = True  # feet planted in the motion stay planted
 
     def check(self) -> None:
         """Raise ValueError with a message for the UI when a field cannot be sent."""
@@ -88,6 +92,7 @@ class Session:
         self.backend_log = Path(tempfile.gettempdir()) / "motion_mamba_backend.log"
         self._hello_sent = 0.0
         self._hello_heard = 0.0
+        self._backlog: deque[wire.Message] = deque()  # replies polled but not handled yet (see tick)
         self._send_hello()
 
     # -- connection ---------------------------------------------------------------------------------------
@@ -145,20 +150,39 @@ class Session:
         """Stop the running generation now: its partial actions are removed, the server is told to stop."""
         if self.job is None:
             return
+        self._tell_server_cancel()
+        self._fail("Cancelled")
+
+    def abandon(self, message: str) -> None:
+        """Stop the running generation without touching Blender data (an undo or a file load is about to replace
+        it, taking the partial actions with it); the server is told to stop."""
+        if self.job is None:
+            return
+        self._tell_server_cancel()
+        self.job = None
+        self.error = message
+
+    def _tell_server_cancel(self) -> None:
         try:
             self.client.cancel(self.job.request_id)
         except (ConnectionError, ValueError):
             pass  # the backend is gone: nothing to stop there
-        self._fail("Cancelled")
+
+    def keyed_actions(self) -> set[str]:
+        """Names of the actions the running generation is keying."""
+        return {k.action_name for k in self.job.keyers.values()} if self.job is not None else set()
 
     def _fail(self, message: str) -> None:
         job, self.job = self.job, None
         for keyer in job.keyers.values():
-            try:
-                keyer.discard()
-            except ReferenceError:  # already gone with the file it belonged to (new file, undo)
-                pass
+            keyer.discard()
+        remove_partial_actions()  # one renamed while keying, which discard() could not find by name
         self.error = message
+
+    def _retargeter(self, job: Job, obj) -> Retargeter:
+        """The retargeter for one sample of `job` onto armature `obj` (all its options are passed here)."""
+        return Retargeter(self.skeleton or SMPL22_BUILTIN, TargetRig.from_armature(obj), job.bone_map,
+                          job.settings.root_motion)
 
     def _frames(self, message: wire.Message) -> None:
         job = self.job
@@ -171,35 +195,39 @@ class Session:
         if keyer is None:
             if message["start"] != 0:
                 raise ValueError(f"sample {sample} started at frame {message['start']}, not 0")
-            job.retargeters[sample] = Retargeter(
-                self.skeleton or SMPL22_BUILTIN, TargetRig.from_armature(obj), job.bone_map, job.settings.root_motion
-            )
+            job.retargeters[sample] = self._retargeter(job, obj)
             fps = float(self.server.get("fps", 20.0))
+            options = job.settings
             settings = {
-                "prompt": job.settings.prompt, "seed": job.settings.seed + sample, "seconds": job.settings.seconds,
-                "guidance": job.settings.guidance, "steps": job.settings.steps, "sample": sample,
-                "preset": job.bone_map.preset, "root_motion": job.settings.root_motion, "fps": fps,
-                "device": str(self.server.get("device", "")),
+                "prompt": options.prompt, "seed": options.seed + sample, "seconds": options.seconds,
+                "guidance": options.guidance, "steps": options.steps, "sample": sample,
+                "preset": job.bone_map.preset, "root_motion": options.root_motion, "fps": fps,
+                "device": str(self.server.get("device", "")), "keep_timing": options.keep_timing,
+                "foot_lock": options.foot_lock,
             }  # fmt: skip
+            place = "NONE" if sample else "NLA" if options.nla_strip else "ACTIVE"
             keyer = job.keyers[sample] = ActionKeyer.for_generation(
-                obj, bpy.context.scene, settings, fps, assign=sample == 0
+                obj, bpy.context.scene, settings, fps, place=place, keep_timing=options.keep_timing
             )
-        elif message["start"] != len(keyer.frames):
+        elif message["start"] != keyer.received:
             raise ValueError(f"sample {sample}: frames arrived out of order (got {message['start']}, "
-                             f"expected {len(keyer.frames)})")  # fmt: skip
+                             f"expected {keyer.received})")  # fmt: skip
         keyer.append(job.retargeters[sample](root, rotations))
 
     def _done(self, message: wire.Message) -> None:
         job = self.job
-        got = [len(job.keyers[s].frames) if s in job.keyers else 0 for s in range(job.settings.samples)]
+        got = [job.keyers[s].received if s in job.keyers else 0 for s in range(job.settings.samples)]
         if got != [message["frames"]] * job.settings.samples:
             raise ValueError(f"the backend announced {message['frames']} frames per sample but sent {got}")
+        for keyer in job.keyers.values():
+            keyer.finish()
         self.job = None
         scene = bpy.context.scene
-        last = int(np.ceil(max(k.frames[-1] for k in job.keyers.values())))
+        last = int(np.ceil(max(k.end_frame() for k in job.keyers.values())))
         scene.frame_end = max(scene.frame_end, last)  # the whole motion on the timeline
-        names = ", ".join(k.action.name for k in job.keyers.values())
-        self.result = f"Created {names} ({message['frames']} frames)"
+        names = ", ".join(k.action_name for k in job.keyers.values())
+        keyed = max(k.keyed for k in job.keyers.values())
+        self.result = f"Created {names} ({keyed} frames at {scene.render.fps / scene.render.fps_base:g} fps)"
         bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.prompt)}")
 
     def handle(self, message: wire.Message) -> None:
@@ -231,19 +259,24 @@ class Session:
                 self._fail(f"Backend error ({message['code']}): {message['message']}")
                 if message["code"] in ("timeout", "disconnected"):
                     self.server = None
-        except (ValueError, TypeError, KeyError, ReferenceError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:  # KeyingStopped is a ValueError
             self.cancel()
             self.error = f"Generation failed, nothing was kept: {exc}"
 
     def tick(self) -> float:
-        """Handle arrived messages; returns the seconds until the next tick (short while generating)."""
-        for message in self.client.poll():
+        """Handle arrived messages, keying at most one chunk of frames (the panel and viewport redraw between
+        two ticks, so keys appear as they stream); returns the seconds until the next tick."""
+        self._backlog.extend(self.client.poll())
+        while self._backlog:
+            message = self._backlog.popleft()
             self.handle(message)
+            if message.type == "frames":
+                break
         if self.job is None and time.monotonic() - self._hello_sent > HELLO_INTERVAL:
             if not self.connected:
                 self.client.connect()  # a fresh socket: unanswered hellos must not pile up in its queue
             self._send_hello()
-        return 0.05 if self.job is not None else 0.5
+        return 0.01 if self._backlog else 0.05 if self.job is not None else 0.5
 
     # -- local backend ------------------------------------------------------------------------------------
     def start_backend(self, python: str, project: str, arguments: str = "") -> None:

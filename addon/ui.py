@@ -64,14 +64,19 @@ class MOTION_PT_panel(bpy.types.Panel):
             else:
                 mapped = f"{len(bone_map.bones)}/{len(SMPL22_NAMES)} joints mapped"
                 box.label(text=f"{PRESET_LABELS[bone_map.preset]}: {mapped}", icon="BONE_DATA")
-        box.prop(props, "root_motion")
+        row = box.row(align=True)
+        row.prop(props, "root_motion")
+        row.prop(props, "foot_lock")
+        row = box.row(align=True)
+        row.prop(props, "keep_timing")
+        row.prop(props, "nla_strip")
 
         job = session.job if session is not None else None
         if job is None:
             layout.operator("motion_mamba.generate", icon="PLAY")
         else:
             row = layout.row(align=True)
-            keyed = max((len(k.frames) for k in job.keyers.values()), default=0)
+            keyed = max((k.keyed for k in job.keyers.values()), default=0)
             if keyed:
                 text = f"Keyed {keyed} frames..."
             else:

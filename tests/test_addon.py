@@ -68,11 +68,13 @@ DRAW_SCRIPT = """
 import json, os, sys, traceback
 sys.path.insert(0, {root!r})
 import bpy
+import numpy as np
 import addon
 from addon import operators
 from addon.armature import create_canonical_armature
 from addon.canonical import SMPL22_BUILTIN
-from addon.retarget import map_bones
+from addon.keying import ActionKeyer
+from addon.retarget import RetargetResult, map_bones
 from addon.session import Job, Session, Settings
 from addon.ui import MOTION_PT_panel, MOTION_UL_history
 
@@ -102,6 +104,11 @@ def draw(menu, context):
         operators._session.job.step, operators._session.job.total = 3, 10
         MOTION_PT_panel.draw(menu, context)  # a running generation: progress bar + cancel
         states.append("running")
+        keyer = ActionKeyer(rig, "walk (seed 2)")
+        keyer.append(RetargetResult(("pelvis",), np.tile([1.0, 0, 0, 0], (3, 1, 1)), "pelvis", np.zeros((3, 3))))
+        operators._session.job.keyers[0] = keyer
+        MOTION_PT_panel.draw(menu, context)  # keys streaming in: "Keyed N frames..."
+        states.append("keying")
         operators._session.job = None
         odd = bpy.data.objects.new("Odd", bpy.data.armatures.new("Odd"))  # no bones: nothing maps
         context.scene.collection.objects.link(odd)
@@ -131,7 +138,7 @@ def test_panel_draws_in_every_state(tmp_path):
     assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(line[len("RESULT ") :])
     assert "error" not in result, result.get("error")
-    assert result["states"] == ["empty", "error", "running", "unmappable"]
+    assert result["states"] == ["empty", "error", "running", "keying", "unmappable"]
     assert "walk (seed 1)" in result["items"]  # the history list drew the generated action
 
 
@@ -188,8 +195,8 @@ def test_bad_input_changes_nothing(fresh, monkeypatch):
 class GarbageServer:
     """A real ROUTER socket that answers hello correctly and generate with the given broken replies."""
 
-    def __init__(self, replies, skeleton=None):
-        self.replies = replies
+    def __init__(self, replies, skeleton=None, limits=wire.DEFAULT_LIMITS):
+        self.replies, self.limits = replies, limits
         self.skeleton = skeleton or {"joint_names": list(SMPL22_BUILTIN.names),
                                      "parents": list(SMPL22_BUILTIN.parents),
                                      "rest_offsets": SMPL22_BUILTIN.offsets.tolist()}  # fmt: skip
@@ -210,7 +217,7 @@ class GarbageServer:
             if header["type"] == "hello":
                 reply = wire.encode({"type": "hello", "id": header["id"], "model": {"model": "garbage"},
                                      "device": "cpu", "fps": 20.0, "skeleton": self.skeleton,
-                                     "limits": wire.DEFAULT_LIMITS.to_json()})  # fmt: skip
+                                     "limits": self.limits.to_json()})  # fmt: skip
                 self.socket.send_multipart([peer, *reply])
             elif header["type"] == "generate":
                 for reply in self.replies(header["id"]):
@@ -274,6 +281,26 @@ def test_garbage_from_the_backend_leaves_no_action(fresh, monkeypatch, case):
         assert generated_actions() == []
         assert rig.animation_data.action == user_action and not user_action.use_fake_user
         assert [pb.rotation_mode for pb in rig.pose.bones] == modes
+    finally:
+        server.close()
+
+
+def test_limits_announced_in_hello_set_the_panel_ranges(fresh, monkeypatch):
+    limits = wire.Limits(min_seconds=1.0, max_seconds=10.0, max_steps=20, max_samples=2)
+    server = GarbageServer(None, limits=limits)
+    try:
+        session = use_session(monkeypatch, Session(server.endpoint))
+        deadline = time.monotonic() + 10
+        while not session.connected and time.monotonic() < deadline:
+            addon._timer()
+            time.sleep(0.02)
+        addon._timer()
+        props = fresh.scene.motion_mamba
+        rna = props.bl_rna.properties
+        ranges = (rna["seconds"].hard_min, rna["seconds"].hard_max, rna["steps"].hard_max, rna["samples"].hard_max)
+        assert ranges == (1.0, 10.0, 20, 2)
+        props.seconds, props.steps, props.samples = 30.0, 500, 5
+        assert (props.seconds, props.steps, props.samples) == (10.0, 20, 2)  # clamped to what the backend takes
     finally:
         server.close()
 

@@ -401,14 +401,15 @@ class Target:
             "fps": self.fps, "key": row.key, "stem": row.stem,
         }  # fmt: skip
         keyer = ActionKeyer.for_generation(
-            self.obj, self.scene, settings, self.fps, name=row.name or None, assign=False
+            self.obj, self.scene, settings, self.fps, name=row.name or None, place="NONE", keep_timing=True
         )
         keyer.append(retarget(root, rotations))
+        keyer.finish()
         self.dirty = True
-        last = math.ceil(keyer.frames[-1])
+        last = math.ceil(keyer.end_frame())
         if self.obj.name == CANONICAL_ARMATURE and self.scene.frame_end < last:
             self.scene.frame_end = last
-        return keyer.action
+        return bpy.data.actions[keyer.action_name]
 
     def export(self, action: Any, fmt: str, path: Path) -> None:
         """Write the armature (and the meshes under it) animated by ``action`` as BVH, FBX or GLB."""
