@@ -16,7 +16,7 @@ BANDAI_ARCHIVE = SHARED_DATA / "bandai-namco-motion.tar.xz"
 
 # The Python that runs backend.serve for the add-on tests: this one, unless the add-on tests run on another
 # Blender's Python without torch (tests/test_newest_blender.py points this at the main venv's).
-BACKEND_PYTHON = os.environ.get("MOTION_MAMBA_BACKEND_PYTHON", sys.executable)
+BACKEND_PYTHON = os.environ.get("MOTION_MAMBA_BACKEND_PYTHON") or sys.executable
 
 # bpy writes to ~/.config/blender unless told otherwise; keep tests out of the user's real config.
 os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="mm-blender-user-"))

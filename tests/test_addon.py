@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BACKEND_PYTHON
 
 bpy = pytest.importorskip("bpy")
 zmq = pytest.importorskip("zmq")
@@ -308,7 +309,7 @@ def test_limits_announced_in_hello_set_the_panel_ranges(fresh, monkeypatch):
 def test_local_backend_that_fails_to_start_is_reported(tmp_path):
     session = Session("tcp://127.0.0.1:9", hello_timeout=0.2)
     session.backend_log = tmp_path / "backend.log"
-    session.start_backend(sys.executable, str(ROOT), "--no-such-option")
+    session.start_backend(BACKEND_PYTHON, str(ROOT), "--no-such-option")
     session.backend_process.wait(timeout=120)
     assert session.describe().startswith("The local backend exited (code 2); its output: ")
     assert "unrecognized arguments: --no-such-option" in session.backend_log.read_text()

@@ -6,7 +6,6 @@ The timer/poll loop is driven by hand (bpy.app.timers do not fire without Blende
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BACKEND_PYTHON
 
 bpy = pytest.importorskip("bpy")
 # The backend needs torch, which a Blender-only venv (e.g. the newest bpy on Python 3.13) lacks: it can run
 # under another interpreter.
-BACKEND_PYTHON = os.environ.get("MOTION_MAMBA_BACKEND_PYTHON") or sys.executable
 if BACKEND_PYTHON == sys.executable:
     pytest.importorskip("torch", reason="the backend needs torch: set MOTION_MAMBA_BACKEND_PYTHON to a Python with it")
 
