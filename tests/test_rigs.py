@@ -1,0 +1,306 @@
+"""Retargeting onto the rigs animators use, in real Blender, against real Bandai-Namco mocap.
+
+A Rigify rig generated here (rigify ships with Blender), Blender's own human metarig, Mixamo- and Unreal-named
+(UE4, UE5) rigs, and a real Bandai take imported by Blender's own BVH importer as it comes (its rest pose lies
+along the X axis). The motion is the take prepared as the data preparation does (joint map, HumanML3D's
+canonicalisation and features) and streamed as the backend does (features_to_rotations), keyed through the real
+keying path (ActionKeyer); world joint positions are compared after one rigid+scale fit over the whole take.
+Foot locking is measured on the same walk on a rig with other proportions.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+
+from test_retarget import (  # noqa: E402
+    build_armature,
+    canonical_bones,
+    fk,
+    mixamo_tpose_rig,
+    rigify_metarig,
+    synthetic_motion,
+    unreal_apose_rig,
+)
+
+from addon.canonical import FOOT_CONTACT_THRESHOLD, ROOT_SCALE_LEG, SMPL22_BUILTIN, CanonicalSkeleton  # noqa: E402
+from addon.footlock import contacts, two_bone_ik  # noqa: E402
+from addon.keying import ActionKeyer, action_fcurves  # noqa: E402
+from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones, rig_warnings  # noqa: E402
+
+SKEL = SMPL22_BUILTIN
+WALK = "Bandai-Namco-Research-Motiondataset-1/data/dataset-1_walk_normal_001.bvh"  # early in the archive
+FPS = 20
+
+
+def _read_member(archive: Path, member: str) -> str:
+    with tarfile.open(archive, "r:xz") as tf:
+        for info in tf:  # stops as soon as it is found
+            if info.name == member:
+                return tf.extractfile(info).read().decode()
+    raise FileNotFoundError(member)
+
+
+@pytest.fixture(scope="module")
+def walk_text(bandai_archive: Path) -> str:
+    return _read_member(bandai_archive, WALK)
+
+
+@pytest.fixture(scope="module")
+def walk(walk_text: str) -> dict:
+    """The walk prepared as `prepare-bvh` does and streamed as the backend does, with its joint positions."""
+    motion = pytest.importorskip("backend.motion")
+    from backend.data.bvh import parse_bvh
+    from backend.data.retarget import find_map, retarget
+
+    bvh = parse_bvh(walk_text, "walk")
+    jmap = find_map(bvh.joint_names)
+    mocap = retarget(bvh, jmap)  # the actor's own joints, metres, 20 fps
+    features = motion.positions_to_features(motion.canonicalize_positions(mocap, jmap.skeleton), jmap.skeleton)
+    root, quats = (np.asarray(a, np.float64) for a in motion.features_to_rotations(features))
+    # the reference: the joints of the motion as streamed (FK of its rotations), which is what the add-on gets
+    return {"root": root, "quats": quats, "positions": fk(SKEL, root, quats), "contacts": features[:, -4:] > 0.5}
+
+
+@pytest.fixture
+def collection():
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.context.scene.render.fps = FPS
+    return bpy.context.scene.collection
+
+
+# ---- rigs ----
+
+
+def generated_rigify_rig(collection):
+    """A Rigify rig generated from Blender's human metarig, as an animator gets it."""
+    rigify_metarig(collection)
+    bpy.ops.pose.rigify_generate()
+    return bpy.data.objects["rig"]
+
+
+def unreal5_rig(collection):
+    """UE5 Mannequin names (five spine bones, two neck bones) over the canonical proportions x 1.8, in cm."""
+    table = PRESETS["UNREAL5"]
+    heads, tails = canonical_bones(SKEL, height_scale=180.0)
+    names = [table[j] for j in SKEL.names]
+    parents = list(SKEL.parents)
+    for extra, between in (("spine_02", "spine1"), ("spine_04", "spine2"), ("neck_02", "neck")):
+        j = SKEL.names.index(between)  # an unmapped bone half-way along, the mapped child re-parented below it
+        names.append(extra)
+        parents.append(j)
+        child = SKEL.names.index({"spine1": "spine2", "spine2": "spine3", "neck": "head"}[between])
+        mid = (heads[j] + heads[child]) / 2
+        heads, tails = np.vstack([heads, mid]), np.vstack([tails, heads[child]])
+        tails[j] = mid
+        parents[child] = len(names) - 1
+    order = _parents_first(parents)
+    remap = {old: new for new, old in enumerate(order)}
+    obj = build_armature(collection, "UE5", [names[i] for i in order],
+                         [remap[parents[i]] if parents[i] >= 0 else -1 for i in order], heads[order], tails[order])
+    obj.scale = (0.01, 0.01, 0.01)
+    bpy.context.view_layer.update()
+    return obj
+
+
+def _parents_first(parents: list[int]) -> list[int]:
+    order: list[int] = []
+    while len(order) < len(parents):
+        order += [i for i, p in enumerate(parents) if i not in order and (p < 0 or p in order)]
+    return order
+
+
+def imported_bvh_rig(collection, text: str, tmp: Path):
+    """The Bandai take imported by Blender's own BVH importer, as it comes (rest pose lying along X, cm)."""
+    path = tmp / "take.bvh"
+    path.write_text(text)
+    assert bpy.ops.import_anim.bvh(filepath=str(path)) == {"FINISHED"}
+    obj = bpy.context.active_object
+    obj.animation_data_clear()  # its own take is replaced by the retargeted one
+    bpy.context.view_layer.update()
+    return obj
+
+
+# ---- measuring ----
+
+
+def key(obj, root: np.ndarray, quats: np.ndarray, foot_lock: bool = False, chunks: int = 3) -> Retargeter:
+    """Retarget in chunks (as frames stream in) and key through ActionKeyer; returns the retargeter."""
+    bone_map = map_bones([b.name for b in obj.data.bones])
+    rt = Retargeter(SKEL, TargetRig.from_armature(obj), bone_map, foot_lock=foot_lock)
+    keyer = ActionKeyer(obj, "test", frame_start=1)
+    for part in np.array_split(np.arange(len(root)), chunks):
+        result = rt(root[part], quats[part])
+        keyer.append(result)
+    keyed = {fc.data_path for fc in action_fcurves(keyer.action)}
+    for path, value in result.switches.items():  # until the keyer keys switches itself: set them as it would
+        if path not in keyed:
+            bone, prop = path.split('"]["')
+            obj.pose.bones[bone.removeprefix('pose.bones["')][prop.removesuffix('"]')] = value
+    return rt
+
+
+def world_heads(obj, bones: list[str], frames: int) -> np.ndarray:
+    """World positions (F, B, 3) of bone heads after depsgraph evaluation (constraints, drivers) per frame."""
+    scene = bpy.context.scene
+    out = np.empty((frames, len(bones), 3))
+    for f in range(frames):
+        scene.frame_set(f + 1)
+        evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+        mw = np.array(evaluated.matrix_world)
+        heads = np.array([evaluated.pose.bones[b].head for b in bones])
+        out[f] = heads @ mw[:3, :3].T + mw[:3, 3]
+    return out
+
+
+def similarity_fit(target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """`target` (..., 3) moved by the one rotation, scale and translation that best fits it onto `source`."""
+    a, b = target.reshape(-1, 3), source.reshape(-1, 3)
+    ma, mb = a.mean(0), b.mean(0)
+    u, s, vt = np.linalg.svd((b - mb).T @ (a - ma))
+    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    rotation = u @ d @ vt
+    scale = np.trace(np.diag(s) @ d) / np.sum((a - ma) ** 2)
+    return ((a - ma) @ rotation.T * scale + mb).reshape(target.shape)
+
+
+SOURCE_HEIGHT = float(SKEL.rest_positions()[SKEL.names.index("head"), 1])
+
+
+def position_errors(obj, bone_of: dict[str, str], positions: np.ndarray) -> np.ndarray:
+    """Per-frame, per-joint distance (fraction of height) between the rig's joints, fitted, and the source's."""
+    joints = [j for j in SKEL.names if j in bone_of]
+    got = world_heads(obj, [bone_of[j] for j in joints], len(positions))
+    src = positions[:, [SKEL.names.index(j) for j in joints]]
+    return np.linalg.norm(similarity_fit(got, src) - src, axis=-1) / SOURCE_HEIGHT
+
+
+# ---- tests ----
+
+
+def test_root_scale_and_contact_rules_are_the_data_preparations(walk):
+    skeleton = pytest.importorskip("backend.skeleton").SMPL22
+    chain = skeleton.kinematic_chains[0]  # canonicalize_positions scales by the bones ending at chain[2], chain[3]
+    assert tuple(skeleton.joint_names[j] for j in chain[1:4]) == ROOT_SCALE_LEG
+    assert skeleton.feet_threshold == FOOT_CONTACT_THRESHOLD
+    # the add-on's numpy contacts on the streamed motion = the features' (shifted: it looks back, they look ahead)
+    positions = fk(SKEL, walk["root"], walk["quats"])
+    feet = [SKEL.names.index(n) for n in ("left_ankle", "left_foot", "right_ankle", "right_foot")]
+    ours = contacts(positions[:, feet], None)
+    agree = np.mean(ours[1:] == walk["contacts"][:-1])
+    print(f"contacts agree with the features' on {100 * agree:.1f}% of frames x feet")
+    assert agree > 0.97  # features_to_rotations' FK differs from the features' positions by millimetres
+
+
+def test_root_scale_follows_the_right_leg(collection):
+    offsets = SKEL.offsets.copy()
+    for name, factor in (("left_knee", 1.1), ("left_ankle", 1.1), ("right_knee", 0.9), ("right_ankle", 0.9)):
+        offsets[SKEL.names.index(name)] *= factor  # the left leg 22% longer than the right
+    skel = CanonicalSkeleton(SKEL.names, SKEL.parents, offsets)
+    obj = build_armature(collection, "Legs", SKEL.names, SKEL.parents, *canonical_bones(skel))
+    rt = Retargeter(SKEL, TargetRig.from_armature(obj), map_bones(SKEL.names))
+    assert rt.scale == pytest.approx(0.9, abs=1e-5)
+
+
+def test_auto_detect_prefers_rigify_controls(collection):
+    obj = generated_rigify_rig(collection)
+    bone_map = map_bones([b.name for b in obj.data.bones])
+    assert bone_map.preset == "RIGIFY" and not bone_map.missing
+    assert bone_map.bones["left_elbow"] == "forearm_fk.L" and bone_map.root == "torso"
+    assert bone_map.switches['pose.bones["thigh_parent.R"]["IK_FK"]'] == 1.0
+    assert rig_warnings(obj, bone_map) == []
+    assert any("do not move the rig" in w for w in rig_warnings(obj, map_bones(obj.data.bones.keys(), "RIGIFY_DEF")))
+
+
+@pytest.mark.parametrize("source", ["synthetic", "bandai"])
+def test_generated_rigify_rig_moves(collection, source, request):
+    if source == "bandai":
+        walk = request.getfixturevalue("walk")
+        root, quats, positions = walk["root"][:150], walk["quats"][:150], walk["positions"][:150]
+    else:  # numpy only: runs where the backend (torch) is not installed
+        root, quats = synthetic_motion(60)
+        positions = fk(SKEL, root, quats)
+    obj = generated_rigify_rig(collection)
+    key(obj, root, quats)
+    errors = position_errors(obj, PRESETS["RIGIFY_DEF"], positions)  # the DEF- bones the mesh follows
+    deform = world_heads(obj, [PRESETS["RIGIFY_DEF"][j] for j in ("left_wrist", "right_ankle")], len(root))
+    travel = np.ptp(deform, axis=0).max(axis=-1)  # metres
+    print(f"Rigify ({source}): DEF joints off the source by {100 * errors.mean():.2f}% of height on average, "
+          f"max {100 * errors.max():.2f}%; wrist moves {travel[0]:.2f} m, ankle {travel[1]:.2f} m")  # fmt: skip
+    assert errors.mean() < 0.03 and errors.max() < 0.12
+    assert travel.min() > 0.2
+
+
+@pytest.mark.parametrize("make_rig", ["metarig", "mixamo", "unreal4", "unreal5", "imported_bvh"])
+def test_rigs_follow_a_real_take(collection, make_rig, walk, walk_text, tmp_path):
+    builders = {"metarig": rigify_metarig, "mixamo": mixamo_tpose_rig, "unreal4": unreal_apose_rig,
+                "unreal5": unreal5_rig, "imported_bvh": lambda c: imported_bvh_rig(c, walk_text, tmp_path)}
+    obj = builders[make_rig](collection)
+    rt = key(obj, walk["root"], walk["quats"])
+    bone_map = map_bones([b.name for b in obj.data.bones])
+    errors = position_errors(obj, bone_map.bones, walk["positions"])
+    heads = world_heads(obj, [bone_map.bones["head"], bone_map.bones["pelvis"]], len(walk["root"]))
+    up = np.array(obj.matrix_world)[:3, :3] @ rt.up  # the source's up, in the world
+    above = (heads[:, 0] - heads[:, 1]) @ (up / np.linalg.norm(up))
+    print(f"{make_rig:>12} ({bone_map.preset}): mean {100 * errors.mean():.2f}% of height, max "
+          f"{100 * errors.max():.2f}%; head above pelvis by {above.min():.3g}..{above.max():.3g} (armature units "
+          f"x object scale); warnings: {list(rt.warnings)}")  # fmt: skip
+    assert (heads[:, 0, 2] > heads[:, 1, 2]).all()  # the head stays above the pelvis in the world (Z up)
+    assert errors.mean() < 0.02 and errors.max() < 0.08
+    if make_rig == "imported_bvh":
+        assert any("not standing" in w for w in rt.warnings)
+        assert any("hips do not lie across" in w for w in rt.warnings)  # its zero pose has them along Z
+        assert any("not standing" in w for w in rig_warnings(obj, bone_map))
+    else:
+        assert not any("not standing" in w for w in rt.warnings)
+
+
+def test_two_bone_ik_reaches_and_keeps_lengths_and_bend_plane():
+    rng = np.random.default_rng(3)
+    hip = rng.normal(size=(50, 3))
+    knee = hip + np.array([0.0, 0.05, -0.45]) + 0.05 * rng.normal(size=(50, 3))
+    ankle = knee + np.array([0.0, -0.1, -0.4]) + 0.05 * rng.normal(size=(50, 3))
+    target = hip + 0.85 * (ankle - hip) + 0.03 * rng.normal(size=(50, 3))  # within reach
+    new_knee, new_ankle = two_bone_ik(hip, knee, ankle, target, np.array([0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(new_ankle, target, atol=1e-9)
+    far = hip + 3 * (ankle - hip)  # out of reach: the leg straightens towards it
+    _, reached = two_bone_ik(hip, knee, ankle, far, np.array([0.0, 1.0, 0.0]))
+    reach = np.linalg.norm(knee - hip, axis=1) + np.linalg.norm(ankle - knee, axis=1)
+    np.testing.assert_allclose(reached, hip + (far - hip) / np.linalg.norm(far - hip, axis=1)[:, None] * reach[:, None],
+                               atol=1e-5)
+    for a, b, c, d in ((knee, hip, new_knee, hip), (ankle, knee, new_ankle, new_knee)):
+        np.testing.assert_allclose(np.linalg.norm(a - b, axis=1), np.linalg.norm(c - d, axis=1), atol=1e-9)
+    normal = np.cross(knee - hip, target - hip)  # the bend plane: hip, target and the original knee
+    assert np.abs(np.sum((new_knee - hip) * normal, axis=1)).max() < 1e-9
+    assert (np.sum(np.cross(new_knee - hip, target - hip) * normal, axis=1) > 0).all()  # bends the same way
+
+
+def test_foot_locking_holds_planted_feet(collection, walk):
+    """On a rig with other proportions, ankles the mocap plants move no faster than the mocap's own."""
+    contact = walk["contacts"][:, [0, 2]]  # left ankle, right ankle: the features' contact flags
+    src = walk["positions"][:, [SKEL.names.index("left_ankle"), SKEL.names.index("right_ankle")]]
+    frames = len(walk["root"]) - 1
+    in_contact = contact[:frames]
+
+    def speed(p: np.ndarray) -> float:  # mean ankle speed over the contact frames, m/s
+        return float(np.linalg.norm(p[1:] - p[:-1], axis=-1)[in_contact].mean() * FPS)
+
+    speeds = {}
+    for lock in (False, True):
+        obj = unreal_apose_rig(collection)
+        obj.name = f"rig_{lock}"
+        rt = key(obj, walk["root"], walk["quats"], foot_lock=lock, chunks=5)
+        ankles = world_heads(obj, ["foot_l", "foot_r"], len(walk["root"]))
+        speeds[lock] = speed(ankles)
+        collection.objects.unlink(obj)
+    source = speed(src) * rt.scale
+    print(f"ankle speed on contact frames (m/s, the mocap's scaled x{rt.scale:.3f} to the rig): mocap {source:.3f}, "
+          f"rig without foot locking {speeds[False]:.3f}, with {speeds[True]:.3f}; "
+          f"{int(in_contact.sum())} contact frames x feet")  # fmt: skip
+    assert speeds[True] <= source
+    assert speeds[True] < speeds[False]
