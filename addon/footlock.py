@@ -14,18 +14,16 @@ from .canonical import FOOT_CONTACT_THRESHOLD
 RELEASE_FRAMES = 4
 
 
-def contacts(
-    positions: np.ndarray, previous: np.ndarray | None, threshold: float = FOOT_CONTACT_THRESHOLD
-) -> np.ndarray:
-    """Booleans (T, K): joint k of positions (T, K, 3) moved less than sqrt(threshold) since the frame before.
+def contacts(positions: np.ndarray, threshold: float = FOOT_CONTACT_THRESHOLD) -> np.ndarray:
+    """Booleans (T, K): joint k of positions (T, K, 3) moves less than sqrt(threshold) to the next frame.
 
-    `previous` (K, 3) is the frame before the first (the last frame of the previous chunk); without it the first
-    frame is judged by the step to the second (as HumanML3D judges every frame by its next step).
+    HumanML3D's rule looks one frame ahead; the last frame of a chunk, whose next frame has not streamed in yet,
+    is judged by the step that led to it.
     """
-    if previous is None:
-        previous = positions[0] - (positions[1] - positions[0]) if len(positions) > 1 else positions[0]
-    before = np.concatenate([previous[None], positions[:-1]], axis=0)
-    return np.sum((positions - before) ** 2, axis=-1) < threshold
+    if len(positions) < 2:
+        return np.zeros(positions.shape[:2], dtype=bool)
+    step = np.sum((positions[1:] - positions[:-1]) ** 2, axis=-1)
+    return np.concatenate([step, step[-1:]]) < threshold
 
 
 class Plants:

@@ -493,7 +493,7 @@ class Retargeter:
         self.still = [bone_index[b] for b in bone_map.still if bone_index[b] not in self.keyed]
         self.switches = dict(bone_map.switches)
         self._last: np.ndarray | None = None
-        self._last_feet: np.ndarray | None = None  # source ankle positions of the previous chunk's last frame
+        self._last_feet: np.ndarray | None = None  # source ankles (1, 2, 3) of the previous chunk's last frame
         self.plants = footlock.Plants(len(_SIDES))
 
     def _owner_above(self, b: int, m: int, owner: Mapping[int, int], none: int) -> int:
@@ -573,8 +573,9 @@ class Retargeter:
     def _lock_feet(self, turn: np.ndarray, heads: np.ndarray, source: np.ndarray) -> None:
         """Hold ankles the source holds still: two-bone IK turns hips and knees (in place) towards the plants."""
         ankles = [self.source_index[f"{s}_ankle"] for s in _SIDES]
-        contact = footlock.contacts(source[:, ankles], self._last_feet)
-        self._last_feet = source[-1, ankles]
+        feet = source[:, ankles] if self._last_feet is None else np.concatenate([self._last_feet, source[:, ankles]])
+        contact = footlock.contacts(feet)[len(feet) - len(source):]
+        self._last_feet = source[-1:, ankles]
         targets, solve = self.plants.targets(heads[:, [leg[2] for leg in self.legs]], contact)
         for f, (hip, knee, ankle) in enumerate(self.legs):
             frames = np.flatnonzero(solve[:, f])
