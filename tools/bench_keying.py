@@ -2,8 +2,9 @@
 
     .venv/bin/python tools/bench_keying.py [--frames 300] [--repeats 20]
 
-Prints the median time of each stage (set-up, retarget, keying) and the total against the 50 ms budget, plus the
-per-key rate of the bulk path (keyframe_points.add + foreach_set) against pose_bone.keyframe_insert.
+Prints the median time of each stage (set-up, retarget, keying) and the total against the 50 ms budget, with foot
+locking on (the default) and off and the ratio, plus the per-key rate of the bulk path (keyframe_points.add +
+foreach_set) against pose_bone.keyframe_insert.
 """
 
 from __future__ import annotations
@@ -56,28 +57,41 @@ def main() -> None:
     obj = build_armature(bpy.context.scene.collection, "Rig", names, SKEL.parents, heads, tails)
     root, quats, source = source_motion(args.frames)
 
-    stages: dict[str, list[float]] = {"set-up (map + rig + rest alignment)": [], "retarget": [], "keying": []}
+    # on and off interleaved, so that the shared machine's load falls on both alike
+    stage_names = ("set-up (map + rig + rest alignment)", "retarget", "keying")
+    timings = {lock: {stage: [] for stage in stage_names} for lock in (True, False)}
+    results = {}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        retargeter = Retargeter(SKEL, TargetRig.from_armature(obj), map_bones(names))
-        t1 = time.perf_counter()
-        result = retargeter(root, quats)
-        t2 = time.perf_counter()
-        keyer = ActionKeyer(obj, "bench")
-        keyer.append(result)
-        t3 = time.perf_counter()
-        for stage, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
-            stages[stage].append(dt)
-        keyer.discard()
-    keys = args.frames * (4 * len(result.bones) + 3)
-    print(f"source: {source}, {args.frames} frames x {len(result.bones)} bones = {keys} keys; "
-          f"median of {args.repeats} runs, Blender {bpy.app.version_string}")  # fmt: skip
-    total = 0.0
-    for stage, times in stages.items():
-        ms = 1000 * float(np.median(times))
-        total += ms
-        print(f"  {stage:<36} {ms:7.2f} ms")
-    print(f"  {'total':<36} {total:7.2f} ms  (budget 50 ms: {'OK' if total < 50 else 'OVER'}, {50 / total:.1f}x)")
+        for foot_lock in (True, False):
+            t0 = time.perf_counter()
+            retargeter = Retargeter(SKEL, TargetRig.from_armature(obj), map_bones(names), foot_lock=foot_lock)
+            t1 = time.perf_counter()
+            result = results[foot_lock] = retargeter(root, quats)
+            t2 = time.perf_counter()
+            keyer = ActionKeyer(obj, "bench")
+            keyer.append(result)
+            t3 = time.perf_counter()
+            for stage, dt in zip(stage_names, (t1 - t0, t2 - t1, t3 - t2)):
+                timings[foot_lock][stage].append(dt)
+            keyer.discard()
+
+    totals = {}
+    for foot_lock in (True, False):
+        stages, result = timings[foot_lock], results[foot_lock]
+        keys = args.frames * (4 * len(result.bones) + 3)
+        print(f"foot locking {'on' if foot_lock else 'off'}: source {source}, {args.frames} frames x "
+              f"{len(result.bones)} bones = {keys} keys; median of {args.repeats} runs, "
+              f"Blender {bpy.app.version_string}")  # fmt: skip
+        total = 0.0
+        for stage, times in stages.items():
+            ms = 1000 * float(np.median(times))
+            total += ms
+            print(f"  {stage:<36} {ms:7.2f} ms")
+        print(f"  {'total':<36} {total:7.2f} ms  (budget 50 ms: {'OK' if total < 50 else 'OVER'}, {50 / total:.1f}x)")
+        totals[foot_lock] = (total, 1000 * float(np.median(stages["retarget"])))
+    (on, on_retarget), (off, off_retarget) = totals[True], totals[False]
+    print(f"foot locking on/off: total {on:.2f} / {off:.2f} ms = {on / off:.2f}x; retarget stage {on_retarget:.2f} / "
+          f"{off_retarget:.2f} ms = {on_retarget / off_retarget:.2f}x")  # fmt: skip
 
     # The per-key path the bulk path replaces, on a slice (it is slow): pose_bone.keyframe_insert.
     n = min(30, args.frames)
