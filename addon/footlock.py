@@ -69,7 +69,7 @@ def two_bone_ik(
     reach = target - hip
     dist = np.linalg.norm(reach, axis=-1, keepdims=True)
     along = reach / np.maximum(dist, 1e-9)
-    dist = np.clip(dist, np.abs(thigh - shin) + 1e-6, thigh + shin - 1e-6)
+    dist = np.clip(dist, np.abs(thigh - shin) * (1 + 1e-12), (thigh + shin) * (1 - 1e-12))
 
     def off_line(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         v = v - np.sum(v * along, axis=-1, keepdims=True) * along

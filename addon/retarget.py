@@ -4,8 +4,10 @@ No UI code, no bpy import: the armature is read through the objects passed in (`
 Source motion: root translation (T, 3) metres and local rotations (T, J, 4) w,x,y,z of a `CanonicalSkeleton`
 (Y up, facing +Z). For every mapped target bone the pose rotation is chosen so that its armature-space
 orientation change from its own rest pose equals the source joint's world rotation, after a per-bone rest
-alignment (the rotation taking the target bone's rest direction(s) onto the source's), so T-pose, A-pose and any
-bone roll give the same world motion. Root motion is scaled by the ratio of leg lengths.
+alignment (the rotation taking the target bone's rest direction(s) onto the source's), so T-pose, A-pose, a BVH
+zero pose lying along an axis and any bone roll give the same world motion. Rigs keyed through controls (Rigify)
+take the joints' rest geometry from other bones (`BoneMap.geometry`). Root motion is scaled by the right-leg
+convention of `canonical.ROOT_SCALE_LEG`; planted feet are held by leg IK (`footlock`).
 """
 
 from __future__ import annotations
@@ -398,8 +400,8 @@ class Retargeter:
     """Turns canonical motion into pose-bone rotations (and root location) of one target rig.
 
     Call it on successive chunks of one motion: quaternion signs, foot contacts and planted feet carry over.
-    With `foot_lock`, an ankle the source holds still (HumanML3D's contact rule) is held still on the target by
-    two-bone IK of its leg, solved per frame. Root travel is scaled by the target/canonical ratio of
+    With `foot_lock` (and root motion), an ankle the source holds still (HumanML3D's contact rule) is held still on
+    the target by two-bone IK of its leg, solved per frame. Root travel is scaled by the target/canonical ratio of
     `canonical.ROOT_SCALE_LEG` lengths (the data preparation's convention). `warnings` say what is guessed.
     """
 
@@ -408,7 +410,8 @@ class Retargeter:
         foot_lock: bool = True,
     ) -> None:  # fmt: skip
         bone_map.require(rig.name, rig.names)
-        self.skeleton, self.rig, self.root_motion, self.foot_lock = skeleton, rig, root_motion, foot_lock
+        self.skeleton, self.rig, self.root_motion = skeleton, rig, root_motion
+        self.foot_lock = foot_lock and root_motion  # in place, planted feet slide back under the body: none to hold
         self.source_index = {n: i for i, n in enumerate(skeleton.names)}
         unknown = [j for j in bone_map.bones if j not in self.source_index]
         if unknown:
@@ -488,8 +491,7 @@ class Retargeter:
         owner.update({bone_index[bone_map.geometry_bone(skeleton.names[j])]: m for m, j in enumerate(self.joints)})
         none = len(self.joints)  # index of the identity appended to the per-joint rotations
         self.keyed_ancestor = np.array([self._owner_above(b, m, owner, none) for m, b in enumerate(self.keyed)])
-        self.rest_quat = quat_from_matrix(rig.rest[:, :3, :3])
-        self.keyed_rest = self.rest_quat[self.keyed]
+        self.keyed_rest = quat_from_matrix(rig.rest[self.keyed, :3, :3])
         self.still = [bone_index[b] for b in bone_map.still if bone_index[b] not in self.keyed]
         self.switches = dict(bone_map.switches)
         self._last: np.ndarray | None = None
