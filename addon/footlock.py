@@ -12,6 +12,9 @@ import numpy as np
 from .canonical import FOOT_CONTACT_THRESHOLD
 
 RELEASE_FRAMES = 4
+REACH = 0.98  # a held leg reaches at most this fraction of its length (or as far as the motion's does)
+MAX_LIFT = 0.02  # of the leg's length: how far a held ankle may rise to stay within reach
+MAX_SLIP = 0.08  # of the leg's length: how far a plant may hold an ankle from where the motion puts it
 
 
 def contacts(positions: np.ndarray, threshold: float = FOOT_CONTACT_THRESHOLD) -> np.ndarray:
@@ -27,33 +30,71 @@ def contacts(positions: np.ndarray, threshold: float = FOOT_CONTACT_THRESHOLD) -
 
 
 class Plants:
-    """Per-foot plant state across successive chunks: where each planted ankle is held."""
+    """Per-foot plant state across successive chunks: where each planted ankle is held on the ground plane.
 
-    def __init__(self, feet: int) -> None:
+    A planted ankle keeps its place across the ground (its height follows the motion: heels rise before toe-off)
+    until the contact ends or the motion's ankle has moved more than `max_slip` away (the leg would straighten to
+    hold it); then the correction fades out over RELEASE_FRAMES frames.
+    """
+
+    def __init__(self, feet: int, up: np.ndarray, max_slip: float) -> None:
+        self.up, self.max_slip = up / np.linalg.norm(up), max_slip
         self.plant: list[np.ndarray | None] = [None] * feet
+        self.slipped = [False] * feet  # let go during this contact: wait for the next one
         self.release = [np.zeros(3) for _ in range(feet)]  # correction still fading out after a lift
         self.fade = [0] * feet
 
-    def targets(self, ankles: np.ndarray, contact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ankle targets (T, F, 3) and whether to solve IK (T, F), from the motion's ankles and contacts (T, F)."""
-        targets = ankles.copy()
+    def _across(self, v: np.ndarray) -> np.ndarray:
+        return v - np.dot(v, self.up) * self.up
+
+    def corrections(self, ankles: np.ndarray, contact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets (T, F, 3) to add to the motion's ankles (T, F, 3) given contacts (T, F), and where they are set."""
+        offsets = np.zeros(ankles.shape)
         solve = np.zeros(contact.shape, dtype=bool)
         for f in range(ankles.shape[1]):
             for t in range(len(ankles)):
                 fading = self.release[f] * (self.fade[f] / (RELEASE_FRAMES + 1))
-                if contact[t, f]:
-                    if self.plant[f] is None:  # touch down where the foot is now (fade included: no jump)
-                        self.plant[f], self.fade[f] = ankles[t, f] + fading, 0
-                    targets[t, f], solve[t, f] = self.plant[f], True
-                    continue
-                if self.plant[f] is not None:  # lift off: fade the correction out
-                    self.release[f], self.fade[f] = self.plant[f] - ankles[t, f], RELEASE_FRAMES
-                    self.plant[f] = None
+                if not contact[t, f]:
+                    self.slipped[f] = False
+                elif self.plant[f] is None and not self.slipped[f]:  # touch down where the foot is now
+                    self.plant[f], self.fade[f] = ankles[t, f] + fading, 0
+                if self.plant[f] is not None:
+                    away = self.plant[f] - ankles[t, f]
+                    held = self._across(away)
+                    if contact[t, f] and np.linalg.norm(away) <= self.max_slip:
+                        offsets[t, f], solve[t, f] = held, True
+                        continue
+                    self.slipped[f] = bool(contact[t, f])  # lift off, or slipped too far: fade the correction out
+                    self.release[f], self.fade[f], self.plant[f] = held, RELEASE_FRAMES, None
                     fading = self.release[f] * (self.fade[f] / (RELEASE_FRAMES + 1))
                 if self.fade[f] > 0:
-                    targets[t, f], solve[t, f] = ankles[t, f] + fading, True
+                    offsets[t, f], solve[t, f] = fading, True
                     self.fade[f] -= 1
-        return targets, solve
+        return offsets, solve
+
+
+def within_reach(
+    hip: np.ndarray, ankle: np.ndarray, offset: np.ndarray, reach: float, up: np.ndarray, lift: float
+) -> np.ndarray:
+    """`offset` (N, 3) made reachable: ankle + offset within REACH of the leg's `reach` from the hip (or no further
+    than the motion's own ankle), so that holding a plant never straightens a leg the motion bends. An ankle out
+    of reach is first raised (along `up`, by `lift` at most), then its offset shortened."""
+    limit = np.maximum(np.linalg.norm(ankle - hip, axis=-1), REACH * reach)[:, None]
+
+    def shortest_to_limit(start: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """The k >= 0 solving |start + k direction| = limit (0 if already within), inf where none does."""
+        sd, dd = np.sum(start * direction, -1, keepdims=True), np.sum(direction * direction, -1, keepdims=True)
+        disc = sd**2 - dd * (np.sum(start * start, -1, keepdims=True) - limit**2)
+        k = (-sd - np.sqrt(np.maximum(disc, 0.0))) / np.maximum(dd, 1e-30)
+        inside = np.linalg.norm(start, axis=-1, keepdims=True) <= limit
+        return np.where(inside, 0.0, np.where(disc >= 0, np.maximum(k, 0.0), np.inf))
+
+    raised = offset + np.minimum(shortest_to_limit(ankle + offset - hip, np.broadcast_to(up, offset.shape)), lift) * up
+    # still out of reach: shorten the offset (the largest k in [0, 1] with |ankle - hip + k raised| <= limit)
+    d = ankle - hip
+    dr, rr = np.sum(d * raised, -1, keepdims=True), np.sum(raised * raised, -1, keepdims=True)
+    k = (-dr + np.sqrt(np.maximum(dr**2 - rr * (np.sum(d * d, -1, keepdims=True) - limit**2), 0.0)))
+    return raised * np.clip(k / np.maximum(rr, 1e-30), 0.0, 1.0)
 
 
 def two_bone_ik(

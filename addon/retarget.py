@@ -485,6 +485,8 @@ class Retargeter:
                                    else np.zeros(3) for j, p in zip(self.joints, self.fk_parent)])  # fmt: skip
         self.rest_heads = np.array([head[skeleton.names[j]] for j in self.joints])
         self.legs = [[position[joint(f"{s}_{part}")] for part in ("hip", "knee", "ankle")] for s in _SIDES]
+        self.leg_reach = [float(np.linalg.norm(self.fk_offset[knee]) + np.linalg.norm(self.fk_offset[ankle]))
+                          for _, knee, ankle in self.legs]  # fmt: skip
 
         # Keyed bones turn with the keyed bone (or geometry bone) they hang from: the nearest up their parent chain
         owner = {self.keyed[m]: m for m in range(len(self.joints))}
@@ -496,7 +498,7 @@ class Retargeter:
         self.switches = dict(bone_map.switches)
         self._last: np.ndarray | None = None
         self._last_feet: np.ndarray | None = None  # source ankles (1, 2, 3) of the previous chunk's last frame
-        self.plants = footlock.Plants(len(_SIDES))
+        self.plants = footlock.Plants(len(_SIDES), self.up, footlock.MAX_SLIP * leg(head))
 
     def _owner_above(self, b: int, m: int, owner: Mapping[int, int], none: int) -> int:
         b = self.rig.parents[b]
@@ -578,14 +580,16 @@ class Retargeter:
         feet = source[:, ankles] if self._last_feet is None else np.concatenate([self._last_feet, source[:, ankles]])
         contact = footlock.contacts(feet)[len(feet) - len(source):]
         self._last_feet = source[-1:, ankles]
-        targets, solve = self.plants.targets(heads[:, [leg[2] for leg in self.legs]], contact)
+        offsets, solve = self.plants.corrections(heads[:, [leg[2] for leg in self.legs]], contact)
         for f, (hip, knee, ankle) in enumerate(self.legs):
             frames = np.flatnonzero(solve[:, f])
             if not len(frames):
                 continue
             old_knee, old_ankle = heads[frames, knee], heads[frames, ankle]
+            offset = footlock.within_reach(heads[frames, hip], old_ankle, offsets[frames, f], self.leg_reach[f],
+                                           self.up, footlock.MAX_LIFT * self.leg_reach[f])
             new_knee, new_ankle = footlock.two_bone_ik(
-                heads[frames, hip], old_knee, old_ankle, targets[frames, f], self.forward
+                heads[frames, hip], old_knee, old_ankle, old_ankle + offset, self.forward
             )
             thigh = _swing(old_knee - heads[frames, hip], new_knee - heads[frames, hip])
             shin = _swing(_rotate(thigh, old_ankle - old_knee), new_ankle - new_knee)

@@ -279,15 +279,19 @@ def test_bvh_imported_by_blender_follows_its_own_take(collection, walk, walk_tex
             bpy.ops.object.mode_set(mode="POSE")
             bpy.ops.pose.armature_apply(selected=False)
             bpy.ops.object.mode_set(mode="OBJECT")
-    rt = key(obj, walk["root"], walk["quats"])
-    got = world_heads(obj, bones, frames)
-    errors = np.linalg.norm(fit(got, reference, scale=False) - reference, axis=-1) / height
+    errors = {}
+    for lock in (True, False):  # foot locking (the default) holds feet the take lets slip: legs differ a little
+        rt = key(obj, walk["root"], walk["quats"], foot_lock=lock)
+        got = world_heads(obj, bones, frames)
+        errors[lock] = np.linalg.norm(fit(got, reference, scale=False) - reference, axis=-1) / height
     pelvis, head = bones.index(bone_map.bones["pelvis"]), bones.index(bone_map.bones["head"])
-    print(f"imported BVH, rest {rest} ({bone_map.preset}, {len(bones)} bones): mean {100 * errors.mean():.2f}% of "
-          f"height, max {100 * errors.max():.2f}% against Blender's playback of the take; head above pelvis by "
+    print(f"imported BVH, rest {rest} ({bone_map.preset}, {len(bones)} bones), against Blender's playback of the "
+          f"take: mean {100 * errors[False].mean():.2f}% of height, max {100 * errors[False].max():.2f}% (foot "
+          f"locking on: {100 * errors[True].mean():.2f}%, {100 * errors[True].max():.2f}%); head above pelvis by "
           f"{(got[:, head, 2] - got[:, pelvis, 2]).min():.1f} cm at least; warnings: {list(rt.warnings)}")  # fmt: skip
     assert (got[:, head, 2] - got[:, pelvis, 2] > 0.25 * height).all()  # standing: head well above the pelvis
-    assert errors.mean() < 0.012 and errors.max() < 0.03  # the bar: 1% and 2.5%
+    assert errors[False].mean() < 0.012 and errors[False].max() < 0.03  # the bar: 1% and 2.5%
+    assert errors[True].mean() < 0.012 and errors[True].max() < 0.06
     assert rig_warnings(obj, bone_map) == list(rt.warnings)
     lying = rest == "as imported"
     assert any("not standing" in w for w in rt.warnings) == lying
@@ -321,20 +325,22 @@ def test_foot_locking_holds_planted_feet(collection, walk):
     frames = len(walk["root"]) - 1
     in_contact = contact[:frames]
 
-    def speed(p: np.ndarray) -> float:  # mean ankle speed over the contact frames, m/s
-        return float(np.linalg.norm(p[1:] - p[:-1], axis=-1)[in_contact].mean() * FPS)
+    def speed(p: np.ndarray) -> tuple[float, float]:  # mean and median ankle speed over the contact frames, m/s
+        step = np.linalg.norm(p[1:] - p[:-1], axis=-1)[in_contact] * FPS
+        return float(step.mean()), float(np.median(step))
 
-    speeds = {}
+    speeds, medians = {}, {}
     for lock in (False, True):
         obj = unreal_apose_rig(collection)
         obj.name = f"rig_{lock}"
         rt = key(obj, walk["root"], walk["quats"], foot_lock=lock, chunks=5)
         ankles = world_heads(obj, ["foot_l", "foot_r"], len(walk["root"]))
-        speeds[lock] = speed(ankles)
+        speeds[lock], medians[lock] = speed(ankles)
         collection.objects.unlink(obj)
-    source = speed(src) * rt.scale
-    print(f"ankle speed on contact frames (m/s, the mocap's scaled x{rt.scale:.3f} to the rig): mocap {source:.3f}, "
-          f"rig without foot locking {speeds[False]:.3f}, with {speeds[True]:.3f}; "
+    source, source_median = (v * rt.scale for v in speed(src))
+    print(f"ankle speed on contact frames, mean (median) in m/s, the mocap's scaled x{rt.scale:.3f} to the rig: "
+          f"mocap {source:.3f} ({source_median:.3f}), rig without foot locking {speeds[False]:.3f} "
+          f"({medians[False]:.3f}), with {speeds[True]:.3f} ({medians[True]:.3f}); "
           f"{int(in_contact.sum())} contact frames x feet")  # fmt: skip
-    assert speeds[True] <= source
+    assert speeds[True] <= source and medians[True] <= source_median
     assert speeds[True] < speeds[False]
