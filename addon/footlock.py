@@ -1,8 +1,11 @@
 """Foot locking: foot contacts from the source motion, plant targets kept across chunks, two-bone leg IK.
 
 numpy only (the add-on does not import torch or the backend). Contacts follow HumanML3D's rule
-(`canonical.FOOT_CONTACT_THRESHOLD`); an ankle in contact is held where it touched down, and when it lifts the
-correction fades out over `RELEASE_FRAMES` frames instead of popping.
+(`canonical.FOOT_CONTACT_THRESHOLD`); an ankle in contact is held across the ground where it touched down, and
+when it lifts (or slips too far to hold) the correction fades out over `RELEASE_FRAMES` frames instead of popping.
+A hold never asks a leg to straighten past what the motion does (`within_reach`). The limits were chosen on a real
+Bandai walk (tests/test_rigs.py): stronger holds straighten knees at toe-off, where HumanML3D's loose threshold
+still reports contact.
 """
 
 from __future__ import annotations
@@ -81,20 +84,22 @@ def within_reach(
     of reach is first raised (along `up`, by `lift` at most), then its offset shortened."""
     limit = np.maximum(np.linalg.norm(ankle - hip, axis=-1), REACH * reach)[:, None]
 
-    def shortest_to_limit(start: np.ndarray, direction: np.ndarray) -> np.ndarray:
-        """The k >= 0 solving |start + k direction| = limit (0 if already within), inf where none does."""
+    def roots(start: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both k (smaller, larger) solving |start + k direction| = limit; NaN where none does."""
         sd, dd = np.sum(start * direction, -1, keepdims=True), np.sum(direction * direction, -1, keepdims=True)
         disc = sd**2 - dd * (np.sum(start * start, -1, keepdims=True) - limit**2)
-        k = (-sd - np.sqrt(np.maximum(disc, 0.0))) / np.maximum(dd, 1e-30)
-        inside = np.linalg.norm(start, axis=-1, keepdims=True) <= limit
-        return np.where(inside, 0.0, np.where(disc >= 0, np.maximum(k, 0.0), np.inf))
+        root = np.where(disc >= 0, np.sqrt(np.abs(disc)), np.nan)
+        return (-sd - root) / np.maximum(dd, 1e-30), (-sd + root) / np.maximum(dd, 1e-30)
 
-    raised = offset + np.minimum(shortest_to_limit(ankle + offset - hip, np.broadcast_to(up, offset.shape)), lift) * up
-    # still out of reach: shorten the offset (the largest k in [0, 1] with |ankle - hip + k raised| <= limit)
     d = ankle - hip
-    dr, rr = np.sum(d * raised, -1, keepdims=True), np.sum(raised * raised, -1, keepdims=True)
-    k = (-dr + np.sqrt(np.maximum(dr**2 - rr * (np.sum(d * d, -1, keepdims=True) - limit**2), 0.0)))
-    return raised * np.clip(k / np.maximum(rr, 1e-30), 0.0, 1.0)
+    up = np.broadcast_to(up, offset.shape)
+    out = np.linalg.norm(d + offset, axis=-1, keepdims=True) > limit
+    needed = np.nan_to_num(roots(d + offset, up)[0], nan=np.inf)  # the least rise that brings it within reach
+    rise = np.where(out, np.clip(needed, 0.0, lift), 0.0) * up
+    # still out of reach: the largest part k in [0, 1] of the offset across the ground that is within reach
+    k = np.nan_to_num(roots(d + rise, offset)[1], nan=0.0)
+    still_out = np.linalg.norm(d + rise + offset, axis=-1, keepdims=True) > limit
+    return rise + np.where(still_out, np.clip(k, 0.0, 1.0), 1.0) * offset
 
 
 def two_bone_ik(

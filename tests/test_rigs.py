@@ -29,7 +29,7 @@ from test_retarget import (  # noqa: E402
 )
 
 from addon.canonical import FOOT_CONTACT_THRESHOLD, ROOT_SCALE_LEG, SMPL22_BUILTIN, CanonicalSkeleton  # noqa: E402
-from addon.footlock import contacts, two_bone_ik  # noqa: E402
+from addon.footlock import RELEASE_FRAMES, Plants, contacts, two_bone_ik, within_reach  # noqa: E402
 from addon.keying import ActionKeyer, action_fcurves  # noqa: E402
 from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones, rig_warnings  # noqa: E402
 
@@ -316,6 +316,32 @@ def test_two_bone_ik_reaches_and_keeps_lengths_and_bend_plane():
     normal = np.cross(knee - hip, target - hip)  # the bend plane: hip, target and the original knee
     assert np.abs(np.sum((new_knee - hip) * normal, axis=1)).max() < 1e-9
     assert (np.sum(np.cross(new_knee - hip, target - hip) * normal, axis=1) > 0).all()  # bends the same way
+
+
+def test_plants_hold_across_chunks_fade_out_and_let_go_when_slipping():
+    up = np.array([0.0, 0.0, 1.0])
+    ankles = np.zeros((20, 1, 3))
+    ankles[:, 0, 0] = 0.01 * np.arange(20)  # creeping forward 1 cm a frame
+    ankles[:, 0, 2] = 0.002 * np.arange(20)  # and rising: height is left to the motion
+    contact = (np.arange(20) < 8)[:, None]
+    plants = Plants(1, up, max_slip=0.5)
+    first, solve_first = plants.corrections(ankles[:5], contact[:5])  # two chunks, as frames stream in
+    second, solve_second = plants.corrections(ankles[5:], contact[5:])
+    offsets, solve = np.concatenate([first, second]), np.concatenate([solve_first, solve_second])
+    held = offsets[:8, 0] + ankles[:8, 0]
+    np.testing.assert_allclose(held[:, :2], 0.0, atol=1e-12)  # held where it touched down, across the chunks
+    np.testing.assert_allclose(offsets[:8, 0, 2], 0.0)
+    fade = offsets[8 : 8 + RELEASE_FRAMES, 0, 0] / offsets[7, 0, 0]  # lifted: the hold fades out, then stops
+    np.testing.assert_allclose(fade, (RELEASE_FRAMES - np.arange(RELEASE_FRAMES)) / (RELEASE_FRAMES + 1) * 8 / 7)
+    assert solve[: 8 + RELEASE_FRAMES].all() and not solve[8 + RELEASE_FRAMES :].any()
+    slipping = Plants(1, up, max_slip=0.035)
+    offsets, solve = slipping.corrections(ankles, np.ones((20, 1), dtype=bool))
+    assert solve[:4].all() and not solve[4 + RELEASE_FRAMES :].any()  # let go past 3.5 cm; no new hold until lifted
+    # a hold out of the leg's reach is raised (at most `lift`), then shortened: the leg never straightens further
+    hip, ankle = np.zeros((1, 3)), np.array([[0.0, 0.0, -0.8]])
+    offset = within_reach(hip, ankle, np.array([[0.3, 0.0, 0.0]]), 0.8, up, lift=0.01)
+    assert offset[0, 2] == pytest.approx(0.01) and 0 < offset[0, 0] < 0.3
+    assert np.linalg.norm(ankle + offset) == pytest.approx(0.8)
 
 
 def test_foot_locking_holds_planted_feet(collection, walk):
