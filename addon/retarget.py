@@ -301,23 +301,22 @@ def _body_frame(
 ) -> tuple[np.ndarray, list[str]]:
     """Orthonormal columns (left, back, up) of a rig in armature space, and warnings when they are guessed.
 
-    Up is the rest pelvis->neck line and left the hip line, both snapped to the armature's axes when near them
-    (rigs are built axis-aligned, and a spine that leans at rest must not tilt the whole motion). When the rest
-    pose is not standing (the spine is far from the object's up, as in a BVH import whose zero pose lies along an
-    axis) or its hips are not across the spine, the object's world up and left (Blender: Z up, facing -Y) are
-    used instead. `world_up`/`world_left` are those world axes in armature space.
+    Up is the object's world up (Blender: Z): the rest pose cannot be trusted with it, since a character may lean
+    at rest (a take's first frame) or lie along an axis (a BVH importer's zero pose); the per-bone rest alignment
+    takes care of how its bones lie. Left is the rest hip line across that up, snapped to the armature's axes when
+    near one (rigs are built axis-aligned), or the object's left (+X, facing -Y) when the hips do not lie across
+    the spine. `world_up`/`world_left` are those world axes in armature space. The warnings say when the rest
+    pose is not standing (facing is then less certain) or the hips give no left.
     """
     warnings = []
     top = heads["neck"] if "neck" in heads else heads["head"]
-    up = _unit(top - heads["pelvis"])
-    spine_angle = float(np.degrees(np.arccos(np.clip(np.dot(up, world_up), -1.0, 1.0))))
+    spine = _unit(top - heads["pelvis"])
+    spine_angle = float(np.degrees(np.arccos(np.clip(np.dot(spine, world_up), -1.0, 1.0))))
     if spine_angle > STANDING_WITHIN_DEGREES:
         warnings.append(f"The rest pose is not standing (its spine is {spine_angle:.0f} degrees from the object's "
                         "up): up and forward are taken from the object's axes (Z up, facing -Y). Apply a "
-                        "standing rest pose if the motion comes out tilted.")  # fmt: skip
-        up = world_up
-    else:
-        up = _snap(up)
+                        "standing rest pose if the motion comes out turned.")  # fmt: skip
+    up = world_up
     left = heads["left_hip"] - heads["right_hip"]
     across = left - np.dot(left, up) * up
     if np.linalg.norm(across) < 0.5 * np.linalg.norm(left):

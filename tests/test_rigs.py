@@ -10,6 +10,7 @@ Foot locking is measured on the same walk on a rig with other proportions.
 
 from __future__ import annotations
 
+import math
 import tarfile
 from pathlib import Path
 
@@ -34,37 +35,44 @@ from addon.keying import ActionKeyer, action_fcurves  # noqa: E402
 from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones, rig_warnings  # noqa: E402
 
 SKEL = SMPL22_BUILTIN
-WALK = "Bandai-Namco-Research-Motiondataset-1/data/dataset-1_walk_normal_001.bvh"  # early in the archive
+# real takes early in the archive (read in one pass): a walk, a dash (run) and a wave
+TAKES = {name: f"Bandai-Namco-Research-Motiondataset-1/data/dataset-1_{name}_normal_001.bvh"
+         for name in ("walk", "dash", "bye")}  # fmt: skip
 FPS = 20
 
 
-def _read_member(archive: Path, member: str) -> str:
-    with tarfile.open(archive, "r:xz") as tf:
-        for info in tf:  # stops as soon as it is found
-            if info.name == member:
-                return tf.extractfile(info).read().decode()
-    raise FileNotFoundError(member)
-
-
 @pytest.fixture(scope="module")
-def walk_text(bandai_archive: Path) -> str:
-    return _read_member(bandai_archive, WALK)
+def take_texts(bandai_archive: Path) -> dict[str, str]:
+    """The BVH text of each of TAKES, read straight from the archive (stops once all are found)."""
+    wanted = {member: name for name, member in TAKES.items()}
+    out = {}
+    with tarfile.open(bandai_archive, "r:xz") as tf:
+        for info in tf:
+            if info.name in wanted:
+                out[wanted[info.name]] = tf.extractfile(info).read().decode()
+                if len(out) == len(wanted):
+                    return out
+    raise FileNotFoundError(f"not in the archive: {sorted(set(TAKES) - set(out))}")
 
 
-@pytest.fixture(scope="module")
-def walk(walk_text: str) -> dict:
-    """The walk prepared as `prepare-bvh` does and streamed as the backend does, with its joint positions."""
+def prepare(text: str) -> dict:
+    """A take prepared as `prepare-bvh` does and streamed as the backend does, with its joint positions."""
     motion = pytest.importorskip("backend.motion")
     from backend.data.bvh import parse_bvh
     from backend.data.retarget import find_map, retarget
 
-    bvh = parse_bvh(walk_text, "walk")
+    bvh = parse_bvh(text, "take")
     jmap = find_map(bvh.joint_names)
     mocap = retarget(bvh, jmap)  # the actor's own joints, metres, 20 fps
     features = motion.positions_to_features(motion.canonicalize_positions(mocap, jmap.skeleton), jmap.skeleton)
     root, quats = (np.asarray(a, np.float64) for a in motion.features_to_rotations(features))
     # the reference: the joints of the motion as streamed (FK of its rotations), which is what the add-on gets
     return {"root": root, "quats": quats, "positions": fk(SKEL, root, quats), "contacts": features[:, -4:] > 0.5}
+
+
+@pytest.fixture(scope="module")
+def walk(take_texts: dict[str, str]) -> dict:
+    return prepare(take_texts["walk"])
 
 
 @pytest.fixture
@@ -158,14 +166,16 @@ def world_heads(obj, bones: list[str], frames: int | np.ndarray) -> np.ndarray:
     return out
 
 
-def fit(target: np.ndarray, source: np.ndarray, scale: bool = True) -> np.ndarray:
-    """`target` (..., 3) moved by the one rotation (and scale) and translation that best fits it onto `source`."""
+def fit(target: np.ndarray, source: np.ndarray, scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`target` (..., 3) moved by the one rotation (and scale) and translation that best fits it onto `source`,
+    and that rotation."""
     a, b = target.reshape(-1, 3), source.reshape(-1, 3)
     ma, mb = a.mean(0), b.mean(0)
     u, s, vt = np.linalg.svd((b - mb).T @ (a - ma))
     d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
     factor = np.trace(np.diag(s) @ d) / np.sum((a - ma) ** 2) if scale else 1.0
-    return ((a - ma) @ (u @ d @ vt).T * factor + mb).reshape(target.shape)
+    rotation = u @ d @ vt
+    return ((a - ma) @ rotation.T * factor + mb).reshape(target.shape), rotation
 
 
 SOURCE_HEIGHT = float(SKEL.rest_positions()[SKEL.names.index("head"), 1])
@@ -176,7 +186,7 @@ def position_errors(obj, bone_of: dict[str, str], positions: np.ndarray) -> np.n
     joints = [j for j in SKEL.names if j in bone_of]
     got = world_heads(obj, [bone_of[j] for j in joints], len(positions))
     src = positions[:, [SKEL.names.index(j) for j in joints]]
-    return np.linalg.norm(fit(got, src) - src, axis=-1) / SOURCE_HEIGHT
+    return np.linalg.norm(fit(got, src)[0] - src, axis=-1) / SOURCE_HEIGHT
 
 
 # ---- tests ----
@@ -261,15 +271,17 @@ def test_rigs_follow_a_real_take(collection, name, walk):
 
 
 @pytest.mark.parametrize("rest", ["as imported", "upright"])
-def test_bvh_imported_by_blender_follows_its_own_take(collection, walk, walk_text, tmp_path, rest):
+@pytest.mark.parametrize("take", TAKES)
+def test_bvh_imported_by_blender_follows_its_own_take(collection, take_texts, take, tmp_path, rest):
     """Blender's import of the take, its rest lying along X as imported or with its first (standing) frame applied
     as rest: the motion prepared from the same take and retargeted onto it lands where Blender's own playback of
     the take puts the joints."""
-    obj = imported_bvh_rig(collection, walk_text, tmp_path)
+    text, motion = take_texts[take], prepare(take_texts[take])
+    obj = imported_bvh_rig(collection, text, tmp_path)
     bone_map = map_bones([b.name for b in obj.data.bones])
     bones = list(bone_map.bones.values())
-    frames = len(walk["root"])
-    take_fps = 1.0 / float(walk_text.split("Frame Time:")[1].split()[0])
+    frames = len(motion["root"])
+    take_fps = 1.0 / float(text.split("Frame Time:")[1].split()[0])
     reference = world_heads(obj, bones, 1 + np.arange(frames) * take_fps / FPS)  # Blender's playback of the take
     height = float(np.ptp(reference[0, :, 2]))
     bpy.context.scene.frame_set(1)
@@ -281,12 +293,14 @@ def test_bvh_imported_by_blender_follows_its_own_take(collection, walk, walk_tex
             bpy.ops.object.mode_set(mode="OBJECT")
     errors = {}
     for lock in (True, False):  # foot locking (the default) holds feet the take lets slip: legs differ a little
-        rt = key(obj, walk["root"], walk["quats"], foot_lock=lock)
+        rt = key(obj, motion["root"], motion["quats"], foot_lock=lock)
         got = world_heads(obj, bones, frames)
-        errors[lock] = np.linalg.norm(fit(got, reference, scale=False) - reference, axis=-1) / height
+        fitted, rotation = fit(got, reference, scale=False)
+        errors[lock] = np.linalg.norm(fitted - reference, axis=-1) / height
+        assert rotation[2, 2] > math.cos(math.radians(2))  # only turned about the world's up: nothing tilted
     pelvis, head = bones.index(bone_map.bones["pelvis"]), bones.index(bone_map.bones["head"])
-    print(f"imported BVH, rest {rest} ({bone_map.preset}, {len(bones)} bones), against Blender's playback of the "
-          f"take: mean {100 * errors[False].mean():.2f}% of height, max {100 * errors[False].max():.2f}% (foot "
+    print(f"imported BVH {take}, rest {rest} ({bone_map.preset}, {len(bones)} bones), against Blender's playback "
+          f"of the take: mean {100 * errors[False].mean():.2f}% of height, max {100 * errors[False].max():.2f}% (foot "
           f"locking on: {100 * errors[True].mean():.2f}%, {100 * errors[True].max():.2f}%); head above pelvis by "
           f"{(got[:, head, 2] - got[:, pelvis, 2]).min():.1f} cm at least; warnings: {list(rt.warnings)}")  # fmt: skip
     assert (got[:, head, 2] - got[:, pelvis, 2] > 0.25 * height).all()  # standing: head well above the pelvis
