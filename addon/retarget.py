@@ -420,6 +420,8 @@ class Retargeter:
         absent = sorted({b for b in named if b and b not in bone_index})
         if absent:
             raise ValueError(f"bone map names bones armature '{rig.name}' lacks: {', '.join(absent)}")
+        if bone_map.anchor not in bone_map.bones:
+            raise ValueError(f"bone map carries the root at joint {bone_map.anchor!r}, which has no bone")
         # mapped joints in skeleton order (parents first); per joint: its keyed bone and its geometry bone
         self.joints = [j for j, n in enumerate(skeleton.names) if n in bone_map.bones]
         position = {j: m for m, j in enumerate(self.joints)}

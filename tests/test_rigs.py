@@ -32,7 +32,7 @@ from test_retarget import (  # noqa: E402
 from addon.canonical import FOOT_CONTACT_THRESHOLD, ROOT_SCALE_LEG, SMPL22_BUILTIN, CanonicalSkeleton  # noqa: E402
 from addon.footlock import RELEASE_FRAMES, Plants, contacts, two_bone_ik, within_reach  # noqa: E402
 from addon.keying import ActionKeyer, action_fcurves  # noqa: E402
-from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones, rig_warnings  # noqa: E402
+from addon.retarget import PRESETS, BoneMap, Retargeter, TargetRig, map_bones, rig_warnings  # noqa: E402
 
 SKEL = SMPL22_BUILTIN
 # real takes early in the archive (read in one pass): a walk, a dash (run) and a wave
@@ -93,7 +93,8 @@ def generated_rigify_rig(collection):
 
 
 def unreal5_rig(collection):
-    """UE5 Mannequin names (five spine bones, two neck bones) over the canonical proportions x 1.8, in cm."""
+    """UE5 Mannequin names (five spine bones, two neck bones), canonical proportions 1.8 times as tall, in cm
+    (object scale 0.01)."""
     table = PRESETS["UNREAL5"]
     heads, tails = canonical_bones(SKEL, height_scale=180.0)
     names = [table[j] for j in SKEL.names]
@@ -222,6 +223,9 @@ def test_auto_detect_prefers_rigify_controls(collection):
     assert bone_map.bones["left_elbow"] == "forearm_fk.L" and bone_map.root == "torso"
     assert bone_map.switches['pose.bones["thigh_parent.R"]["IK_FK"]'] == 1.0
     assert rig_warnings(obj, bone_map) == []
+    partial = BoneMap(**{**vars(bone_map), "bones": {j: b for j, b in bone_map.bones.items() if j != "spine2"}})
+    with pytest.raises(ValueError, match="root at joint 'spine2'"):
+        Retargeter(SKEL, TargetRig.from_armature(obj), partial)
     assert any("do not move the rig" in w for w in rig_warnings(obj, map_bones(obj.data.bones.keys(), "RIGIFY_DEF")))
 
 
@@ -264,9 +268,11 @@ def test_rigs_follow_a_real_take(collection, name, walk):
     rt = key(obj, walk["root"], walk["quats"])
     bone_map = map_bones([b.name for b in obj.data.bones])
     errors = position_errors(obj, bone_map.bones, walk["positions"])
+    head, pelvis = world_heads(obj, [bone_map.bones["head"], bone_map.bones["pelvis"]], len(walk["root"])).T[2]
     print(f"{name:>8} ({bone_map.preset}): mean {100 * errors.mean():.2f}% of height, max {100 * errors.max():.2f}%; "
-          f"warnings: {list(rt.warnings)}")  # fmt: skip
+          f"head above pelvis by {(head - pelvis).min():.2f} m at least; warnings: {list(rt.warnings)}")  # fmt: skip
     assert errors.mean() < mean_bound and errors.max() < max_bound
+    assert (head - pelvis > 0.3).all()  # metres: upright in the world
     assert not rt.warnings
 
 
