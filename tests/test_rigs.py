@@ -4,8 +4,9 @@ A Rigify rig generated here (rigify ships with Blender), Blender's own human met
 (UE4, UE5) rigs, and a real Bandai take imported by Blender's own BVH importer as it comes (its rest pose lies
 along the X axis). The motion is the take prepared as the data preparation does (joint map, HumanML3D's
 canonicalisation and features) and streamed as the backend does (features_to_rotations), keyed through the real
-keying path (ActionKeyer); world joint positions are compared after one rigid+scale fit over the whole take.
-Foot locking is measured on the same walk on a rig with other proportions.
+keying path (ActionKeyer); world joint positions are compared with the motion's after one rigid+scale fit over
+the whole take, and on the imported take with Blender's own playback of it after one rigid fit. Foot locking is
+measured on the walk on rigs with other proportions (Unreal, Rigify).
 """
 
 from __future__ import annotations
