@@ -19,6 +19,17 @@ SMPL22_NAMES = (
 )  # fmt: skip
 SMPL22_PARENTS = (-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19)
 
+# Root-scale convention, shared by the data preparation and the add-on: a body's size is the length of its RIGHT
+# leg, hip->knee + knee->ankle. HumanML3D's ``uniform_skeleton`` (reproduced by backend.motion.canonicalize_positions,
+# its kinematic_chains[0][1:4]) scales a mocap actor's root path by canonical/actor right-leg length; the add-on
+# scales the canonical root path by target/canonical right-leg length, the inverse, so travel is not off by the
+# actor's left/right leg difference and planted feet do not slide (tests/test_rigs.py checks both sides agree).
+ROOT_SCALE_LEG = ("right_hip", "right_knee", "right_ankle")
+
+# HumanML3D's foot-contact rule (backend.motion.positions_to_features, skeleton.feet_threshold): a joint is on the
+# ground when its squared displacement over one frame of the 20 fps canonical motion is below this (metres^2).
+FOOT_CONTACT_THRESHOLD = 0.002
+
 
 @dataclass(frozen=True)
 class CanonicalSkeleton:

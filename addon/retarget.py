@@ -4,8 +4,10 @@ No UI code, no bpy import: the armature is read through the objects passed in (`
 Source motion: root translation (T, 3) metres and local rotations (T, J, 4) w,x,y,z of a `CanonicalSkeleton`
 (Y up, facing +Z). For every mapped target bone the pose rotation is chosen so that its armature-space
 orientation change from its own rest pose equals the source joint's world rotation, after a per-bone rest
-alignment (the rotation taking the target bone's rest direction(s) onto the source's), so T-pose, A-pose and any
-bone roll give the same world motion. Root motion is scaled by the ratio of leg lengths.
+alignment (the rotation taking the target bone's rest direction(s) onto the source's), so T-pose, A-pose, a BVH
+zero pose lying along an axis and any bone roll give the same world motion. Rigs keyed through controls (Rigify)
+take the joints' rest geometry from other bones (`BoneMap.geometry`). Root motion is scaled by the right-leg
+convention of `canonical.ROOT_SCALE_LEG`; planted feet are held by leg IK (`footlock`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .canonical import SMPL22_NAMES, CanonicalSkeleton
+from . import footlock, rigify
+from .canonical import ROOT_SCALE_LEG, SMPL22_BUILTIN, SMPL22_NAMES, CanonicalSkeleton
 
 # Source (Y up, facing +Z, left = +X) to Blender (Z up, facing -Y, left = +X): +90 degrees about X.
 SOURCE_TO_BLENDER = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -57,6 +60,9 @@ PRESETS: dict[str, dict[str, str]] = {
                   "collar": "{s}Shoulder", "shoulder": "{s}Arm", "elbow": "{s}ForeArm", "wrist": "{s}Hand"},
                  "Left", "Right"),
     },
+    # generated Rigify rigs: key the FK controls (rest geometry from the ORG- bones, see rigify.py); before the
+    # DEF-/ORG- maps, which also map every joint of such a rig but move nothing visible
+    "RIGIFY": dict(rigify.CONTROLS),
     "RIGIFY_DEF": _rigify("DEF-"),
     "RIGIFY_ORG": _rigify("ORG-"),
     "RIGIFY_META": _rigify(""),
@@ -77,6 +83,7 @@ PRESET_LABELS = {
     "AUTO": "Auto-detect",
     "SMPL": "Canonical (SMPL)",
     "MIXAMO": "Mixamo",
+    "RIGIFY": "Rigify (FK controls)",
     "RIGIFY_DEF": "Rigify (DEF- bones)",
     "RIGIFY_ORG": "Rigify (ORG- bones)",
     "RIGIFY_META": "Rigify metarig",
@@ -112,11 +119,22 @@ def _normalise(name: str) -> str:
 
 @dataclass(frozen=True)
 class BoneMap:
-    """Which target bone drives each canonical joint, from which preset; `missing` joints have no bone."""
+    """Which target bone is keyed for each canonical joint, from which preset; `missing` joints have no bone.
+
+    Rigs whose keyed bones are controls away from the anatomy (Rigify) also name, per joint, the `geometry` bone
+    whose rest head is the joint (default: the keyed bone itself), the `root` bone keyed with the root location
+    (default: the pelvis's), the `anchor` joint whose head the root bone carries, `still` bones keyed at rest and
+    constant `switches` (data path -> value).
+    """
 
     preset: str
     bones: dict[str, str]
     missing: tuple[str, ...] = field(default=())
+    geometry: dict[str, str] = field(default_factory=dict)
+    root: str = ""
+    anchor: str = "pelvis"
+    still: tuple[str, ...] = field(default=())
+    switches: dict[str, float] = field(default_factory=dict)
 
     def require(self, armature: str, bone_names: Iterable[str]) -> BoneMap:
         """Raise UnmappableArmatureError naming the required joints that found no bone; return self."""
@@ -124,6 +142,21 @@ class BoneMap:
         if absent:
             raise UnmappableArmatureError(armature, self.preset, absent, bone_names)
         return self
+
+    def geometry_bone(self, joint: str) -> str:
+        """The bone whose rest head is this joint."""
+        return self.geometry.get(joint, self.bones[joint])
+
+    def warnings(self) -> list[str]:
+        """What a user should know about this map before trusting it."""
+        out = []
+        if self.missing:
+            out.append(f"{len(SMPL22_NAMES) - len(self.missing)}/{len(SMPL22_NAMES)} joints mapped: no bone for "
+                       f"{', '.join(self.missing)} (their motion is left to the neighbouring bones)")  # fmt: skip
+        if self.preset in ("RIGIFY_DEF", "RIGIFY_ORG"):
+            out.append(f"{PRESET_LABELS[self.preset]} of a generated Rigify rig are driven by constraints: keys on "
+                       "them do not move the rig. Use the Rigify (FK controls) preset.")  # fmt: skip
+        return out
 
 
 def map_bones(bone_names: Iterable[str], preset: str = "AUTO") -> BoneMap:
@@ -137,10 +170,23 @@ def map_bones(bone_names: Iterable[str], preset: str = "AUTO") -> BoneMap:
     by_name = {}
     for bone in bone_names:
         by_name.setdefault(_normalise(bone), bone)
-    table = PRESETS[preset]
-    bones = {j: by_name[_normalise(b)] for j, b in table.items() if _normalise(b) in by_name}
-    missing = tuple(j for j in SMPL22_NAMES if j not in bones)
-    return BoneMap(preset, bones, missing)
+
+    def find(table: Mapping[str, str]) -> dict[str, str]:
+        return {j: by_name[_normalise(b)] for j, b in table.items() if _normalise(b) in by_name}
+
+    if preset != "RIGIFY":
+        bones = find(PRESETS[preset])
+        return BoneMap(preset, bones, tuple(j for j in SMPL22_NAMES if j not in bones))
+    if _normalise(rigify.ROOT_CONTROL) not in by_name:
+        return BoneMap(preset, {}, SMPL22_NAMES)
+    geometry = find(_rigify(rigify.GEOMETRY_PREFIX))
+    bones = {j: b for j, b in find(PRESETS[preset]).items() if j in geometry}
+    return BoneMap(
+        preset, bones, tuple(j for j in SMPL22_NAMES if j not in bones), geometry={j: geometry[j] for j in bones},
+        root=by_name[_normalise(rigify.ROOT_CONTROL)], anchor=rigify.ANCHOR_JOINT,
+        still=tuple(by_name[_normalise(b)] for b in rigify.STILL_CONTROLS if _normalise(b) in by_name),
+        switches=rigify.switches(bone_names),
+    )
 
 
 def detect_preset(bone_names: Iterable[str]) -> str:
@@ -247,31 +293,69 @@ def _snap(v: np.ndarray, within_degrees: float = 30.0) -> np.ndarray:
     return axis if np.dot(axis, v) > np.cos(np.radians(within_degrees)) else v
 
 
-def _body_frame(heads, joint, has) -> np.ndarray:
-    """Orthonormal columns (left, back, up) of a rig from its hips (left) and pelvis-to-neck line (up).
+STANDING_WITHIN_DEGREES = 45.0  # a rest pelvis->neck line further than this from the world's up is not standing
 
-    Both snap to the armature's axes when near them: rigs are built axis-aligned, and a spine that leans at rest
-    must not tilt the whole motion.
+
+def _body_frame(
+    heads: Mapping[str, np.ndarray], world_up: np.ndarray, world_left: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Orthonormal columns (left, back, up) of a rig in armature space, and warnings when they are guessed.
+
+    Up is the object's world up (Blender: Z): the rest pose cannot be trusted with it, since a character may lean
+    at rest (a take's first frame) or lie along an axis (a BVH importer's zero pose); the per-bone rest alignment
+    takes care of how its bones lie. Left is the rest hip line across that up, snapped to the armature's axes when
+    near one (rigs are built axis-aligned), or the object's left (+X, facing -Y) when the hips do not lie across
+    the spine. `world_up`/`world_left` are those world axes in armature space. The warnings say when the rest
+    pose is not standing (facing is then less certain) or the hips give no left.
     """
-    top = next(joint(n) for n in ("neck", "head") if has(joint(n)))
-    up = heads[top] - heads[joint("pelvis")]
-    up = _snap(up / np.linalg.norm(up))
-    left = heads[joint("left_hip")] - heads[joint("right_hip")]
-    left = left - np.dot(left, up) * up
-    left = _snap(left / np.linalg.norm(left))
-    left = left - np.dot(left, up) * up
-    left /= np.linalg.norm(left)
-    return np.stack([left, np.cross(up, left), up], axis=1)
+    warnings = []
+    top = heads["neck"] if "neck" in heads else heads["head"]
+    spine = _unit(top - heads["pelvis"])
+    spine_angle = float(np.degrees(np.arccos(np.clip(np.dot(spine, world_up), -1.0, 1.0))))
+    if spine_angle > STANDING_WITHIN_DEGREES:
+        warnings.append(f"The rest pose is not standing (its spine is {spine_angle:.0f} degrees from the object's "
+                        "up): up and forward are taken from the object's axes (Z up, facing -Y). Apply a "
+                        "standing rest pose if the motion comes out turned.")  # fmt: skip
+    up = world_up
+    left = heads["left_hip"] - heads["right_hip"]
+    across = left - np.dot(left, up) * up
+    if np.linalg.norm(across) < 0.5 * np.linalg.norm(left):
+        warnings.append("The hips do not lie across the spine at rest: left and right are taken from the "
+                        "object's axes.")  # fmt: skip
+        across = world_left - np.dot(world_left, up) * up
+    left = _snap(_unit(across))
+    left = _unit(left - np.dot(left, up) * up)
+    return np.stack([left, np.cross(up, left), up], axis=1), warnings
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectors v (..., 3) rotated by unit quaternions q (..., 4)."""
+    u, w = q[..., 1:], q[..., :1]
+    t = 2 * np.cross(u, v)
+    return v + w * t + np.cross(u, t)
+
+
+def _swing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Quaternions (..., 4) of the shortest arcs from directions a to b (..., 3); not for opposite directions."""
+    a, b = _unit(a), _unit(b)
+    q = np.concatenate([1.0 + np.sum(a * b, axis=-1, keepdims=True), np.cross(a, b)], axis=-1)
+    return _unit(q)
 
 
 @dataclass(frozen=True)
 class TargetRig:
-    """An armature's bones: names, parent indices (-1 for none) and armature-space rest matrices (B, 4, 4)."""
+    """An armature's bones: names, parent indices (-1 for none), armature-space rest matrices (B, 4, 4) and
+    the object's world matrix (4, 4)."""
 
     name: str
     names: tuple[str, ...]
     parents: tuple[int, ...]
     rest: np.ndarray
+    world: np.ndarray = field(default_factory=lambda: np.eye(4))
 
     @classmethod
     def from_armature(cls, obj) -> TargetRig:
@@ -282,12 +366,18 @@ class TargetRig:
         index = {b.name: i for i, b in enumerate(bones)}
         parents = tuple(index[b.parent.name] if b.parent else -1 for b in bones)
         rest = np.array([np.array(b.matrix_local) for b in bones]).reshape(len(bones), 4, 4)
-        return cls(obj.name, tuple(index), parents, rest)
+        return cls(obj.name, tuple(index), parents, rest, np.array(obj.matrix_world, dtype=np.float64))
+
+    def world_axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The world's up (+Z) and a character's left (+X, facing -Y) as unit vectors in armature space."""
+        rotation = self.world[:3, :3] / np.linalg.norm(self.world[:3, :3], axis=0)
+        return _unit(rotation.T @ [0.0, 0.0, 1.0]), _unit(rotation.T @ [1.0, 0.0, 0.0])
 
 
 @dataclass(frozen=True)
 class RetargetResult:
-    """Pose-bone channels: `rotations` (T, B, 4) w,x,y,z for `bones`; `root_location` (T, 3) for `root_bone`."""
+    """Pose-bone channels: `rotations` (T, B, 4) w,x,y,z for `bones`; `root_location` (T, 3) for `root_bone`;
+    `switches`: custom properties (data path -> value) to key as constants."""
 
     bones: tuple[str, ...]
     rotations: np.ndarray
@@ -296,28 +386,48 @@ class RetargetResult:
     switches: Mapping[str, float] = field(default_factory=dict)
 
 
+def rig_warnings(obj_or_rig, bone_map: BoneMap) -> list[str]:
+    """Warnings for the panel: an incomplete or doubtful bone map, a rest pose whose up/forward is guessed."""
+    rig = obj_or_rig if isinstance(obj_or_rig, TargetRig) else TargetRig.from_armature(obj_or_rig)
+    try:
+        return list(Retargeter(SMPL22_BUILTIN, rig, bone_map).warnings)
+    except UnmappableArmatureError as err:
+        return [str(err)]
+
+
 class Retargeter:
     """Turns canonical motion into pose-bone rotations (and root location) of one target rig.
 
-    Call it on successive chunks of one motion: quaternion signs stay continuous across calls.
+    Call it on successive chunks of one motion: quaternion signs, foot contacts and planted feet carry over.
+    With `foot_lock` (and root motion), an ankle the source holds still (HumanML3D's contact rule) is held still on
+    the target by two-bone IK of its leg, solved per frame. Root travel is scaled by the target/canonical ratio of
+    `canonical.ROOT_SCALE_LEG` lengths (the data preparation's convention). `warnings` say what is guessed.
     """
 
     def __init__(
-        self, skeleton: CanonicalSkeleton, rig: TargetRig, bone_map: BoneMap, root_motion: bool = True
-    ) -> None:
+        self, skeleton: CanonicalSkeleton, rig: TargetRig, bone_map: BoneMap, root_motion: bool = True,
+        foot_lock: bool = True,
+    ) -> None:  # fmt: skip
         bone_map.require(rig.name, rig.names)
         self.skeleton, self.rig, self.root_motion = skeleton, rig, root_motion
+        self.foot_lock = foot_lock and root_motion  # in place, planted feet slide back under the body: none to hold
         self.source_index = {n: i for i, n in enumerate(skeleton.names)}
         unknown = [j for j in bone_map.bones if j not in self.source_index]
         if unknown:
             raise ValueError(f"bone map names joints the skeleton lacks: {', '.join(unknown)}")
         bone_index = {n: i for i, n in enumerate(rig.names)}
-        # target bone index -> source joint index, for the mapped bones, in hierarchy order
-        self.joint_of = {bone_index[b]: self.source_index[j] for j, b in bone_map.bones.items()}
-        self.bones = sorted(self.joint_of, key=self._depth)
-        self.rest_quat = quat_from_matrix(rig.rest[:, :3, :3])
+        named = [bone_map.geometry_bone(j) for j in bone_map.bones] + [bone_map.root, *bone_map.still]
+        absent = sorted({b for b in named if b and b not in bone_index})
+        if absent:
+            raise ValueError(f"bone map names bones armature '{rig.name}' lacks: {', '.join(absent)}")
+        if bone_map.anchor not in bone_map.bones:
+            raise ValueError(f"bone map carries the root at joint {bone_map.anchor!r}, which has no bone")
+        # mapped joints in skeleton order (parents first); per joint: its keyed bone and its geometry bone
+        self.joints = [j for j, n in enumerate(skeleton.names) if n in bone_map.bones]
+        position = {j: m for m, j in enumerate(self.joints)}
+        self.keyed = [bone_index[bone_map.bones[skeleton.names[j]]] for j in self.joints]
         heads = rig.rest[:, :3, 3]
-        joint_head = {j: heads[b] for b, j in self.joint_of.items()}
+        head = {skeleton.names[j]: heads[bone_index[bone_map.geometry_bone(skeleton.names[j])]] for j in self.joints}
         src_rest = skeleton.rest_positions()
 
         def joint(name: str) -> int:
@@ -325,38 +435,35 @@ class Retargeter:
 
         # Global frame: the rig's own left and up, so Y-up armatures and rigs facing any way get the motion in
         # their frame. Source axes (left +X, up +Y) go to Blender's (left +X, back +Y, up +Z), then to the rig's.
-        self.to_rig = _body_frame(joint_head, joint, lambda j: j in joint_head) @ SOURCE_TO_BLENDER
+        frame, frame_warnings = _body_frame(head, *rig.world_axes())
+        self.warnings = tuple(bone_map.warnings() + frame_warnings)
+        self.to_rig = frame @ SOURCE_TO_BLENDER
         self.to_rig_quat = quat_from_matrix(self.to_rig)
         self.up = self.to_rig[:, 1]  # the source's up (Y) in the rig
+        self.forward = self.to_rig[:, 2]  # the source's forward (+Z) in the rig
 
-        def leg(positions: Mapping[int, np.ndarray] | np.ndarray) -> float:
-            return float(
-                np.mean([
-                    np.linalg.norm(positions[joint(f"{s}_knee")] - positions[joint(f"{s}_hip")])
-                    + np.linalg.norm(positions[joint(f"{s}_ankle")] - positions[joint(f"{s}_knee")])
-                    for s in _SIDES
-                ])
-            )  # fmt: skip
+        def leg(positions: Mapping[str, np.ndarray]) -> float:
+            hip, knee, ankle = (positions[n] for n in ROOT_SCALE_LEG)
+            return float(np.linalg.norm(knee - hip) + np.linalg.norm(ankle - knee))
 
-        self.scale = leg(joint_head) / leg(src_rest)
-        self.root_bone = next(b for b, j in self.joint_of.items() if j == joint("pelvis"))
-        pelvis = joint("pelvis")
+        self.scale = leg(head) / leg({n: src_rest[joint(n)] for n in ROOT_SCALE_LEG})
         # Root motion anchors the middle of the hips (where rigs disagree least about the pelvis): the target's
-        # hip centre follows the scaled source's; the root bone's head hangs off it, turning with the pelvis.
+        # hip centre follows the scaled source's.
+        self.pelvis = joint("pelvis")
         src_hips = (src_rest[joint("left_hip")] + src_rest[joint("right_hip")]) / 2
-        rig_hips = (joint_head[joint("left_hip")] + joint_head[joint("right_hip")]) / 2
-        self.pelvis = pelvis
-        self.hips_from_source_pelvis = self.scale * self.to_rig @ (src_hips - src_rest[pelvis])
-        self.root_from_rig_hips = heads[self.root_bone] - rig_hips
+        rig_hips = (head["left_hip"] + head["right_hip"]) / 2
+        self.hips_from_source_pelvis = self.scale * self.to_rig @ (src_hips - src_rest[self.pelvis])
         self.floor_offset = rig_hips - self.scale * self.to_rig @ src_hips
+        self.hip_joints = [position[joint(f"{s}_hip")] for s in _SIDES]
+        # the root bone: keyed with the location that carries the anchor joint's head where it belongs
+        self.root_bone = bone_index[bone_map.root] if bone_map.root else self.keyed[position[self.pelvis]]
+        self.anchor = position[joint(bone_map.anchor)]
 
-        # Rest alignment per mapped bone: target rest direction(s) to the mapped descendants -> source's.
+        # Rest alignment per mapped joint: target rest direction(s) to the mapped descendants -> source's.
         align: dict[int, np.ndarray] = {}  # rotation matrices
-        mapped_joints = {j: b for b, j in self.joint_of.items()}
-        for b in self.bones:
-            j = self.joint_of[b]
-            children = self._mapped_descendants(j, mapped_joints)
-            target = {c: heads[mapped_joints[c]] - heads[b] for c in children}
+        for j in self.joints:
+            children = self._mapped_descendants(j)
+            target = {c: head[skeleton.names[c]] - head[skeleton.names[j]] for c in children}
             source = {c: self.to_rig @ (src_rest[c] - src_rest[j]) for c in children}
             side = {c: skeleton.names[c].split("_")[0] for c in children}
             left, right = ([c for c in children if side[c] == s] for s in _SIDES)
@@ -365,41 +472,52 @@ class Retargeter:
                 # pelvis, chest: the chain onwards (spine, neck) exactly, the left-right line as well as it can;
                 # robust to where a rig puts this joint relative to its hips or shoulders
                 lat_t, lat_s = target[left[0]] - target[right[0]], source[left[0]] - source[right[0]]
-                align[b] = _frame(source[main[0]], lat_s) @ _frame(target[main[0]], lat_t).T
+                align[j] = _frame(source[main[0]], lat_s) @ _frame(target[main[0]], lat_t).T
             elif children:
-                align[b] = _align(np.array(list(target.values())), np.array(list(source.values())))
+                align[j] = _align(np.array(list(target.values())), np.array(list(source.values())))
             else:  # a leaf (head, hands, toes): keep the alignment of the nearest mapped ancestor
-                anc = self._mapped_ancestor(b)
-                align[b] = align[anc] if anc >= 0 else np.eye(3)
+                anc = self._mapped_parent(j)
+                align[j] = align[anc] if anc >= 0 else np.eye(3)
+        self.align = quat_from_matrix(np.stack([align[j] for j in self.joints]))
 
-        # constants of the per-frame formula in __call__
-        position = {b: i for i, b in enumerate(self.bones)}
-        ancestors = [self._mapped_ancestor(b) for b in self.bones]
-        self.keyed_joints = np.array([self.joint_of[b] for b in self.bones])
-        self.keyed_ancestor = np.array([position[a] if a >= 0 else len(self.bones) for a in ancestors])
-        self.keyed_root = position[self.root_bone]
-        rest_bones = self.rest_quat[self.bones]
-        self.aligned_rest = quat_mul(quat_from_matrix(np.stack([align[b] for b in self.bones])), rest_bones)
-        rest_ancestors = np.array([self.rest_quat[a] if a >= 0 else [1.0, 0.0, 0.0, 0.0] for a in ancestors])
-        self.ancestor_to_bone = quat_mul(quat_conj(rest_bones), rest_ancestors)
+        # Target forward kinematics over the mapped joints: each head hangs off its mapped parent's.
+        self.fk_parent = [position.get(self._mapped_parent(j), -1) for j in self.joints]
+        self.fk_offset = np.array([head[skeleton.names[j]] - head[skeleton.names[self.joints[p]]] if p >= 0
+                                   else np.zeros(3) for j, p in zip(self.joints, self.fk_parent)])  # fmt: skip
+        self.rest_heads = np.array([head[skeleton.names[j]] for j in self.joints])
+        self.legs = [[position[joint(f"{s}_{part}")] for part in ("hip", "knee", "ankle")] for s in _SIDES]
+        self.leg_reach = [float(np.linalg.norm(self.fk_offset[knee]) + np.linalg.norm(self.fk_offset[ankle]))
+                          for _, knee, ankle in self.legs]  # fmt: skip
+
+        # Keyed bones turn with the keyed bone (or geometry bone) they hang from: the nearest up their parent chain
+        owner = {self.keyed[m]: m for m in range(len(self.joints))}
+        owner.update({bone_index[bone_map.geometry_bone(skeleton.names[j])]: m for m, j in enumerate(self.joints)})
+        none = len(self.joints)  # index of the identity appended to the per-joint rotations
+        self.keyed_ancestor = np.array([self._owner_above(b, m, owner, none) for m, b in enumerate(self.keyed)])
+        self.keyed_rest = quat_from_matrix(rig.rest[self.keyed, :3, :3])
+        self.still = [bone_index[b] for b in bone_map.still if bone_index[b] not in self.keyed]
+        self.switches = dict(bone_map.switches)
         self._last: np.ndarray | None = None
+        self._last_feet: np.ndarray | None = None  # source ankles (1, 2, 3) of the previous chunk's last frame
+        self.plants = footlock.Plants(len(_SIDES), self.up, footlock.MAX_SLIP * leg(head))
 
-    def _depth(self, b: int) -> int:
-        depth = 0
-        while self.rig.parents[b] >= 0:
-            b, depth = self.rig.parents[b], depth + 1
-        return depth
-
-    def _mapped_ancestor(self, b: int) -> int:
+    def _owner_above(self, b: int, m: int, owner: Mapping[int, int], none: int) -> int:
         b = self.rig.parents[b]
-        while b >= 0 and b not in self.joint_of:
+        while b >= 0 and owner.get(b, m) == m:
             b = self.rig.parents[b]
-        return b
+        return owner[b] if b >= 0 else none
 
-    def _mapped_descendants(self, j: int, mapped_joints: Mapping[int, int]) -> list[int]:
+    def _mapped_parent(self, j: int) -> int:
+        """The nearest mapped joint above source joint j, -1 for none."""
+        j = self.skeleton.parents[j]
+        while j >= 0 and j not in self.joints:
+            j = self.skeleton.parents[j]
+        return j
+
+    def _mapped_descendants(self, j: int) -> list[int]:
         out = []
         for c in self.skeleton.children(j):
-            out += [c] if c in mapped_joints else self._mapped_descendants(c, mapped_joints)
+            out += [c] if c in self.joints else self._mapped_descendants(c)
         return out
 
     def __call__(self, root_translation: np.ndarray, rotations: np.ndarray) -> RetargetResult:
@@ -415,34 +533,70 @@ class Retargeter:
             raise ValueError("motion contains NaN or infinite values")
         rotations = rotations / np.linalg.norm(rotations, axis=-1, keepdims=True)
         world = np.empty_like(rotations)
+        source = np.empty((*root_translation.shape[:1], n_joints, 3))  # source joint positions (metres, Y up)
         for j, p in enumerate(self.skeleton.parents):
             world[:, j] = rotations[:, j] if p < 0 else quat_mul(world[:, p], rotations[:, j])
+            source[:, j] = root_translation if p < 0 else source[:, p] + _rotate(world[:, p], self.skeleton.offsets[j])
         # source world rotations expressed in the rig's armature space
         delta = quat_mul(quat_mul(self.to_rig_quat, world), quat_conj(self.to_rig_quat))
-
-        # Armature-space posed orientation of each keyed bone: its rest, aligned to the source rest, then moved
-        # by the source joint's world rotation. Its pose-bone rotation is relative to the nearest keyed ancestor
-        # (unkeyed bones in between keep their rest pose): local = conj(rest_b) * rest_a * conj(posed_a) * posed_b.
-        posed = quat_mul(delta[:, self.keyed_joints], self.aligned_rest)
-        identity = np.broadcast_to([1.0, 0.0, 0.0, 0.0], (len(posed), 1, 4))
-        ancestor = np.concatenate([posed, identity], axis=1)[:, self.keyed_ancestor]
-        local = quat_mul(self.ancestor_to_bone, quat_mul(quat_conj(ancestor), posed))
-        local = self._continuous(local)
+        # each mapped joint's armature-space rotation from its rest: aligned to the source rest, then moved
+        turn = quat_mul(delta[:, self.joints], self.align[None])
 
         travel = self.scale * root_translation @ self.to_rig.T
         if not self.root_motion:
             travel = np.outer(travel @ self.up, self.up)
-        root_turn = quat_mul(posed[:, self.keyed_root], quat_conj(self.rest_quat[self.root_bone]))
-        head = (
-            travel
-            + quat_to_matrix(delta[:, self.pelvis]) @ self.hips_from_source_pelvis
-            + quat_to_matrix(root_turn) @ self.root_from_rig_hips
-            + self.floor_offset
-        )
+        hips = travel + _rotate(delta[:, self.pelvis], self.hips_from_source_pelvis) + self.floor_offset
+        heads = self._forward_kinematics(turn)
+        heads += (hips - heads[:, self.hip_joints].mean(axis=1))[:, None]
+        if self.foot_lock:
+            self._lock_feet(turn, heads, source)
+
+        # Pose-bone rotation of a keyed bone: its turn relative to the turn of the bone it hangs from (bones in
+        # between keep their rest pose): local = conj(rest_b) * conj(turn_a) * turn_b * rest_b.
+        identity = np.broadcast_to([1.0, 0.0, 0.0, 0.0], (len(turn), 1, 4))
+        ancestor = np.concatenate([turn, identity], axis=1)[:, self.keyed_ancestor]
+        relative = quat_mul(quat_conj(ancestor), turn)
+        local = quat_mul(quat_conj(self.keyed_rest), quat_mul(relative, self.keyed_rest))
+        local = self._continuous(local)
+        if self.still:
+            local = np.concatenate([local, np.broadcast_to(identity, (len(turn), len(self.still), 4))], axis=1)
+
         rest = self.rig.rest[self.root_bone]
-        location = (head - rest[:3, 3]) @ rest[:3, :3]  # into the root bone's rest frame
-        names = tuple(self.rig.names[b] for b in self.bones)
-        return RetargetResult(names, local, self.rig.names[self.root_bone], location)
+        moved = heads[:, self.anchor] - self.rest_heads[self.anchor]
+        location = moved @ rest[:3, :3]  # into the root bone's rest frame
+        names = tuple(self.rig.names[b] for b in [*self.keyed, *self.still])
+        return RetargetResult(names, local, self.rig.names[self.root_bone], location, dict(self.switches))
+
+    def _forward_kinematics(self, turn: np.ndarray) -> np.ndarray:
+        """Armature-space heads (T, M, 3) of the mapped joints for their turns, the pelvis at the origin."""
+        heads = np.zeros((*turn.shape[:2], 3))
+        for m, p in enumerate(self.fk_parent):
+            if p >= 0:
+                heads[:, m] = heads[:, p] + _rotate(turn[:, p], self.fk_offset[m])
+        return heads
+
+    def _lock_feet(self, turn: np.ndarray, heads: np.ndarray, source: np.ndarray) -> None:
+        """Hold ankles the source holds still: two-bone IK turns hips and knees (in place) towards the plants."""
+        ankles = [self.source_index[f"{s}_ankle"] for s in _SIDES]
+        feet = source[:, ankles] if self._last_feet is None else np.concatenate([self._last_feet, source[:, ankles]])
+        contact = footlock.contacts(feet)[len(feet) - len(source):]
+        self._last_feet = source[-1:, ankles]
+        offsets, solve = self.plants.corrections(heads[:, [leg[2] for leg in self.legs]], contact)
+        for f, (hip, knee, ankle) in enumerate(self.legs):
+            frames = np.flatnonzero(solve[:, f])
+            if not len(frames):
+                continue
+            old_knee, old_ankle = heads[frames, knee], heads[frames, ankle]
+            offset = footlock.within_reach(heads[frames, hip], old_ankle, offsets[frames, f], self.leg_reach[f],
+                                           self.up, footlock.MAX_LIFT * self.leg_reach[f])
+            new_knee, new_ankle = footlock.two_bone_ik(
+                heads[frames, hip], old_knee, old_ankle, old_ankle + offset, self.forward
+            )
+            thigh = _swing(old_knee - heads[frames, hip], new_knee - heads[frames, hip])
+            shin = _swing(_rotate(thigh, old_ankle - old_knee), new_ankle - new_knee)
+            turn[frames, hip] = quat_mul(thigh, turn[frames, hip])
+            turn[frames, knee] = quat_mul(shin, quat_mul(thigh, turn[frames, knee]))
+            heads[frames, knee], heads[frames, ankle] = new_knee, new_ankle
 
     def _continuous(self, q: np.ndarray) -> np.ndarray:
         """Flip signs so consecutive quaternions of a bone lie in the same hemisphere (smooth interpolation)."""

@@ -182,7 +182,7 @@ class Session:
     def _retargeter(self, job: Job, obj) -> Retargeter:
         """The retargeter for one sample of `job` onto armature `obj` (all its options are passed here)."""
         return Retargeter(self.skeleton or SMPL22_BUILTIN, TargetRig.from_armature(obj), job.bone_map,
-                          job.settings.root_motion)
+                          job.settings.root_motion, foot_lock=job.settings.foot_lock)
 
     def _frames(self, message: wire.Message) -> None:
         job = self.job

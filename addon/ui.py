@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import bpy
+import numpy as np
 
 from .canonical import SMPL22_NAMES
 from .operators import current_session
 from .properties import target_armature
-from .retarget import PRESET_LABELS, REQUIRED_JOINTS, map_bones
+from .retarget import PRESET_LABELS, REQUIRED_JOINTS, BoneMap, map_bones, rig_warnings
+
+_warnings_cache: dict[tuple, list[str]] = {}  # the last armature's warnings: the panel redraws often
+
+
+def armature_warnings(obj, bone_map: BoneMap) -> list[str]:
+    """`rig_warnings` of the armature object, recomputed only when its bones, placement or map change."""
+    heads = np.empty(3 * len(obj.data.bones), dtype=np.float32)
+    obj.data.bones.foreach_get("head_local", heads)
+    key = (obj.name, bone_map.preset, tuple(sorted(bone_map.bones.items())), heads.tobytes(),
+           np.array(obj.matrix_world, dtype=np.float32).tobytes())  # fmt: skip
+    if key not in _warnings_cache:
+        _warnings_cache.clear()
+        _warnings_cache[key] = rig_warnings(obj, bone_map)
+    return _warnings_cache[key]
 
 
 class MOTION_UL_history(bpy.types.UIList):
@@ -64,6 +81,9 @@ class MOTION_PT_panel(bpy.types.Panel):
             else:
                 mapped = f"{len(bone_map.bones)}/{len(SMPL22_NAMES)} joints mapped"
                 box.label(text=f"{PRESET_LABELS[bone_map.preset]}: {mapped}", icon="BONE_DATA")
+                for warning in armature_warnings(target, bone_map):
+                    for i, line in enumerate(textwrap.wrap(warning, 56)):
+                        box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
         row = box.row(align=True)
         row.prop(props, "root_motion")
         row.prop(props, "foot_lock")

@@ -23,7 +23,8 @@ zmq = pytest.importorskip("zmq")
 import addon  # noqa: E402
 from addon import operators, wire  # noqa: E402
 from addon.canonical import SMPL22_BUILTIN  # noqa: E402
-from addon.session import Session  # noqa: E402
+from addon.retarget import map_bones  # noqa: E402
+from addon.session import Job, Session, Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,8 @@ import bpy
 import numpy as np
 import addon
 from addon import operators
-from addon.armature import create_canonical_armature
+from addon import ui
+from addon.armature import build_armature, canonical_bones, create_canonical_armature
 from addon.canonical import SMPL22_BUILTIN
 from addon.keying import ActionKeyer
 from addon.retarget import RetargetResult, map_bones
@@ -116,7 +118,15 @@ def draw(menu, context):
         context.scene.motion_mamba.target = odd
         MOTION_PT_panel.draw(menu, context)
         states.append("unmappable")
-        result = {{"states": states, "items": items}}
+        heads, tails = canonical_bones(SMPL22_BUILTIN)  # a rig without its left toe bone
+        keep = [i for i, n in enumerate(SMPL22_BUILTIN.names) if n != "left_foot"]
+        index = {{old: new for new, old in enumerate(keep)}}
+        partial = build_armature(context.scene.collection, "Partial", [SMPL22_BUILTIN.names[i] for i in keep],
+                                 [index.get(SMPL22_BUILTIN.parents[i], -1) for i in keep], heads[keep], tails[keep])
+        context.scene.motion_mamba.target = partial
+        MOTION_PT_panel.draw(menu, context)
+        states.append("warned")
+        result = {{"states": states, "items": items, "warnings": [w for ws in ui._warnings_cache.values() for w in ws]}}
     except Exception:
         result = {{"states": states, "error": traceback.format_exc()}}
     print("RESULT " + json.dumps(result), flush=True)
@@ -139,7 +149,8 @@ def test_panel_draws_in_every_state(tmp_path):
     assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(line[len("RESULT ") :])
     assert "error" not in result, result.get("error")
-    assert result["states"] == ["empty", "error", "running", "keying", "unmappable"]
+    assert result["states"] == ["empty", "error", "running", "keying", "unmappable", "warned"]
+    assert any(w.startswith("21/22 joints mapped: no bone for left_foot") for w in result["warnings"])
     assert "walk (seed 1)" in result["items"]  # the history list drew the generated action
 
 
@@ -359,5 +370,19 @@ def test_a_long_absent_backend_never_blocks_the_ui():
         elapsed = time.monotonic() - start
         assert elapsed < 60, f"1200 idle ticks took {elapsed:.0f} s: sends are blocking"
         assert session.describe().startswith("No backend at")
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("foot_lock, root_motion", [(True, True), (False, True), (True, False)])
+def test_panel_options_reach_the_retargeter(fresh, foot_lock, root_motion):
+    bpy.ops.motion_mamba.create_armature()
+    rig = bpy.context.scene.motion_mamba.target
+    session = Session("tcp://127.0.0.1:9", hello_timeout=0.0)
+    try:
+        settings = Settings("walk", foot_lock=foot_lock, root_motion=root_motion)
+        job = Job("id", settings, rig.name, map_bones([b.name for b in rig.data.bones]))
+        retargeter = session._retargeter(job, rig)
+        assert (retargeter.foot_lock, retargeter.root_motion) == (foot_lock and root_motion, root_motion)
     finally:
         session.close()

@@ -75,6 +75,7 @@ def mixamo_tpose_rig(collection):
     obj.rotation_euler = (math.pi / 2, 0, 0)
     obj.scale = (0.01, 0.01, 0.01)
     obj.location = (1.5, -2.0, 0.0)
+    bpy.context.view_layer.update()  # matrix_world, as in a user's evaluated scene
     return obj
 
 
@@ -150,7 +151,8 @@ def posed_world_heads(obj, bones: list[str], frames: np.ndarray) -> np.ndarray:
 def retarget_error(
     obj, root: np.ndarray, quats: np.ndarray, positions: np.ndarray | None = None
 ) -> tuple[float, float]:
-    """Retarget + key the motion, evaluate in Blender against the source joints.
+    """Retarget + key the motion (foot locking off: this measures how the motion itself lands), evaluate in
+    Blender against the source joints.
 
     Returns (mean joint position error as a fraction of body height, mean segment direction error in degrees).
     `positions` (T, J, 3) are the source joints to compare with (default: forward kinematics of the motion).
@@ -158,7 +160,7 @@ def retarget_error(
     scene = bpy.context.scene
     scene.render.fps = 20
     bone_map = map_bones([b.name for b in obj.data.bones])
-    rt = Retargeter(SKEL, TargetRig.from_armature(obj), bone_map)
+    rt = Retargeter(SKEL, TargetRig.from_armature(obj), bone_map, foot_lock=False)
     keyer = ActionKeyer(obj, "test", frame_start=1)
     half = len(root) // 2  # two chunks, as streaming delivers them
     keyer.append(rt(root[:half], quats[:half]))
@@ -215,6 +217,8 @@ def test_presets_are_detected_from_bone_names():
         names = [("mixamorig:" if preset == "MIXAMO" else "") + b for b in table.values()] + ["Extra"]
         if preset == "UNREAL5":
             names += ["spine_02", "spine_04", "neck_02"]  # the whole UE5 chain
+        if preset == "RIGIFY":  # a generated rig: controls, the torso, and ORG-/DEF- bones it also maps
+            names += ["torso", *PRESETS["RIGIFY_ORG"].values(), *PRESETS["RIGIFY_DEF"].values()]
         assert detect_preset(names) == preset
         assert not map_bones(names, preset).missing or preset == "BANDAI"
     bandai = map_bones(PRESETS["BANDAI"].values(), "BANDAI")
@@ -247,7 +251,7 @@ def test_canonical_armature_rest_pose_is_identity_motion(collection):
     rest = SKEL.rest_positions()
     quats = np.tile([1.0, 0, 0, 0], (3, len(SKEL.names), 1))
     out = rt(np.tile(rest[0], (3, 1)), quats)
-    np.testing.assert_allclose(np.abs(out.rotations[..., 0]), 1.0, atol=1e-6)  # float32 bones
+    np.testing.assert_allclose(np.abs(out.rotations[..., 0]), 1.0, atol=1e-5)  # float32 bones
     np.testing.assert_allclose(out.root_location, 0.0, atol=1e-6)
     assert rt.scale == pytest.approx(1.0)
     np.testing.assert_allclose(rt.to_rig, SOURCE_TO_BLENDER, atol=1e-5)
@@ -299,8 +303,9 @@ def test_in_place_keeps_height_drops_travel(collection):
     root, quats = synthetic_motion()
     rig = TargetRig.from_armature(obj)
     bone_map = map_bones([b.name for b in obj.data.bones])
-    moving = Retargeter(SKEL, rig, bone_map)(root, quats)
-    still = Retargeter(SKEL, rig, bone_map, root_motion=False)(root, quats)
+    # without foot locking: planted feet would (rightly) hold the legs differently with and without travel
+    moving = Retargeter(SKEL, rig, bone_map, foot_lock=False)(root, quats)
+    still = Retargeter(SKEL, rig, bone_map, root_motion=False, foot_lock=False)(root, quats)
     np.testing.assert_allclose(moving.rotations, still.rotations)
     # Mixamo armature space is Y up: height is the location's Y in the root bone frame (rolls aside)
     travel = np.ptp(moving.root_location, axis=0)

@@ -3,8 +3,9 @@
     .venv/bin/python tools/bench_keying.py [--frames 300] [--repeats 20] [--scene-fps 24]
 
 Prints the median time of each stage (set-up, retarget, keying resampled onto the scene's whole frames, the same
-keying with the rig's bones in Euler XYZ mode) and the total against the 50 ms budget, plus the per-key rate of the
-bulk path (keyframe_points.add + foreach_set) against pose_bone.keyframe_insert.
+keying with the rig's bones in Euler XYZ mode) and the total against the 50 ms budget, with foot locking on (the
+default) and off and their ratio, plus the per-key rate of the bulk path (keyframe_points.add + foreach_set)
+against pose_bone.keyframe_insert.
 """
 
 from __future__ import annotations
@@ -65,35 +66,42 @@ def main() -> None:
         return time.perf_counter() - start, keyer
 
     keying = f"keying ({args.scene_fps:g} fps, quaternion)"
-    stages: dict[str, list[float]] = {"set-up (map + rig + rest alignment)": [], "retarget": [], keying: [],
-                                      "  same, Euler XYZ bones (not in total)": []}  # fmt: skip
+    euler = "  same, Euler XYZ bones (not in total)"
+    stage_names = ("set-up (map + rig + rest alignment)", "retarget", keying, euler)
+    timings = {lock: {stage: [] for stage in stage_names} for lock in (True, False)}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        retargeter = Retargeter(SKEL, TargetRig.from_armature(obj), map_bones(names))
-        t1 = time.perf_counter()
-        result = retargeter(root, quats)
-        t2 = time.perf_counter()
-        dt, keyer = key(result)
-        keyed = keyer.keyed
-        keyer.discard()
-        for pb in obj.pose.bones:
-            pb.rotation_mode = "XYZ"
-        dt_euler, keyer = key(result)
-        keyer.discard()
-        for pb in obj.pose.bones:
-            pb.rotation_mode = "QUATERNION"
-        for stage, t in zip(stages, (t1 - t0, t2 - t1, dt, dt_euler)):
-            stages[stage].append(t)
+        for foot_lock in (True, False):  # interleaved, so that the shared machine's load falls on both alike
+            t0 = time.perf_counter()
+            retargeter = Retargeter(SKEL, TargetRig.from_armature(obj), map_bones(names), foot_lock=foot_lock)
+            t1 = time.perf_counter()
+            result = retargeter(root, quats)
+            t2 = time.perf_counter()
+            dt, keyer = key(result)
+            keyed = keyer.keyed
+            keyer.discard()
+            for pb in obj.pose.bones:
+                pb.rotation_mode = "XYZ"
+            dt_euler, keyer = key(result)
+            keyer.discard()
+            for pb in obj.pose.bones:
+                pb.rotation_mode = "QUATERNION"
+            for stage, t in zip(stage_names, (t1 - t0, t2 - t1, dt, dt_euler)):
+                timings[foot_lock][stage].append(t)
     keys = keyed * (4 * len(result.bones) + 3)
     print(f"source: {source}, {args.frames} frames at 20 fps -> {keyed} frames at {args.scene_fps:g} fps x "
           f"{len(result.bones)} bones = {keys} keys; median of {args.repeats} runs, "
           f"Blender {bpy.app.version_string}")  # fmt: skip
-    total = 0.0
-    for stage, times in stages.items():
-        ms = 1000 * float(np.median(times))
-        total += ms if not stage.startswith(" ") else 0.0
-        print(f"  {stage:<38} {ms:7.2f} ms")
-    print(f"  {'total':<38} {total:7.2f} ms  (budget 50 ms: {'OK' if total < 50 else 'OVER'}, {50 / total:.1f}x)")
+    totals = {}
+    for foot_lock, stages in timings.items():
+        print(f"foot locking {'on' if foot_lock else 'off'}:")
+        total = 0.0
+        for stage, times in stages.items():
+            ms = 1000 * float(np.median(times))
+            total += ms if stage != euler else 0.0
+            print(f"  {stage:<38} {ms:7.2f} ms")
+        print(f"  {'total':<38} {total:7.2f} ms  (budget 50 ms: {'OK' if total < 50 else 'OVER'}, {50 / total:.1f}x)")
+        totals[foot_lock] = total
+    print(f"foot locking on/off: {totals[True]:.2f} / {totals[False]:.2f} ms = {totals[True] / totals[False]:.2f}x")
 
     # The per-key path the bulk path replaces, on a slice (it is slow): pose_bone.keyframe_insert.
     n = min(30, args.frames)
@@ -106,7 +114,7 @@ def main() -> None:
             pb.rotation_quaternion = result.rotations[f, b]
             pb.keyframe_insert("rotation_quaternion", frame=f + 1)
     slow_per_key = (time.perf_counter() - t0) / (n * 4 * len(result.bones))
-    fast_per_key = float(np.median(stages[keying])) / keys
+    fast_per_key = float(np.median(timings[False][keying])) / keys
     print(f"  per key: bulk {1e6 * fast_per_key:.2f} us, keyframe_insert {1e6 * slow_per_key:.2f} us "
           f"({slow_per_key / fast_per_key:.0f}x)")  # fmt: skip
 
