@@ -308,7 +308,7 @@ def test_bvh_imported_by_blender_follows_its_own_take(collection, take_texts, ta
           f"locking on: {100 * errors[True].mean():.2f}%, {100 * errors[True].max():.2f}%); head above pelvis by "
           f"{(got[:, head, 2] - got[:, pelvis, 2]).min():.1f} cm at least; warnings: {list(rt.warnings)}")  # fmt: skip
     assert (got[:, head, 2] - got[:, pelvis, 2] > 0.25 * height).all()  # standing: head well above the pelvis
-    assert errors[False].mean() < 0.012 and errors[False].max() < 0.03  # the bar: 1% and 2.5%
+    assert errors[False].mean() <= 0.01 and errors[False].max() <= 0.025  # the bar: 1% and 2.5%
     assert errors[True].mean() < 0.012 and errors[True].max() < 0.06
     assert rig_warnings(obj, bone_map) == list(rt.warnings)
     lying = rest == "as imported"
