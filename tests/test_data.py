@@ -18,9 +18,9 @@ from backend.data.bvh import parse_bvh
 from backend.data.captions import label_key, make_captions, parse_caption_file, phrasings
 from backend.data.dataset import MotionDataset, collate_motion, load_normalizer, motion_loader
 from backend.data.prepare import prepare_bvh
-from backend.data.retarget import find_map, retarget
+from backend.data.retarget import find_map, retarget_rotations
 from backend.data.splits import make_splits
-from backend.motion import canonicalize_positions, features_to_positions
+from backend.motion import canonicalize_rotations, features_to_positions
 from backend.preview import render_preview
 from backend.skeleton import SMPL22
 
@@ -96,7 +96,7 @@ def test_features_reproduce_retargeted_positions_within_1cm(prepared, bandai_sub
     root, info = prepared
     for clip, text in bandai_subset["bvh"].items():
         bvh = parse_bvh(text, clip)
-        canonical = canonicalize_positions(retarget(bvh, find_map(bvh.joint_names)))
+        canonical, _ = canonicalize_rotations(*retarget_rotations(bvh, find_map(bvh.joint_names)))
         features = np.load(root / "new_joint_vecs" / f"{clip}.npy").astype(np.float64)
         assert features.shape[0] == canonical.shape[0] - 1 == (bvh.num_frames - 1) * 2 // 3
         assert np.abs(features_to_positions(features) - canonical[:-1]).max() < 0.01, clip
