@@ -321,7 +321,7 @@ def features_to_positions(features: Array) -> Array:
 def _kabsch(rest: torch.Tensor, current: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation matrices R (..., 3, 3) minimising sum |R rest_i - current_i|^2 over vectors i (rest: (N, 3)),
     plus, when given, a pull towards the rotation matrices ``prior`` (..., 3, 3) weighing as much as 10% of the
-    vectors (it decides what the vectors leave open and changes nothing where they fit a rigid rotation)."""
+    vectors (it decides what the vectors leave open, and changes nothing where the prior fits them exactly)."""
     h = torch.einsum("ni,...nj->...ij", rest, current)
     if prior is not None:
         h = h + 0.1 * (rest**2).sum() * prior.transpose(-1, -2)
@@ -401,10 +401,11 @@ def features_to_rotations(features: Array, channels: str = "auto") -> tuple[Arra
     channels, see :func:`rotation_channels`; "auto" detects them) or, for "humanml3d" channels (no twist), its
     parent's; then a joint with one child turns by the smallest swing that points its bone exactly at the child's
     position (the twist about the bone stays the channel's); a joint with several children (pelvis, spine3)
-    takes the rigid rotation that best fits them, pulled towards the channel orientation; an end joint (head,
+    takes the rigid rotation that best fits them, pulled towards a "local" channel's orientation; an end joint (head,
     wrists, feet) keeps the channel orientation. So :func:`forward_kinematics` of the result lands on
-    :func:`features_to_positions` wherever the positions have the rest's bone lengths and rigid pelvis and chest
-    (HumanML3D's files and rotation-prepared data). Quaternion signs are made continuous over time.
+    :func:`features_to_positions` wherever the positions have the rest's bone lengths and a rigid pelvis and chest
+    (rotation-prepared data, whatever its channels); HumanML3D's own files, whose hips move a little against the
+    pelvis, come within millimetres. Quaternion signs are made continuous over time.
     """
     if channels not in ROTATION_CHANNELS:
         raise ValueError(f"channels must be one of {ROTATION_CHANNELS}, got {channels!r}")
@@ -426,7 +427,7 @@ def features_to_rotations(features: Array, channels: str = "auto") -> tuple[Arra
             guess = qmul(world[parents[j]], channel[..., j - 1, :]) if channels == "local" else world[parents[j]]
         if len(kids) > 1:
             current = p[..., kids, :] - p[..., j : j + 1, :]
-            prior = None if guess is None else quat_to_matrix(guess)
+            prior = quat_to_matrix(guess) if j > 0 and channels == "local" else None
             world.append(matrix_to_quat(_kabsch(rest[kids], current, prior)))
         elif len(kids) == 1:
             carried = qrot(guess, rest[kids[0]].expand((*p.shape[:-2], 3)))

@@ -94,6 +94,25 @@ def stream_errors(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.norm(fk - positions, axis=-1) / canonical_height(), directions
 
 
+def bone_twist(rotations: np.ndarray, joint: str) -> np.ndarray:
+    """Signed twist (T,) in degrees of a one-child joint's world rotation about its bone: the rotation left after
+    the shortest arc from the rest bone to the posed bone (0 for swing-only rotations) of local rotations (T, J, 4)."""
+    import torch
+
+    from backend.quaternion import qbetween, qinv, qmul, qrot
+
+    q = torch.from_numpy(np.asarray(rotations, dtype=np.float64))
+    j = SMPL22.joint_names.index(joint)
+    (child,) = SMPL22.children[j]
+    world = [q[:, 0]]
+    for k, p in enumerate(SMPL22.parents[1:], start=1):
+        world.append(qmul(world[p], q[:, k]))
+    rest = torch.from_numpy(SMPL22.rest_offsets[child] / np.linalg.norm(SMPL22.rest_offsets[child])).expand(len(q), 3)
+    twist = qmul(qinv(qbetween(rest, qrot(world[j], rest))), world[j])
+    angle = np.degrees(2 * torch.atan2((twist[:, 1:] * rest).sum(-1), twist[:, 0]).numpy())
+    return (angle + 180.0) % 360.0 - 180.0
+
+
 def _yaw(source: np.ndarray, canonical: np.ndarray) -> float:
     """The turn about +Y (radians) taking the source's single-child bone directions of one frame onto the
     prepared motion's (both (J, 3) joint positions of the canonical skeleton)."""

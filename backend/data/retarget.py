@@ -39,7 +39,7 @@ import torch
 
 from backend.data.bvh import Bvh, resample, world_transforms
 from backend.motion import leg_scale
-from backend.quaternion import matrix_to_quat, qinv, qmul, qnormalize, qrot
+from backend.quaternion import matrix_to_quat, qinv, qmul, qnormalize, qrot, quat_to_matrix
 from backend.skeleton import SKELETONS, Skeleton
 
 MAPS_DIR = Path(__file__).with_name("maps")
@@ -194,8 +194,8 @@ def reference_rotations(bvh: Bvh, jmap: JointMap) -> np.ndarray:
     unknown = sorted(set(jmap.tpose) - set(bvh.joint_names))
     if unknown:
         raise ValueError(f"joint map {jmap.name!r}: tpose names joints the skeleton lacks: {unknown}")
-    identity = np.eye(3)
-    matrices = np.stack([_axes_matrix(jmap.tpose[n]) if n in jmap.tpose else identity for n in bvh.joint_names])
+    zero = quat_to_matrix(_to_y_up(jmap)).numpy()  # a joint's zero-pose orientation, seen Y up
+    matrices = np.stack([_axes_matrix(jmap.tpose[n]) if n in jmap.tpose else zero for n in bvh.joint_names])
     return matrix_to_quat(torch.from_numpy(matrices)).numpy()
 
 
