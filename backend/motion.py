@@ -360,13 +360,19 @@ def rotation_channels(features: Array) -> str:
       kinematic chain; swing only, no twist.
     - "local": the local rotation of joint c relative to its parent over ``skeleton.rest_offsets`` (the
       rotations streamed to clients), twist included; written by rotation-based data preparation.
-    Decided by which convention carries the bones of the motion's own positions closer to where they are.
+    Decided by which convention carries the bones of the motion's own positions closer to where they are, over
+    its first :data:`CHANNEL_DETECTION_FRAMES` frames only, so every prefix of a streamed motion decides alike.
     """
     f, _, skeleton = _features_arg(features)
     return _rotation_channels(f, features_to_positions(f), _channel_rotations(f, skeleton), skeleton)
 
 
+CHANNEL_DETECTION_FRAMES = 20
+
+
 def _rotation_channels(f: torch.Tensor, p: torch.Tensor, channel: torch.Tensor, skeleton: Skeleton) -> str:
+    frames = CHANNEL_DETECTION_FRAMES
+    f, p, channel = f[..., :frames, :], p[..., :frames, :, :], channel[..., :frames, :, :]
     parents = skeleton.parents
     bones = [c for c in range(1, skeleton.num_joints) if len(skeleton.children[parents[c]]) == 1]
     actual = [p[..., c, :] - p[..., parents[c], :] for c in bones]

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/measure_rotations.py fk [--source ARCHIVE_OR_FOLDER] [--match TEXT] [--clips N]
     .venv/bin/python tools/measure_rotations.py blender [--source ...] [--match wave-right-hand] [--clips 1]
+    .venv/bin/python tools/measure_rotations.py twist [--source ...] [--clips 40] [--vae-steps N] [--denoiser-steps N]
 
 Each clip is prepared as ``prepare-bvh`` prepares it (``backend.data.prepare.clip_features``: rotations retargeted
 onto the SMPL22 rest, twist included) and streamed (``backend.motion.features_to_rotations``). Beside it, "before":
@@ -19,6 +20,12 @@ copy (``addon.retarget.Retargeter`` + ``addon.keying.ActionKeyer``); then every 
 twist included, is compared with the same bone of the import at the same instants (every 2nd stream frame at
 20 fps = every 3rd BVH frame at 30 fps), after the constant turn about the vertical that data preparation
 applies to face +Z (measured on the bone directions of the first frame).
+
+twist: does a model learn the twist channels? Prepares up to --clips right-hand waves and as many walks, trains
+the tiny VAE and denoiser on them (configs/tiny.json, more steps), generates right-hand waves, and compares the
+twist of the right upper arm and forearm (:func:`bone_twist`) with the data's in the same arm pose
+(:func:`twist_deviation`): against the swing-only stream of the same motions (what was streamed before issue 15)
+and the generated twist shuffled across frames (twist unrelated to the pose). Prints the table.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from backend.motion import (  # noqa: E402
     features_to_rotations,
     forward_kinematics,
     positions_to_features,
+    rotation_channels,
 )
 from backend.skeleton import SMPL22  # noqa: E402
 
@@ -193,6 +201,105 @@ def _quat_matrix(q: np.ndarray) -> np.ndarray:
     return quat_to_matrix(np.asarray(q, dtype=np.float64))
 
 
+TWIST_JOINTS = ("right_shoulder", "right_elbow")
+WAVE_PROMPT = "a person waves with the right hand"
+
+
+def arm_pose(rotations: np.ndarray) -> np.ndarray:
+    """Directions (T, 6) of the right upper arm and forearm in the pelvis frame, from local rotations (T, J, 4)."""
+    q = np.array(rotations, dtype=np.float64)
+    q[:, 0] = [1.0, 0.0, 0.0, 0.0]
+    p = forward_kinematics(np.zeros((len(q), 3)), q)
+    shoulder, elbow, wrist = (SMPL22.joint_names.index(f"right_{n}") for n in ("shoulder", "elbow", "wrist"))
+    bones = np.concatenate([p[:, elbow] - p[:, shoulder], p[:, wrist] - p[:, elbow]], axis=-1).reshape(-1, 2, 3)
+    return (bones / np.linalg.norm(bones, axis=-1, keepdims=True)).reshape(-1, 6)
+
+
+def _wrap(degrees: np.ndarray) -> np.ndarray:
+    return (degrees + 180.0) % 360.0 - 180.0
+
+
+def twist_deviation(data: list[np.ndarray], generated: list[np.ndarray], swing_only: list[np.ndarray], joint: str,
+                    neighbours: int = 10, seed: int = 0) -> dict[str, float]:
+    """How far (mean |angle|, degrees) a joint's twist in generated motions is from the twist the data shows in
+    the same arm pose: the circular mean twist of the ``neighbours`` data frames nearest in :func:`arm_pose`.
+    Also for the swing-only stream of the same motions (``swing_only``), for the generated twist shuffled across
+    frames (twist unrelated to the pose), and, as the scale, the data's own spread about its mean twist; and the
+    mean frame-to-frame twist change (jitter, degrees) of the generated motions and of the data.
+    All motions are lists of local rotations (T, J, 4)."""
+    pose_data = np.concatenate([arm_pose(m) for m in data])
+    twist_data = np.radians(np.concatenate([bone_twist(m, joint) for m in data]))
+    pose_gen = np.concatenate([arm_pose(m) for m in generated])
+    twist_gen = np.concatenate([bone_twist(m, joint) for m in generated])
+    nearest = np.argsort(((pose_gen[:, None] - pose_data[None]) ** 2).sum(-1), axis=1)[:, :neighbours]
+    expected = np.degrees(np.arctan2(np.sin(twist_data[nearest]).mean(1), np.cos(twist_data[nearest]).mean(1)))
+    swing = np.concatenate([bone_twist(m, joint) for m in swing_only])
+    shuffled = np.random.default_rng(seed).permutation(twist_gen)
+    spread = np.degrees(np.arctan2(np.sin(twist_data).mean(), np.cos(twist_data).mean()))
+    def jitter(motions: list[np.ndarray]) -> float:
+        return float(np.mean([np.abs(_wrap(np.diff(bone_twist(m, joint)))).mean() for m in motions]))
+
+    return {
+        "frames": len(twist_gen),
+        "jitter generated": jitter(generated),
+        "jitter data": jitter(data),
+        "generated": float(np.abs(_wrap(twist_gen - expected)).mean()),
+        "swing-only stream": float(np.abs(_wrap(swing - expected)).mean()),
+        "shuffled": float(np.abs(_wrap(shuffled - expected)).mean()),
+        "data spread": float(np.abs(_wrap(np.degrees(twist_data) - spread)).mean()),
+    }
+
+
+def twist_experiment(source: Path, clips: int, vae_steps: int, denoiser_steps: int, samples: int) -> dict:
+    """Train the tiny model on ``clips`` right-hand waves and as many walks of ``source``, generate ``samples``
+    right-hand waves; returns {"setup": text, joint: :func:`twist_deviation` for each of :data:`TWIST_JOINTS`}."""
+    from backend.data.prepare import prepare_bvh
+    from backend.pipeline import MotionPipeline
+    from backend.train import train
+
+    with tempfile.TemporaryDirectory(prefix="mm-twist-") as tmp:
+        folder = Path(tmp) / "bvh"
+        count = {"wave-right-hand": 0, "walk": 0}
+        chosen: set[str] = set()
+        for member, data in iter_source(source):
+            name = PurePosixPath(member)
+            kind = next((k for k in count if f"_{k}_" in name.name), None)
+            if kind is not None and name.suffix == ".bvh" and count[kind] < clips:
+                count[kind] += 1
+                chosen.add(name.stem)
+            if name.stem in chosen or name.parent.name == "cfg":  # the clip, its label .json, the label lists
+                (folder / member).parent.mkdir(parents=True, exist_ok=True)
+                (folder / member).write_bytes(data)
+        prepare_bvh(folder, Path(tmp) / "data", workers=1, progress=False)
+        dataset = Path(tmp) / "data"
+        train("vae", dataset, Path(tmp) / "vae", config="tiny", steps=vae_steps, progress=False)
+        train("denoiser", dataset, Path(tmp) / "run", config="tiny", steps=denoiser_steps, vae=Path(tmp) / "vae",
+              progress=False)
+        pipeline = MotionPipeline.from_checkpoint(Path(tmp) / "run", device="cpu")
+        motions = pipeline(WAVE_PROMPT, seconds=4.0, seed=0, samples=samples)
+        generated = [m.rotations for m in motions]
+        swing_only = [features_to_rotations(m.features, channels="humanml3d")[1] for m in motions]
+        channels = {rotation_channels(m.features) for m in motions}
+        data = [features_to_rotations(np.load(p))[1] for p in sorted((dataset / "new_joint_vecs").glob("*.npy"))
+                if "wave-right-hand" in p.name]
+    setup = (f"tiny model: VAE {vae_steps} steps, denoiser {denoiser_steps} steps, on {count['wave-right-hand']} "
+             f"right-hand waves and {count['walk']} walks; {samples} generated '{WAVE_PROMPT}' (4 s), channels "
+             f"read as {sorted(channels)}")
+    return {"setup": setup, **{joint: twist_deviation(data, generated, swing_only, joint) for joint in TWIST_JOINTS}}
+
+
+def _twist_report(source: Path, clips: int, vae_steps: int, denoiser_steps: int, samples: int) -> None:
+    result = twist_experiment(source, clips, vae_steps, denoiser_steps, samples)
+    print(result["setup"])
+    print("twist vs the data's twist in the nearest arm poses (10 nearest frames), mean |deviation| in degrees")
+    print(f"{'joint':16s} {'frames':>6s} {'generated':>9s} {'swing-only':>10s} {'shuffled':>8s} {'data spread':>11s} "
+          f"{'jitter gen/data':>15s}")
+    for joint in TWIST_JOINTS:
+        d = result[joint]
+        print(f"{joint:16s} {d['frames']:6d} {d['generated']:9.1f} {d['swing-only stream']:10.1f} "
+              f"{d['shuffled']:8.1f} {d['data spread']:11.1f} {d['jitter generated']:7.2f}/{d['jitter data']:.2f}")
+
+
 def _fk_report(clips: list[tuple[str, str]]) -> None:
     height = canonical_height()
     print(f"FK of the stream vs the motion's positions, % of the canonical height ({height:.3f} m)")
@@ -236,11 +343,17 @@ def _blender_report(clips: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("fk", "blender"))
+    parser.add_argument("what", choices=("fk", "blender", "twist"))
     parser.add_argument("--source", type=Path, default=BANDAI, help="BVH folder or archive (default: Bandai-Namco)")
     parser.add_argument("--match", default="", help="only clips whose file name contains this")
-    parser.add_argument("--clips", type=int, default=6, help="how many clips (default 6)")
+    parser.add_argument("--clips", type=int, default=6, help="how many clips (twist: of each kind; default 6)")
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--denoiser-steps", type=int, default=800)
+    parser.add_argument("--samples", type=int, default=8, help="twist: generated motions")
     args = parser.parse_args()
+    if args.what == "twist":
+        _twist_report(args.source, args.clips, args.vae_steps, args.denoiser_steps, args.samples)
+        return
     clips = list(iter_clips(args.source, args.match, args.clips))
     if not clips:
         parser.error(f"no .bvh clip in {args.source} matches {args.match!r}")
