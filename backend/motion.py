@@ -2,9 +2,11 @@
 
 Feature layout per frame (J joints): root angular velocity about Y (1), root linear velocity in the root frame
 XZ (2), root height (1), root-relative joint positions (J-1)*3 ("ric"), 6D joint rotations (J-1)*6, joint
-velocities in the root frame J*3, foot contacts (4). This module reproduces HumanML3D's
-``motion_representation.py`` (``process_file``, ``recover_from_ric``) so that users who own HumanML3D or KIT-ML
-train on their files unchanged; ``tests/test_motion.py`` checks it against real HumanML3D clips.
+velocities in the root frame J*3, foot contacts (4). The rotation channels are HumanML3D's swing-only ones, or, for
+data prepared from mocap rotations, the joints' local rotations with twist (see :func:`rotation_channels`).
+This module reproduces HumanML3D's ``motion_representation.py`` (``process_file``, ``recover_from_ric``) so that
+users who own HumanML3D or KIT-ML train on their files unchanged; ``tests/test_motion.py`` checks it against real
+HumanML3D clips.
 
 Every public function takes numpy arrays or torch tensors and returns the same kind. Torch inputs keep their
 dtype, device and autograd graph (for training losses); numpy inputs are computed in float64 and returned in

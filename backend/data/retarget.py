@@ -279,6 +279,6 @@ def retarget_rotations(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> tu
     points = _target_points(positions, bvh, jmap)
     rest = torch.from_numpy(skeleton.rest_offsets)
     left, right = (skeleton.joint_names.index(f"{s}_hip") for s in ("left", "right"))
-    hips = (points[:, left] + points[:, right]) / 2 * torch.from_numpy(np.asarray(leg_scale(points.numpy(), skeleton)))
+    hips = (points[:, left] + points[:, right]) / 2 * leg_scale(points, skeleton)
     root = hips - qrot(world[:, 0], ((rest[left] + rest[right]) / 2).expand_as(hips))
     return root.numpy(), local.numpy()
