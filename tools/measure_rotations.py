@@ -22,22 +22,25 @@ twist included, is compared with the same bone of the import at the same instant
 applies to face +Z (measured on the bone directions of the first frame).
 
 twist: does a model learn the twist channels? Prepares up to --clips right-hand waves and as many walks, trains
-the tiny VAE and denoiser on them (configs/tiny.json, more steps), generates right-hand waves, and compares the
-twist of the right upper arm and forearm (:func:`bone_twist`) with the data's in the same arm pose
-(:func:`twist_deviation`): against the swing-only stream of the same motions (what was streamed before issue 15)
-and the generated twist shuffled across frames (twist unrelated to the pose). Prints the table.
+the tiny VAE and denoiser (configs/tiny.json, more steps) on them and, as the control, on the same data with the
+twist shuffled across frames (:func:`shuffle_twist`: same positions, twist unrelated to the pose), generates
+right-hand waves with both, and compares the twist of the right upper arm and forearm (:func:`bone_twist`) with
+the data's in the same arm pose (:func:`twist_deviation`); also the swing-only stream of the same generated
+motions (what was streamed before issue 15). Prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,6 +58,7 @@ from backend.motion import (  # noqa: E402
     positions_to_features,
     rotation_channels,
 )
+from backend.quaternion import qbetween, qinv, qmul, qrot, quat_to_matrix  # noqa: E402
 from backend.skeleton import SMPL22  # noqa: E402
 
 
@@ -102,25 +106,6 @@ def stream_errors(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.norm(fk - positions, axis=-1) / canonical_height(), directions
 
 
-def bone_twist(rotations: np.ndarray, joint: str) -> np.ndarray:
-    """Signed twist (T,) in degrees of a one-child joint's world rotation about its bone: the rotation left after
-    the shortest arc from the rest bone to the posed bone (0 for swing-only rotations) of local rotations (T, J, 4)."""
-    import torch
-
-    from backend.quaternion import qbetween, qinv, qmul, qrot
-
-    q = torch.from_numpy(np.asarray(rotations, dtype=np.float64))
-    j = SMPL22.joint_names.index(joint)
-    (child,) = SMPL22.children[j]
-    world = [q[:, 0]]
-    for k, p in enumerate(SMPL22.parents[1:], start=1):
-        world.append(qmul(world[p], q[:, k]))
-    rest = torch.from_numpy(SMPL22.rest_offsets[child] / np.linalg.norm(SMPL22.rest_offsets[child])).expand(len(q), 3)
-    twist = qmul(qinv(qbetween(rest, qrot(world[j], rest))), world[j])
-    angle = np.degrees(2 * torch.atan2((twist[:, 1:] * rest).sum(-1), twist[:, 0]).numpy())
-    return (angle + 180.0) % 360.0 - 180.0
-
-
 def _yaw(source: np.ndarray, canonical: np.ndarray) -> float:
     """The turn about +Y (radians) taking the source's single-child bone directions of one frame onto the
     prepared motion's (both (J, 3) joint positions of the canonical skeleton)."""
@@ -161,7 +146,7 @@ def blender_errors(bvh_path: Path, bvh: Bvh, jmap: JointMap, features: np.ndarra
     for pb in order:
         bpy.context.view_layer.update()
         w = tpose[bvh.joint_names.index(pb.name)]
-        rot = to_bl @ _quat_matrix(w) @ to_bl.T @ np.array(pb.bone.matrix_local.to_3x3())
+        rot = to_bl @ quat_to_matrix(torch.from_numpy(w)).numpy() @ to_bl.T @ np.array(pb.bone.matrix_local.to_3x3())
         m = np.eye(4)
         m[:3, :3], m[:3, 3] = rot, np.array(pb.head)
         pb.matrix = Matrix(m.tolist())
@@ -195,14 +180,55 @@ def blender_errors(bvh_path: Path, bvh: Bvh, jmap: JointMap, features: np.ndarra
     return dict(zip(bones, np.array(errors).T))
 
 
-def _quat_matrix(q: np.ndarray) -> np.ndarray:
-    from addon.retarget import quat_to_matrix
-
-    return quat_to_matrix(np.asarray(q, dtype=np.float64))
-
-
 TWIST_JOINTS = ("right_shoulder", "right_elbow")
 WAVE_PROMPT = "a person waves with the right hand"
+
+
+def _world(rotations: torch.Tensor) -> list[torch.Tensor]:
+    world = [rotations[..., 0, :]]
+    for k, p in enumerate(SMPL22.parents[1:], start=1):
+        world.append(qmul(world[p], rotations[..., k, :]))
+    return world
+
+
+def bone_twist(rotations: np.ndarray, joint: str) -> np.ndarray:
+    """Signed twist (T,) in degrees of a one-child joint's world rotation about its bone: the rotation left after
+    the shortest arc from the rest bone to the posed bone (0 for swing-only rotations) of local rotations (T, J, 4)."""
+    q = torch.from_numpy(np.asarray(rotations, dtype=np.float64))
+    j = SMPL22.joint_names.index(joint)
+    world = _world(q)[j]
+    axis = _bone_axis(j).expand(len(q), 3)
+    twist = qmul(qinv(qbetween(axis, qrot(world, axis))), world)
+    return _wrap(np.degrees(2 * torch.atan2((twist[:, 1:] * axis).sum(-1), twist[:, 0]).numpy()))
+
+
+def _bone_axis(j: int) -> torch.Tensor:
+    (child,) = SMPL22.children[j]
+    return torch.from_numpy(SMPL22.rest_offsets[child] / np.linalg.norm(SMPL22.rest_offsets[child]))
+
+
+def shuffle_twist(motions: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """The twist-shuffled control: local rotations (T, J, 4) whose every one-child joint takes, in place of its
+    own twist (:func:`bone_twist`), the twist of that joint in a random frame of any of ``motions``; every other
+    joint keeps its world rotation, so the joint positions do not change."""
+    rng = np.random.default_rng(seed)
+    joints = [j for j in range(1, SMPL22.num_joints) if len(SMPL22.children[j]) == 1]
+    twists = {j: np.concatenate([bone_twist(m, SMPL22.joint_names[j]) for m in motions]) for j in joints}
+    out = []
+    for m in motions:
+        world = _world(torch.from_numpy(np.asarray(m, dtype=np.float64)))
+        for j in joints:
+            own = bone_twist(m, SMPL22.joint_names[j])
+            delta = torch.from_numpy(np.radians(rng.choice(twists[j], size=len(m)) - own))[:, None]
+            turn = torch.cat([torch.cos(delta / 2), torch.sin(delta / 2) * _bone_axis(j)], dim=-1)
+            world[j] = qmul(world[j], turn)
+        local = [world[0]] + [qmul(qinv(world[p]), world[k]) for k, p in enumerate(SMPL22.parents[1:], start=1)]
+        out.append(torch.stack(local, dim=1).numpy())
+    return out
+
+
+def _wrap(degrees: np.ndarray) -> np.ndarray:
+    return (degrees + 180.0) % 360.0 - 180.0
 
 
 def arm_pose(rotations: np.ndarray) -> np.ndarray:
@@ -215,50 +241,38 @@ def arm_pose(rotations: np.ndarray) -> np.ndarray:
     return (bones / np.linalg.norm(bones, axis=-1, keepdims=True)).reshape(-1, 6)
 
 
-def _wrap(degrees: np.ndarray) -> np.ndarray:
-    return (degrees + 180.0) % 360.0 - 180.0
-
-
-def twist_deviation(data: list[np.ndarray], generated: list[np.ndarray], swing_only: list[np.ndarray], joint: str,
-                    neighbours: int = 10, seed: int = 0) -> dict[str, float]:
-    """How far (mean |angle|, degrees) a joint's twist in generated motions is from the twist the data shows in
-    the same arm pose: the circular mean twist of the ``neighbours`` data frames nearest in :func:`arm_pose`.
-    Also for the swing-only stream of the same motions (``swing_only``), for the generated twist shuffled across
-    frames (twist unrelated to the pose), and, as the scale, the data's own spread about its mean twist; and the
-    mean frame-to-frame twist change (jitter, degrees) of the generated motions and of the data.
-    All motions are lists of local rotations (T, J, 4)."""
+def twist_deviation(data: list[np.ndarray], motions: list[np.ndarray], joint: str, neighbours: int = 10) -> float:
+    """Mean |angle| (degrees) between a joint's twist in ``motions`` and the twist the ``data`` shows in the same
+    arm pose: the circular mean twist of the ``neighbours`` data frames nearest in :func:`arm_pose`. All motions
+    are lists of local rotations (T, J, 4)."""
     pose_data = np.concatenate([arm_pose(m) for m in data])
     twist_data = np.radians(np.concatenate([bone_twist(m, joint) for m in data]))
-    pose_gen = np.concatenate([arm_pose(m) for m in generated])
-    twist_gen = np.concatenate([bone_twist(m, joint) for m in generated])
-    nearest = np.argsort(((pose_gen[:, None] - pose_data[None]) ** 2).sum(-1), axis=1)[:, :neighbours]
+    pose = np.concatenate([arm_pose(m) for m in motions])
+    twist = np.concatenate([bone_twist(m, joint) for m in motions])
+    nearest = np.argsort(((pose[:, None] - pose_data[None]) ** 2).sum(-1), axis=1)[:, :neighbours]
     expected = np.degrees(np.arctan2(np.sin(twist_data[nearest]).mean(1), np.cos(twist_data[nearest]).mean(1)))
-    swing = np.concatenate([bone_twist(m, joint) for m in swing_only])
-    shuffled = np.random.default_rng(seed).permutation(twist_gen)
-    spread = np.degrees(np.arctan2(np.sin(twist_data).mean(), np.cos(twist_data).mean()))
-    def jitter(motions: list[np.ndarray]) -> float:
-        return float(np.mean([np.abs(_wrap(np.diff(bone_twist(m, joint)))).mean() for m in motions]))
+    return float(np.abs(_wrap(twist - expected)).mean())
 
-    return {
-        "frames": len(twist_gen),
-        "jitter generated": jitter(generated),
-        "jitter data": jitter(data),
-        "generated": float(np.abs(_wrap(twist_gen - expected)).mean()),
-        "swing-only stream": float(np.abs(_wrap(swing - expected)).mean()),
-        "shuffled": float(np.abs(_wrap(shuffled - expected)).mean()),
-        "data spread": float(np.abs(_wrap(np.degrees(twist_data) - spread)).mean()),
-    }
+
+def _raised(motions: list[np.ndarray]) -> float:
+    """Share of frames whose right upper arm points above horizontal."""
+    return float(np.mean(np.concatenate([arm_pose(m)[:, 1] > 0 for m in motions])))
 
 
 def twist_experiment(source: Path, clips: int, vae_steps: int, denoiser_steps: int, samples: int) -> dict:
-    """Train the tiny model on ``clips`` right-hand waves and as many walks of ``source``, generate ``samples``
-    right-hand waves; returns {"setup": text, joint: :func:`twist_deviation` for each of :data:`TWIST_JOINTS`}."""
+    """Train the tiny model twice on ``clips`` right-hand waves and as many walks of ``source``: on the prepared
+    data, and on the same data with its twist shuffled (:func:`shuffle_twist`, the control); generate ``samples``
+    right-hand waves with each. Returns {"setup": text, "raised": {...}, joint: {...} for :data:`TWIST_JOINTS`}
+    with :func:`twist_deviation` of: the data itself, the shuffled data, each model's generated motions, and the
+    swing-only stream of the first model's motions (what was streamed before issue 15)."""
     from backend.data.prepare import prepare_bvh
     from backend.pipeline import MotionPipeline
+    from backend.quaternion import quat_to_cont6d
     from backend.train import train
 
     with tempfile.TemporaryDirectory(prefix="mm-twist-") as tmp:
-        folder = Path(tmp) / "bvh"
+        tmp = Path(tmp)
+        folder = tmp / "bvh"
         count = {"wave-right-hand": 0, "walk": 0}
         chosen: set[str] = set()
         for member, data in iter_source(source):
@@ -270,34 +284,56 @@ def twist_experiment(source: Path, clips: int, vae_steps: int, denoiser_steps: i
             if name.stem in chosen or name.parent.name == "cfg":  # the clip, its label .json, the label lists
                 (folder / member).parent.mkdir(parents=True, exist_ok=True)
                 (folder / member).write_bytes(data)
-        prepare_bvh(folder, Path(tmp) / "data", workers=1, progress=False)
-        dataset = Path(tmp) / "data"
-        train("vae", dataset, Path(tmp) / "vae", config="tiny", steps=vae_steps, progress=False)
-        train("denoiser", dataset, Path(tmp) / "run", config="tiny", steps=denoiser_steps, vae=Path(tmp) / "vae",
-              progress=False)
-        pipeline = MotionPipeline.from_checkpoint(Path(tmp) / "run", device="cpu")
-        motions = pipeline(WAVE_PROMPT, seconds=4.0, seed=0, samples=samples)
-        generated = [m.rotations for m in motions]
-        swing_only = [features_to_rotations(m.features, channels="humanml3d")[1] for m in motions]
-        channels = {rotation_channels(m.features) for m in motions}
-        data = [features_to_rotations(np.load(p))[1] for p in sorted((dataset / "new_joint_vecs").glob("*.npy"))
-                if "wave-right-hand" in p.name]
+        prepare_bvh(folder, tmp / "data", workers=1, progress=False)
+        shutil.copytree(tmp / "data", tmp / "shuffled")
+        paths = sorted((tmp / "data" / "new_joint_vecs").glob("*.npy"))
+        features = [np.load(p).astype(np.float64) for p in paths]
+        rotations = [features_to_rotations(f)[1] for f in features]
+        shuffled = shuffle_twist(rotations)
+        j = SMPL22.num_joints
+        for path, f, q in zip(paths, features, shuffled):
+            f[:, 4 + (j - 1) * 3 : 4 + (j - 1) * 9] = quat_to_cont6d(torch.from_numpy(q[:, 1:])).reshape(len(f), -1)
+            np.save(tmp / "shuffled" / "new_joint_vecs" / path.name, f.astype(np.float32))
+        generated, channels = {}, set()
+        for kind in ("data", "shuffled"):
+            train("vae", tmp / kind, tmp / kind / "vae", config="tiny", steps=vae_steps, progress=False)
+            train("denoiser", tmp / kind, tmp / kind / "run", config="tiny", steps=denoiser_steps,
+                  vae=tmp / kind / "vae", progress=False)
+            pipeline = MotionPipeline.from_checkpoint(tmp / kind / "run", device="cpu")
+            motions = pipeline(WAVE_PROMPT, seconds=4.0, seed=0, samples=samples)
+            generated[kind] = [m.rotations for m in motions]
+            channels |= {rotation_channels(m.features) for m in motions}
+            if kind == "data":
+                swing_only = [features_to_rotations(m.features, channels="humanml3d")[1] for m in motions]
+    waves = [q for p, q in zip(paths, rotations) if "wave-right-hand" in p.name]
+    waves_shuffled = [q for p, q in zip(paths, shuffled) if "wave-right-hand" in p.name]
     setup = (f"tiny model: VAE {vae_steps} steps, denoiser {denoiser_steps} steps, on {count['wave-right-hand']} "
-             f"right-hand waves and {count['walk']} walks; {samples} generated '{WAVE_PROMPT}' (4 s), channels "
-             f"read as {sorted(channels)}")
-    return {"setup": setup, **{joint: twist_deviation(data, generated, swing_only, joint) for joint in TWIST_JOINTS}}
+             f"right-hand waves and {count['walk']} walks, and again on the same with twist shuffled; {samples} "
+             f"generated '{WAVE_PROMPT}' (4 s) from each; channels read as {sorted(channels)}")
+    rows = {
+        "data (wave clips)": waves,
+        "twist-shuffled data": waves_shuffled,
+        "generated": generated["data"],
+        "generated by the control": generated["shuffled"],
+        "swing-only stream of generated": swing_only,
+    }
+    return {
+        "setup": setup,
+        "raised": {k: _raised(v) for k, v in (("data", waves), ("generated", generated["data"]),
+                                              ("control", generated["shuffled"]))},
+        **{joint: {k: twist_deviation(waves, v, joint) for k, v in rows.items()} for joint in TWIST_JOINTS},
+    }
 
 
 def _twist_report(source: Path, clips: int, vae_steps: int, denoiser_steps: int, samples: int) -> None:
     result = twist_experiment(source, clips, vae_steps, denoiser_steps, samples)
     print(result["setup"])
-    print("twist vs the data's twist in the nearest arm poses (10 nearest frames), mean |deviation| in degrees")
-    print(f"{'joint':16s} {'frames':>6s} {'generated':>9s} {'swing-only':>10s} {'shuffled':>8s} {'data spread':>11s} "
-          f"{'jitter gen/data':>15s}")
-    for joint in TWIST_JOINTS:
-        d = result[joint]
-        print(f"{joint:16s} {d['frames']:6d} {d['generated']:9.1f} {d['swing-only stream']:10.1f} "
-              f"{d['shuffled']:8.1f} {d['data spread']:11.1f} {d['jitter generated']:7.2f}/{d['jitter data']:.2f}")
+    print("share of frames with the right upper arm above horizontal: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in result["raised"].items()))
+    print("twist vs the data's twist in the same arm pose (10 nearest data frames), mean |deviation| in degrees")
+    print(f"{'':32s}" + "".join(f"{joint:>16s}" for joint in TWIST_JOINTS))
+    for row in result[TWIST_JOINTS[0]]:
+        print(f"{row:32s}" + "".join(f"{result[joint][row]:16.1f}" for joint in TWIST_JOINTS))
 
 
 def _fk_report(clips: list[tuple[str, str]]) -> None:
