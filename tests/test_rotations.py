@@ -131,6 +131,14 @@ def test_twist_free_channels_still_give_exact_positions(prepared) -> None:
     assert error.max() < 1e-5
 
 
+def test_rotations_must_match_the_positions(prepared) -> None:
+    walk = prepared[WALK]
+    with pytest.raises(ValueError, match="do not match positions"):
+        positions_to_features(walk["positions"], rotations=walk["rotations"][:-1])
+    with pytest.raises(ValueError, match="rotations must end with shape"):
+        positions_to_features(walk["positions"], rotations=walk["rotations"][:, :21])
+
+
 def test_canonical_bvh_gives_its_rotations_back(prepared, tmp_path: Path) -> None:
     """A BVH in the canonical rest (write_bvh, map smpl22, no tpose: the zero pose is the T-pose) retargets to its
     own rotations; the same motion written Z up (rest and motion turned) gives them back through up_axis Z."""
