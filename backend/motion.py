@@ -2,9 +2,11 @@
 
 Feature layout per frame (J joints): root angular velocity about Y (1), root linear velocity in the root frame
 XZ (2), root height (1), root-relative joint positions (J-1)*3 ("ric"), 6D joint rotations (J-1)*6, joint
-velocities in the root frame J*3, foot contacts (4). This module reproduces HumanML3D's
-``motion_representation.py`` (``process_file``, ``recover_from_ric``) so that users who own HumanML3D or KIT-ML
-train on their files unchanged; ``tests/test_motion.py`` checks it against real HumanML3D clips.
+velocities in the root frame J*3, foot contacts (4). The rotation channels are HumanML3D's swing-only ones, or, for
+data prepared from mocap rotations, the joints' local rotations with twist (see :func:`rotation_channels`).
+This module reproduces HumanML3D's ``motion_representation.py`` (``process_file``, ``recover_from_ric``) so that
+users who own HumanML3D or KIT-ML train on their files unchanged; ``tests/test_motion.py`` checks it against real
+HumanML3D clips.
 
 Every public function takes numpy arrays or torch tensors and returns the same kind. Torch inputs keep their
 dtype, device and autograd graph (for training losses); numpy inputs are computed in float64 and returned in
@@ -21,7 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.quaternion import matrix_to_quat, qbetween, qfix, qinv, qmul, qnormalize, qrot, quat_to_cont6d
+from backend.quaternion import (
+    cont6d_to_matrix,
+    matrix_to_quat,
+    qbetween,
+    qfix,
+    qinv,
+    qmul,
+    qnormalize,
+    qrot,
+    quat_to_cont6d,
+    quat_to_matrix,
+)
 from backend.skeleton import SKELETONS, SMPL22, Skeleton, skeleton_for_dim
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
@@ -128,46 +141,101 @@ def _gaussian_smooth_time(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return smoothed.reshape(-1, c, t).transpose(1, 2).reshape(*lead, t, c)
 
 
+def leg_scale(positions: Array, skeleton: Skeleton = SMPL22) -> Array:
+    """The root scale convention: canonical over source length of the RIGHT leg (hip->knee->ankle), at frame 0.
+
+    Positions are (..., T, J, 3) of ``skeleton``'s joints; the result has shape (...,). HumanML3D's
+    ``uniform_skeleton`` scales root travel by this ratio (its ``l_idx1, l_idx2`` are the right knee and ankle);
+    :func:`canonicalize_positions` and rotation-based data preparation (``backend.data.retarget``) use it, and so
+    does the add-on in reverse (the rig's right leg over the canonical one).
+    """
+    p, back, skeleton = _positions_arg(positions, skeleton)
+    return back(_leg_scale(p, skeleton))
+
+
+def _leg_scale(p: torch.Tensor, skeleton: Skeleton) -> torch.Tensor:
+    if skeleton.rest_offsets is None:
+        raise ValueError(f"skeleton {skeleton.name!r} has no canonical bone lengths to scale to")
+    lengths = np.linalg.norm(skeleton.rest_offsets, axis=-1)
+    parents = skeleton.parents
+    knee, ankle = skeleton.kinematic_chains[0][2:4]  # the right leg: HumanML3D's l_idx1, l_idx2
+    source = sum(torch.linalg.norm(p[..., 0, j, :] - p[..., 0, parents[j], :], dim=-1) for j in (knee, ankle))
+    return float(lengths[knee] + lengths[ankle]) / source
+
+
+def _place(p: torch.Tensor, skeleton: Skeleton) -> tuple[torch.Tensor, torch.Tensor]:
+    """HumanML3D's placement: lowest joint over the clip at y = 0, root XZ at the origin at frame 0, then a turn
+    about Y so the body faces +Z at frame 0. Returns the placed positions and the turn (..., 1, 4)."""
+    floor = p[..., 1].amin(dim=(-2, -1), keepdim=True)
+    p = p - torch.stack([torch.zeros_like(floor), floor, torch.zeros_like(floor)], dim=-1)
+    p = p - p[..., :1, :1, :] * p.new_tensor([1.0, 0.0, 1.0])
+    forward = _unit(_facing(p[..., :1, :, :], skeleton, humanml3d_ik_order=False))  # (..., 1, 3)
+    turn = qbetween(forward, forward.new_tensor([0.0, 0.0, 1.0]).expand_as(forward))
+    return qrot(turn[..., None, :].expand((*p.shape[:-1], 4)), p), turn
+
+
 def canonicalize_positions(positions: Array, skeleton: Skeleton = SMPL22) -> Array:
     """HumanML3D's steps before feature extraction, on joint positions (..., T, J, 3) in metres, Y up.
 
     1. Uniform skeleton: every bone keeps its direction and gets the canonical length (the root trajectory is
-       scaled by the ratio of lower-leg lengths), as HumanML3D's ``uniform_skeleton`` IK/FK round trip does.
+       scaled by :func:`leg_scale`), as HumanML3D's ``uniform_skeleton`` IK/FK round trip does.
     2. Put on the floor (lowest joint over the clip at y = 0). 3. Root XZ at the origin at frame 0.
     4. Rotate about Y so the body faces +Z at frame 0.
     """
     p, back, skeleton = _positions_arg(positions, skeleton)
-    if skeleton.rest_offsets is None:
-        raise ValueError(f"skeleton {skeleton.name!r} has no canonical bone lengths to uniform to")
+    scale = _leg_scale(p, skeleton)  # (...,)
     lengths = p.new_tensor(np.linalg.norm(skeleton.rest_offsets, axis=-1))
     parents = skeleton.parents
-    shin, thigh = skeleton.kinematic_chains[0][2], skeleton.kinematic_chains[0][3]  # HumanML3D's l_idx1, l_idx2
-
-    def bone(q: torch.Tensor, j: int) -> torch.Tensor:
-        return q[..., j, :] - q[..., parents[j], :]
-
-    src_leg = torch.linalg.norm(bone(p[..., :1, :, :], shin), dim=-1) + torch.linalg.norm(
-        bone(p[..., :1, :, :], thigh), dim=-1
-    )
-    scale = (lengths[shin] + lengths[thigh]) / src_leg  # (..., 1)
-    joints = [p[..., 0, :] * scale[..., None]]
+    joints = [p[..., 0, :] * scale[..., None, None]]
     for j in range(1, skeleton.num_joints):
-        joints.append(joints[parents[j]] + _unit(bone(p, j)) * lengths[j])
-    p = torch.stack(joints, dim=-2)
+        joints.append(joints[parents[j]] + _unit(p[..., j, :] - p[..., parents[j], :]) * lengths[j])
+    return back(_place(torch.stack(joints, dim=-2), skeleton)[0])
 
-    floor = p[..., 1].amin(dim=(-2, -1), keepdim=True)
-    p = p - torch.stack([torch.zeros_like(floor), floor, torch.zeros_like(floor)], dim=-1)
-    origin = p[..., :1, :1, :] * p.new_tensor([1.0, 0.0, 1.0])
-    p = p - origin
-    forward = _unit(_facing(p[..., :1, :, :], skeleton, humanml3d_ik_order=False))  # (..., 1, 3)
-    turn = qbetween(forward, forward.new_tensor([0.0, 0.0, 1.0]).expand_as(forward))
-    return back(qrot(turn[..., None, :].expand((*p.shape[:-1], 4)), p))
+
+def canonicalize_rotations(
+    root_translation: Array, local_rotations: Array, skeleton: Skeleton = SMPL22
+) -> tuple[Array, Array]:
+    """A motion given as rotations of ``skeleton`` over its rest pose, placed as :func:`canonicalize_positions`
+    places positions (floor, origin, facing +Z at frame 0).
+
+    Takes the root translation (..., T, 3) and local rotations (..., T, J, 4) (metres, Y up, bone lengths are the
+    rest's); returns the joint positions (..., T, J, 3) (:func:`forward_kinematics`, then placed) and the local
+    rotations with the root rotation turned by the same facing turn (the other joints' are parent-relative).
+    """
+    q, back = _as_tensor(local_rotations, "local_rotations", 3, (skeleton.num_joints, 4))
+    root, _ = _as_tensor(root_translation, "root_translation", 2, (3,))
+    p, turn = _place(forward_kinematics(root.to(q.dtype), q, skeleton), skeleton)
+    q = qnormalize(q)
+    root = qmul(turn.expand((*q.shape[:-2], 4)), q[..., 0, :])
+    return back(p), back(qfix(torch.cat([root[..., None, :], q[..., 1:, :]], dim=-2)))
+
+
+def _humanml3d_channels(p: torch.Tensor, root_quat: torch.Tensor, skeleton: Skeleton) -> torch.Tensor:
+    """HumanML3D's per-chain inverse kinematics (swing only): rotations (..., T, J-1, 4) of joints 1..J-1."""
+    local = [root_quat] * skeleton.num_joints
+    raw = p.new_tensor(skeleton.raw_offsets)
+    for chain in skeleton.kinematic_chains:
+        accumulated = root_quat
+        for parent, child in itertools.pairwise(chain):
+            direction = _unit(p[..., child, :] - p[..., parent, :])
+            world = qbetween(raw[child].expand_as(direction), direction)
+            local[child] = qmul(qinv(accumulated), world)
+            accumulated = qmul(accumulated, local[child])
+    return torch.stack(local[1:], dim=-2)
 
 
 def positions_to_features(
-    positions: Array, skeleton: Skeleton | None = None, feet_threshold: float | None = None
+    positions: Array,
+    skeleton: Skeleton | None = None,
+    feet_threshold: float | None = None,
+    rotations: Array | None = None,
 ) -> Array:
     """Joint positions (..., T, J, 3), already canonical, to features (..., T-1, D) exactly as HumanML3D does.
+
+    Rotation channels: without ``rotations``, HumanML3D's (swing-only inverse kinematics of the positions, see
+    :func:`rotation_channels`). With ``rotations`` (..., T, J, 4), the local rotations of a motion whose positions
+    are their forward kinematics (:func:`canonicalize_rotations`), the channels hold those rotations of joints
+    1..J-1, twist included ("local" channels); every other channel is computed from the positions as always.
 
     The input is what :func:`canonicalize_positions` returns (or HumanML3D's ``new_joints``). Known differences
     from HumanML3D's shipped features when the input is HumanML3D's own ``new_joints``: those files hold one frame
@@ -193,16 +261,13 @@ def positions_to_features(
     root_quat = torch.cat(
         [torch.ones_like(root_quat[..., :1, :1]) * root_quat.new_tensor([1.0, 0, 0, 0]), root_quat[..., 1:, :]], dim=-2
     )
-    local = [root_quat] * skeleton.num_joints
-    raw = p.new_tensor(skeleton.raw_offsets)
-    for chain in skeleton.kinematic_chains:
-        accumulated = root_quat
-        for parent, child in itertools.pairwise(chain):
-            direction = _unit(p[..., child, :] - p[..., parent, :])
-            world = qbetween(raw[child].expand_as(direction), direction)
-            local[child] = qmul(qinv(accumulated), world)
-            accumulated = qmul(accumulated, local[child])
-    rot6d = quat_to_cont6d(torch.stack(local[1:], dim=-2))  # (..., T, J-1, 6)
+    if rotations is None:
+        rot6d = quat_to_cont6d(_humanml3d_channels(p, root_quat, skeleton))
+    else:
+        given, _ = _as_tensor(rotations, "rotations", 3, (skeleton.num_joints, 4))
+        if given.shape[:-1] != p.shape[:-1]:
+            raise ValueError(f"rotations {tuple(given.shape)} do not match positions {tuple(p.shape)}")
+        rot6d = quat_to_cont6d(qnormalize(given[..., 1:, :].to(p.dtype)))  # (..., T, J-1, 6)
 
     root_velocity = qrot(root_quat[..., 1:, :], p[..., 1:, 0, :] - p[..., :-1, 0, :])
     root_turn = qmul(root_quat[..., 1:, :], qinv(root_quat[..., :-1, :]))
@@ -255,9 +320,13 @@ def features_to_positions(features: Array) -> Array:
     return back(torch.cat([root_position[..., None, :], joints], dim=-2))
 
 
-def _kabsch(rest: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices R (..., 3, 3) minimising sum |R rest_i - current_i|^2 over vectors i (rest: (N, 3))."""
+def _kabsch(rest: torch.Tensor, current: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotation matrices R (..., 3, 3) minimising sum |R rest_i - current_i|^2 over vectors i (rest: (N, 3)),
+    plus, when given, a pull towards the rotation matrices ``prior`` (..., 3, 3) weighing as much as 10% of the
+    vectors (it decides what the vectors leave open, and changes nothing where the prior fits them exactly)."""
     h = torch.einsum("ni,...nj->...ij", rest, current)
+    if prior is not None:
+        h = h + 0.1 * (rest**2).sum() * prior.transpose(-1, -2)
     u, _, vt = torch.linalg.svd(h)
     d = torch.sign(torch.linalg.det(vt.transpose(-1, -2) @ u.transpose(-1, -2)))
     fix = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], dim=-1))
@@ -274,36 +343,106 @@ def _swing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return qnormalize(torch.where(opposite, half_turn, q))
 
 
-def features_to_rotations(features: Array) -> tuple[Array, Array]:
-    """Features (T, D) to (root_translation (T, 3), local joint rotations (T, J, 4) as w, x, y, z).
+def _channel_rotations(f: torch.Tensor, skeleton: Skeleton) -> torch.Tensor:
+    """The rotation channels as quaternions (..., T, J-1, 4) of joints 1..J-1."""
+    j = skeleton.num_joints
+    cont6d = f[..., 4 + (j - 1) * 3 : 4 + (j - 1) * 9].reshape(*f.shape[:-1], j - 1, 6)
+    return matrix_to_quat(cont6d_to_matrix(cont6d))
+
+
+def _bone_agreement(predicted: list[torch.Tensor], actual: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([(_unit(a) * _unit(b)).sum(-1).mean() for a, b in zip(predicted, actual)]).mean()
+
+
+def rotation_channels(features: Array) -> str:
+    """Which convention the rotation channels of features (..., T, D) follow: "local" or "humanml3d".
+
+    - "humanml3d": HumanML3D's own (``positions_to_features`` without rotations): the channel of joint c turns
+      ``raw_offsets[c]`` onto the bone parent(c)->c, composed from the root's facing rotation along each
+      kinematic chain; swing only, no twist.
+    - "local": the local rotation of joint c relative to its parent over ``skeleton.rest_offsets`` (the
+      rotations streamed to clients), twist included; written by rotation-based data preparation.
+    Decided by which convention carries the bones of the motion's own positions closer to where they are, over
+    its first :data:`CHANNEL_DETECTION_FRAMES` frames only, so every prefix of a streamed motion decides alike.
+    """
+    f, _, skeleton = _features_arg(features)
+    return _rotation_channels(f, features_to_positions(f), _channel_rotations(f, skeleton), skeleton)
+
+
+CHANNEL_DETECTION_FRAMES = 20
+
+
+def _rotation_channels(f: torch.Tensor, p: torch.Tensor, channel: torch.Tensor, skeleton: Skeleton) -> str:
+    frames = CHANNEL_DETECTION_FRAMES
+    f, p, channel = f[..., :frames, :], p[..., :frames, :, :], channel[..., :frames, :, :]
+    parents = skeleton.parents
+    bones = [c for c in range(1, skeleton.num_joints) if len(skeleton.children[parents[c]]) == 1]
+    actual = [p[..., c, :] - p[..., parents[c], :] for c in bones]
+    # "local": forward kinematics of the channels from the pelvis the positions show
+    rest = p.new_tensor(skeleton.rest_offsets)
+    pelvis_kids = list(skeleton.children[0])
+    world = [matrix_to_quat(_kabsch(rest[pelvis_kids], p[..., pelvis_kids, :] - p[..., :1, :]))]
+    for j in range(1, skeleton.num_joints):
+        world.append(qmul(world[parents[j]], channel[..., j - 1, :]))
+    local = _bone_agreement([qrot(world[parents[c]], rest[c].expand_as(a)) for c, a in zip(bones, actual)], actual)
+    # "humanml3d": the chains composed from the root's facing rotation, turning raw_offsets
+    root_quat = _root_rotation_and_position(f)[0]
+    raw = p.new_tensor(skeleton.raw_offsets)
+    chain_world: dict[int, torch.Tensor] = {}
+    for chain in skeleton.kinematic_chains:
+        accumulated = root_quat
+        for c in chain[1:]:
+            accumulated = qmul(accumulated, channel[..., c - 1, :])
+            chain_world[c] = accumulated
+    humanml3d = _bone_agreement([qrot(chain_world[c], raw[c].expand_as(a)) for c, a in zip(bones, actual)], actual)
+    return "local" if local >= humanml3d else "humanml3d"
+
+
+ROTATION_CHANNELS = ("auto", "local", "humanml3d")
+
+
+def features_to_rotations(features: Array, channels: str = "auto") -> tuple[Array, Array]:
+    """Features (..., T, D) to (root_translation (..., T, 3), local joint rotations (..., T, J, 4) as w, x, y, z).
 
     The rotations are standard parent-relative ones over the rest pose ``SMPL22.rest_offsets`` (what the backend
-    streams and the add-on keys): :func:`forward_kinematics` of them lands on :func:`features_to_positions`.
-    Joints with several children (pelvis, spine3) take the best-fitting rotation of their rigid children
-    (Kabsch); a joint with one child takes the smallest swing from where its parent carries the bone to where
-    the bone is, so twist is inherited from the parent; end joints (head, wrists, feet) keep their parent's
-    orientation. Quaternion signs are made continuous over time.
+    streams and the add-on keys). Every joint starts from the orientation its rotation channel gives ("local"
+    channels, see :func:`rotation_channels`; "auto" detects them) or, for "humanml3d" channels (no twist), its
+    parent's; then a joint with one child turns by the smallest swing that points its bone exactly at the child's
+    position (the twist about the bone stays the channel's); a joint with several children (pelvis, spine3)
+    takes the rigid rotation that best fits them, pulled towards a "local" channel's orientation; an end joint (head,
+    wrists, feet) keeps the channel orientation. So :func:`forward_kinematics` of the result lands on
+    :func:`features_to_positions` wherever the positions have the rest's bone lengths and a rigid pelvis and chest
+    (rotation-prepared data, whatever its channels); HumanML3D's own files, whose hips move a little against the
+    pelvis, come within millimetres. Quaternion signs are made continuous over time.
     """
+    if channels not in ROTATION_CHANNELS:
+        raise ValueError(f"channels must be one of {ROTATION_CHANNELS}, got {channels!r}")
     f, back, skeleton = _features_arg(features)
     if skeleton.rest_offsets is None:
         raise ValueError(f"rotations need a rest pose; skeleton {skeleton.name!r} has none")
     p = features_to_positions(f)
+    channel = _channel_rotations(f, skeleton)
+    if channels == "auto":
+        channels = _rotation_channels(f, p, channel, skeleton)
     rest = p.new_tensor(skeleton.rest_offsets)
     parents, children = skeleton.parents, skeleton.children
-    world: list[torch.Tensor | None] = [None] * skeleton.num_joints
-    local: list[torch.Tensor | None] = [None] * skeleton.num_joints
+    world: list[torch.Tensor] = []
+    local: list[torch.Tensor] = []
     for j in range(skeleton.num_joints):  # parents come before children in both skeletons
         kids = list(children[j])
-        parent_world = world[parents[j]] if j > 0 else None
-        if len(kids) > 1 or j == 0:
+        guess = None
+        if j > 0:
+            guess = qmul(world[parents[j]], channel[..., j - 1, :]) if channels == "local" else world[parents[j]]
+        if len(kids) > 1:
             current = p[..., kids, :] - p[..., j : j + 1, :]
-            world[j] = matrix_to_quat(_kabsch(rest[kids], current))
+            prior = quat_to_matrix(guess) if j > 0 and channels == "local" else None
+            world.append(matrix_to_quat(_kabsch(rest[kids], current, prior)))
         elif len(kids) == 1:
-            carried = qrot(parent_world, rest[kids[0]].expand((*p.shape[:-2], 3)))
-            world[j] = qmul(_swing(carried, p[..., kids[0], :] - p[..., j, :]), parent_world)
+            carried = qrot(guess, rest[kids[0]].expand((*p.shape[:-2], 3)))
+            world.append(qmul(_swing(carried, p[..., kids[0], :] - p[..., j, :]), guess))
         else:
-            world[j] = parent_world
-        local[j] = world[j] if j == 0 else qmul(qinv(parent_world), world[j])
+            world.append(guess)
+        local.append(world[j] if j == 0 else qmul(qinv(world[parents[j]]), world[j]))
     rotations = qfix(qnormalize(torch.stack(local, dim=-2)))
     return back(p[..., 0, :]), back(rotations)
 

@@ -104,3 +104,13 @@ def quat_to_cont6d(q: torch.Tensor) -> torch.Tensor:
     """The continuous 6D rotation representation: the first two columns of the rotation matrix."""
     m = quat_to_matrix(q)
     return torch.cat([m[..., 0], m[..., 1]], dim=-1)
+
+
+def cont6d_to_matrix(c: torch.Tensor) -> torch.Tensor:
+    """The continuous 6D representation (two matrix columns, :func:`quat_to_cont6d`) back to rotation matrices
+    (..., 3, 3) by Gram-Schmidt, as HumanML3D's ``cont6d_to_matrix``; any 6 numbers give a rotation."""
+    x = c[..., 0:3] / torch.linalg.norm(c[..., 0:3], dim=-1, keepdim=True)
+    z = torch.cross(x, c[..., 3:6], dim=-1)
+    z = z / torch.linalg.norm(z, dim=-1, keepdim=True)
+    y = torch.cross(z, x, dim=-1)
+    return torch.stack([x, y, z], dim=-1)

@@ -1,11 +1,12 @@
 """The canonical skeletons: HumanML3D's 22-joint SMPL chain and KIT-ML's 21-joint chain.
 
 Conventions (HumanML3D's): metres, Y up, the character faces +Z at frame 0, so its left side is +X.
-``raw_offsets`` are HumanML3D's unit bone directions (``paramUtil.t2m_raw_offsets``); they define the 6D rotation
-features and must not change. ``rest_offsets`` are the bone vectors of the rest pose that the backend announces
-to clients and that :func:`backend.motion.forward_kinematics` uses: a T-pose whose bone lengths are HumanML3D's
-uniform target skeleton. Those lengths, and the rigid pelvis and upper-chest offsets, were measured on the real
-HumanML3D clips in ``shared/data/humanml3d-samples`` (every clip of HumanML3D has exactly these bone lengths).
+``raw_offsets`` are HumanML3D's unit bone directions (``paramUtil.t2m_raw_offsets``); they define HumanML3D-style
+6D rotation features and must not change. ``rest_offsets`` are the bone vectors of the rest pose that the backend
+announces to clients and that :func:`backend.motion.forward_kinematics` uses (the rest that "local" rotation
+features and rotation-based data preparation refer to): a T-pose whose bone lengths are HumanML3D's uniform target
+skeleton. Those lengths, and the rigid pelvis and upper-chest offsets, were measured on the real HumanML3D clips in
+``shared/data/humanml3d-samples`` (every clip of HumanML3D has exactly these bone lengths).
 """
 
 from __future__ import annotations

@@ -18,9 +18,15 @@ from backend.data.bvh import parse_bvh
 from backend.data.captions import label_key, make_captions, parse_caption_file, phrasings
 from backend.data.dataset import MotionDataset, collate_motion, load_normalizer, motion_loader
 from backend.data.prepare import prepare_bvh
-from backend.data.retarget import find_map, retarget
+from backend.data.retarget import find_map, retarget_rotations
 from backend.data.splits import make_splits
-from backend.motion import canonicalize_positions, features_to_positions
+from backend.motion import (
+    canonicalize_rotations,
+    features_to_positions,
+    features_to_rotations,
+    forward_kinematics,
+    rotation_channels,
+)
 from backend.preview import render_preview
 from backend.skeleton import SMPL22
 
@@ -96,11 +102,25 @@ def test_features_reproduce_retargeted_positions_within_1cm(prepared, bandai_sub
     root, info = prepared
     for clip, text in bandai_subset["bvh"].items():
         bvh = parse_bvh(text, clip)
-        canonical = canonicalize_positions(retarget(bvh, find_map(bvh.joint_names)))
+        canonical, _ = canonicalize_rotations(*retarget_rotations(bvh, find_map(bvh.joint_names)))
         features = np.load(root / "new_joint_vecs" / f"{clip}.npy").astype(np.float64)
         assert features.shape[0] == canonical.shape[0] - 1 == (bvh.num_frames - 1) * 2 // 3
         assert np.abs(features_to_positions(features) - canonical[:-1]).max() < 0.01, clip
     assert info["checks"]["roundtrip_max_error_m"] < 0.01
+
+
+def test_stream_reproduces_every_prepared_clip(prepared) -> None:
+    """The rotation channels hold the mocap's rotations ("local"), and the stream's forward kinematics lands on
+    each clip's positions (issue 15: mean <= 0.3%, max <= 1% of height; the positions-only preparation gave 2.4/4.7)."""
+    root, info = prepared
+    assert info["provenance"]["rotation_channels"].startswith("local")
+    height = 1.56  # canonical rest: floor to head joint
+    for clip in CLIPS:
+        features = np.load(root / "new_joint_vecs" / f"{clip}.npy")
+        assert rotation_channels(features) == "local", clip
+        error = np.linalg.norm(forward_kinematics(*features_to_rotations(features)) - np.load(
+            root / "new_joints" / f"{clip}.npy"), axis=-1) / height
+        assert error.mean() <= 0.003 and error.max() <= 0.01, clip
 
 
 def test_motion_semantics(prepared) -> None:

@@ -90,8 +90,10 @@ def _axis_quat(axis: str, degrees: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def forward_kinematics(parents: tuple[int, ...], trans: torch.Tensor, quats: torch.Tensor) -> torch.Tensor:
-    """World positions (..., J, 3) from local translations (..., J, 3) and rotations (..., J, 4).
+def world_transforms(
+    parents: tuple[int, ...], trans: torch.Tensor, quats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """World positions (..., J, 3) and world rotations (..., J, 4) from local translations and rotations.
 
     ``parents`` must list every parent before its children (BVH order does).
     """
@@ -104,7 +106,12 @@ def forward_kinematics(parents: tuple[int, ...], trans: torch.Tensor, quats: tor
         else:
             world_pos.append(world_pos[p] + qrot(world_rot[p], trans[..., j, :]))
             world_rot.append(qmul(world_rot[p], quats[..., j, :]))
-    return torch.stack(world_pos, dim=-2)
+    return torch.stack(world_pos, dim=-2), torch.stack(world_rot, dim=-2)
+
+
+def forward_kinematics(parents: tuple[int, ...], trans: torch.Tensor, quats: torch.Tensor) -> torch.Tensor:
+    """World positions (..., J, 3) from local translations (..., J, 3) and rotations (..., J, 4)."""
+    return world_transforms(parents, trans, quats)[0]
 
 
 def resample(trans: torch.Tensor, quats: torch.Tensor, src_fps: float, dst_fps: float):

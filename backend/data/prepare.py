@@ -1,9 +1,11 @@
 """Prepare a folder or archive of labelled BVH clips as a dataset in HumanML3D's layout.
 
-Pipeline per clip: BVH -> retarget (joint map) to SMPL22 world positions, 20 fps, metres, Y up ->
-``backend.motion.canonicalize_positions`` -> ``positions_to_features`` -> ``new_joint_vecs/ID.npy`` (T-1, 263);
-``new_joints/ID.npy`` = ``features_to_positions(features)`` (T-1, 22, 3). Then captions (``texts/ID.txt``),
-deterministic splits, ``Mean.npy``/``Std.npy`` over the train split, and ``dataset.json``.
+Pipeline per clip: BVH -> ``retarget_rotations`` (joint map) to SMPL22 rotations over its rest pose, twist
+included, 20 fps, metres, Y up -> ``backend.motion.canonicalize_rotations`` (positions = their forward kinematics,
+placed on the floor facing +Z) -> ``positions_to_features`` with those rotations in the rotation channels ->
+``new_joint_vecs/ID.npy`` (T-1, 263); ``new_joints/ID.npy`` = ``features_to_positions(features)`` (T-1, 22, 3).
+Then captions (``texts/ID.txt``), deterministic splits, ``Mean.npy``/``Std.npy`` over the train split, and
+``dataset.json``.
 
 Sources: a folder (searched recursively), or a .tar/.tar.gz/.tgz/.tar.xz/.tar.bz2/.zip archive read in one
 streaming pass (never unpacked to disk). Labels: ``--labels FILE.json`` ({id: {"content": ..., "style": ...}}),
@@ -37,11 +39,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backend.data.bvh import parse_bvh
+from backend.data.bvh import Bvh, parse_bvh
 from backend.data.captions import caption_lines, label_key, make_captions
-from backend.data.retarget import JointMap, find_map, load_map, retarget, unmapped_joints
+from backend.data.retarget import JointMap, find_map, load_map, retarget_rotations, unmapped_joints
 from backend.data.splits import RULES, held_out_pairs, make_splits
-from backend.motion import canonicalize_positions, features_to_positions, positions_to_features
+from backend.motion import canonicalize_rotations, features_to_positions, positions_to_features
 from backend.skeleton import SMPL22
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
@@ -115,6 +117,16 @@ def _init_worker(jmap: JointMap | None, out: Path) -> None:
     torch.set_num_threads(1)  # one process per core; torch's own threads only contend for it
 
 
+def clip_features(bvh: Bvh, jmap: JointMap) -> tuple[np.ndarray, np.ndarray]:
+    """One parsed clip's features (T-1, D) and canonical joint positions (T, J, 3), float64 (the module
+    docstring's pipeline). Raises ValueError for a clip that does not fit the map or is too short."""
+    root, rotations = retarget_rotations(bvh, jmap)
+    if root.shape[0] < 2:
+        raise ValueError(f"{bvh.num_frames} source frames give {root.shape[0]} at 20 fps; need >= 2")
+    canonical, rotations = canonicalize_rotations(root, rotations, jmap.skeleton)
+    return positions_to_features(canonical, jmap.skeleton, rotations=rotations), canonical
+
+
 def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
     """Parse, retarget and featurise one clip, write its .npy files; never raises."""
     member, data = item
@@ -122,11 +134,7 @@ def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
     try:
         bvh = parse_bvh(data.decode("utf-8", errors="replace"), name=member)
         jmap = _WORKER_MAP or find_map(bvh.joint_names)
-        positions = retarget(bvh, jmap)
-        if positions.shape[0] < 2:
-            raise ValueError(f"{bvh.num_frames} source frames give {positions.shape[0]} at 20 fps; need >= 2")
-        canonical = canonicalize_positions(positions, jmap.skeleton)
-        features = positions_to_features(canonical, jmap.skeleton)
+        features, canonical = clip_features(bvh, jmap)
         joints = features_to_positions(features)
         if not (np.isfinite(features).all() and np.isfinite(joints).all()):
             raise ValueError("features are not finite")
@@ -334,9 +342,12 @@ def prepare_bvh(
                 "source_sha256": _sha256(source) if source.is_file() else None,
                 "joint_maps": sorted({r.joint_map for r in ok.values()}),
                 "unmapped_source_joints": sorted({j for r in ok.values() for j in r.unmapped}),
-                "pipeline": "BVH -> backend.data.retarget (resample to 20 fps, metres, Y up) -> "
-                            "backend.motion.canonicalize_positions -> positions_to_features; "
+                "pipeline": "BVH -> backend.data.retarget.retarget_rotations (resample to 20 fps, metres, Y up, "
+                            "SMPL22 rotations over its rest, twist included) -> "
+                            "backend.motion.canonicalize_rotations -> positions_to_features with the rotations; "
                             "new_joints = features_to_positions(features)",
+                "rotation_channels": "local (SMPL22 parent-relative rotations over the rest pose, twist included;"
+                                     " see backend.motion.rotation_channels)",
                 "captions": f"{CAPTIONS_PER_CLIP} per clip from backend/data/caption_templates.json, "
                             "seeded by clip id",
                 "normalizer": "Mean/Std over the train split; Std averaged within each feature group (HumanML3D)",

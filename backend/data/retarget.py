@@ -3,24 +3,43 @@
 Maps are JSON files, all kept in ``backend/data/maps/`` (one per source skeleton). A map gives, for every joint
 of the target skeleton, either the name of a source joint or ``{"between": [A, B], "t": f}`` (a point a fraction
 ``f`` of the way from source joint A to B: how a missing joint, e.g. a third spine joint, is made). It also
-states the source units (``units_per_metre``), the up axis ("Y" or "Z"), and which source joints it ``ignore``s
-on purpose; any other unmapped source joint is reported by :func:`unmapped_joints`, never dropped silently.
+states the source units (``units_per_metre``), the up axis ("Y" or "Z"), which source joints it ``ignore``s
+on purpose (any other unmapped source joint is reported by :func:`unmapped_joints`, never dropped silently), and
+optionally ``tpose``: the source's standing T-pose, see below.
 
-The result is world joint positions in metres, Y up, resampled to the target fps (20); facing and the start
-position are left to ``backend.motion.canonicalize_positions``.
+:func:`retarget` gives world joint positions; :func:`retarget_rotations` (what data preparation uses) gives the
+canonical skeleton's rotations, twist included, with positions their forward kinematics. Both are in metres,
+Y up, resampled to the target fps (20); facing and the start position are left to ``backend.motion``.
+
+Rotation retargeting convention. The canonical world rotation of joint j is ``G_j(t) = W_s(t) * C_j``: ``W_s`` is
+the world rotation of its source joint s (for a ``between`` joint, of A, whose bone carries the point), and
+``C_j`` a constant fixed by the source's standing T-pose (the "reference"): in the reference the canonical joint's
+world rotation is ``A_j``, the rotation that takes the canonical rest bone onto the source's reference bone (the
+shortest arc for one child; for the pelvis and spine3, the frame of the middle child's bone exactly plus the
+left-right line as well as it can, as the add-on aligns rests; an end joint takes its parent's), so
+``C_j = W_ref_s^-1 * A_j``. Hence the canonical rest pose is the source's T-pose with each bone swung by the
+shortest arc onto the canonical direction, and the twist of every bone about itself is the performer's relative
+to that T-pose. The reference is the map's ``tpose``: for each source joint, where its local X, Y and Z axes
+point in world axes ("+X", "-Z", ...; Y up, facing +Z, after the up-axis conversion) when the performer stands
+in a T-pose (arms out along +-X, palms down, legs down, feet forward); joints it does not list keep their zero-pose
+orientation, and a map without ``tpose`` says the source's zero pose is its T-pose (as BVH files written by
+``backend.data.bvh.write_bvh`` are). Root travel: the canonical hips' midpoint follows the source's, scaled by
+``backend.motion.leg_scale`` (the right leg's hip->knee->ankle ratio, HumanML3D's convention).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from backend.data.bvh import Bvh, forward_kinematics, resample
+from backend.data.bvh import Bvh, resample, world_transforms
+from backend.motion import leg_scale
+from backend.quaternion import matrix_to_quat, qinv, qmul, qnormalize, qrot, quat_to_matrix
 from backend.skeleton import SKELETONS, Skeleton
 
 MAPS_DIR = Path(__file__).with_name("maps")
@@ -37,6 +56,7 @@ class JointMap:
     up_axis: str
     ignore: tuple[str, ...]
     source: str  # where the map was loaded from
+    tpose: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # source joint -> world axes of its X, Y, Z
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> JointMap:
@@ -48,6 +68,7 @@ class JointMap:
                 name=str(data["name"]), skeleton=skeleton, joints=joints,
                 units_per_metre=float(data.get("units_per_metre", 1.0)), up_axis=str(data.get("up_axis", "Y")),
                 ignore=tuple(data.get("ignore", ())), source=source,
+                tpose={str(k): tuple(v) for k, v in data.get("tpose", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"joint map {source}: missing or bad field ({exc!r})") from None
@@ -61,6 +82,10 @@ class JointMap:
             if not (isinstance(spec, str) or _valid_between(spec)):
                 raise ValueError(f"joint map {source}: joint {target!r}: expected a name or "
                                  f"{{'between': [a, b], 't': 0..1}}, got {spec!r}")
+        for joint, axes in jmap.tpose.items():
+            if len(axes) != 3 or any(a not in _AXIS for a in axes) or np.linalg.det(_axes_matrix(axes)) < 0.5:
+                raise ValueError(f"joint map {source}: tpose of {joint!r} must name three world axes of a rotation "
+                                 f"(e.g. [\"+Y\", \"-X\", \"+Z\"]), got {list(axes)!r}")
         return jmap
 
     @property
@@ -70,6 +95,14 @@ class JointMap:
         for spec in self.joints.values():
             names.update([spec] if isinstance(spec, str) else spec["between"])
         return names
+
+
+_AXIS = {f"{sign}{name}": sgn * np.eye(3)[k] for k, name in enumerate("XYZ") for sign, sgn in (("+", 1), ("-", -1))}
+
+
+def _axes_matrix(axes: tuple[str, str, str]) -> np.ndarray:
+    """The matrix whose columns are the named world axes."""
+    return np.stack([_AXIS[a] for a in axes], axis=1)
 
 
 def _valid_between(spec: Any) -> bool:
@@ -118,25 +151,134 @@ def unmapped_joints(bvh: Bvh, jmap: JointMap) -> list[str]:
     return [n for n in bvh.joint_names if n not in used]
 
 
-def retarget(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> np.ndarray:
-    """World positions (T, J, 3) of the map's target joints: metres, Y up, resampled to ``fps`` (default:
-    the target skeleton's). Raises ValueError when the BVH lacks joints the map needs."""
+def _source_motion(bvh: Bvh, jmap: JointMap, fps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resampled world positions (T, Js, 3) in metres and world rotations (T, Js, 4) of the source joints, Y up."""
     missing = sorted(jmap.source_joints - set(bvh.joint_names))
     if missing:
         raise ValueError(f"skeleton does not fit joint map {jmap.name!r}: missing source joints {missing}")
     trans, quats = bvh.local_transforms()
     trans, quats = resample(trans, quats, bvh.fps, fps or jmap.skeleton.fps)
-    world = forward_kinematics(bvh.parents, trans, quats)
+    positions, rotations = world_transforms(bvh.parents, trans, quats)
+    up = _to_y_up(jmap)
+    return qrot(up.expand_as(rotations), positions / jmap.units_per_metre), qmul(up.expand_as(rotations), rotations)
+
+
+def _to_y_up(jmap: JointMap) -> torch.Tensor:
+    """The rotation from the source's world axes to Y up: identity, or (x, y, z) -> (x, z, -y) for Z up."""
+    half = np.sqrt(0.5)
+    return torch.tensor([1.0, 0.0, 0.0, 0.0] if jmap.up_axis == "Y" else [half, -half, 0.0, 0.0], dtype=torch.float64)
+
+
+def _target_points(points: torch.Tensor, bvh: Bvh, jmap: JointMap) -> torch.Tensor:
+    """The map's target joints (..., J, 3) from source joint positions (..., Js, 3)."""
     index = {n: i for i, n in enumerate(bvh.joint_names)}
     columns = []
     for target in jmap.skeleton.joint_names:
         spec = jmap.joints[target]
         if isinstance(spec, str):
-            columns.append(world[:, index[spec]])
+            columns.append(points[..., index[spec], :])
         else:
-            a, b = (world[:, index[n]] for n in spec["between"])
+            a, b = (points[..., index[n], :] for n in spec["between"])
             columns.append(torch.lerp(a, b, float(spec["t"])))
-    positions = torch.stack(columns, dim=1).numpy() / jmap.units_per_metre
-    if jmap.up_axis == "Z":  # right-handed Z up -> right-handed Y up: (x, y, z) -> (x, z, -y)
-        positions = np.stack([positions[..., 0], positions[..., 2], -positions[..., 1]], axis=-1)
-    return positions
+    return torch.stack(columns, dim=-2)
+
+
+def retarget(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> np.ndarray:
+    """World positions (T, J, 3) of the map's target joints: metres, Y up, resampled to ``fps`` (default:
+    the target skeleton's). Raises ValueError when the BVH lacks joints the map needs."""
+    return _target_points(_source_motion(bvh, jmap, fps)[0], bvh, jmap).numpy()
+
+
+def reference_rotations(bvh: Bvh, jmap: JointMap) -> np.ndarray:
+    """World rotations (Js, 4) w, x, y, z of the source joints in the map's standing T-pose (Y up, facing +Z)."""
+    unknown = sorted(set(jmap.tpose) - set(bvh.joint_names))
+    if unknown:
+        raise ValueError(f"joint map {jmap.name!r}: tpose names joints the skeleton lacks: {unknown}")
+    zero = quat_to_matrix(_to_y_up(jmap)).numpy()  # a joint's zero-pose orientation, seen Y up
+    matrices = np.stack([_axes_matrix(jmap.tpose[n]) if n in jmap.tpose else zero for n in bvh.joint_names])
+    return matrix_to_quat(torch.from_numpy(matrices)).numpy()
+
+
+def _frame(main: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns: along ``main``, then ``lateral`` made perpendicular to it, then their cross product."""
+    e1 = main / torch.linalg.norm(main)
+    e2 = lateral - torch.dot(lateral, e1) * e1
+    e2 = e2 / torch.linalg.norm(e2)
+    return torch.stack([e1, e2, torch.linalg.cross(e1, e2)], dim=1)
+
+
+MAX_REFERENCE_ANGLE = 45.0  # degrees between a canonical rest bone and the source's T-pose bone
+
+
+def _rest_alignment(reference: torch.Tensor, jmap: JointMap) -> torch.Tensor:
+    """A_j (J, 4): the world rotation of each canonical joint in the source's reference pose (module docstring);
+    ``reference`` holds the target joints' positions (J, 3) in that pose."""
+    skeleton = jmap.skeleton
+    rest = torch.from_numpy(skeleton.rest_offsets)
+    align: list[torch.Tensor] = []
+    for j, name in enumerate(skeleton.joint_names):
+        kids = skeleton.children[j]
+        bones = {c: reference[c] - reference[j] for c in kids}
+        short = [skeleton.joint_names[c] for c, v in bones.items() if torch.linalg.norm(v) < 1e-6]
+        if short:
+            raise ValueError(f"joint map {jmap.name!r}: {name!r} and {short} fall on the same source point")
+        if len(kids) == 1:
+            (c,) = kids
+            a, b = rest[c] / torch.linalg.norm(rest[c]), bones[c] / torch.linalg.norm(bones[c])
+            angle = float(torch.rad2deg(torch.arccos(torch.dot(a, b).clamp(-1.0, 1.0))))
+            if angle > MAX_REFERENCE_ANGLE:
+                raise ValueError(
+                    f"joint map {jmap.name!r}: in its T-pose the bone {name} -> {skeleton.joint_names[c]} is "
+                    f"{angle:.0f} degrees from the canonical rest (more than {MAX_REFERENCE_ANGLE:.0f}); "
+                    "give the map a 'tpose' that stands the source skeleton in a T-pose")
+            axis = torch.linalg.cross(a, b)
+            align.append(qnormalize(torch.cat([(1.0 + torch.dot(a, b))[None], axis])))
+        elif kids:
+            sides = {s: [c for c in kids if skeleton.joint_names[c].startswith(f"{s}_")] for s in ("left", "right")}
+            main = [c for c in kids if c not in sides["left"] + sides["right"]]
+            if not (len(main) == len(sides["left"]) == len(sides["right"]) == 1):
+                raise ValueError(f"joint {name!r} of {skeleton.name!r}: expected one middle, one left and one "
+                                 "right child to align its rest")
+            (m,), (left,), (right,) = main, sides["left"], sides["right"]
+            source = _frame(bones[m], bones[left] - bones[right])
+            canonical = _frame(rest[m], rest[left] - rest[right])
+            align.append(matrix_to_quat(source @ canonical.T))
+        else:
+            align.append(align[skeleton.parents[j]])
+    return torch.stack(align)
+
+
+def retarget_rotations(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Root translation (T, 3) and local rotations (T, J, 4) w, x, y, z of the map's canonical skeleton over its
+    rest pose, twist included (module docstring): metres, Y up, resampled to ``fps`` (default: the skeleton's).
+
+    Forward kinematics of the result (``backend.motion.forward_kinematics``) gives the canonical positions: each
+    bone points where the source's bone points, with the canonical length, and the pelvis and chest are the
+    canonical skeleton's rigid ones. Raises ValueError when the BVH lacks joints the map needs or the map's
+    T-pose does not fit the canonical rest.
+    """
+    skeleton = jmap.skeleton
+    if skeleton.rest_offsets is None:
+        raise ValueError(f"skeleton {skeleton.name!r} has no rest pose to retarget rotations onto")
+    positions, rotations = _source_motion(bvh, jmap, fps)
+    index = {n: i for i, n in enumerate(bvh.joint_names)}
+    # the reference pose: the T-pose world rotations over this file's own bone vectors (offsets or channels)
+    ref_world = torch.from_numpy(reference_rotations(bvh, jmap))
+    trans = bvh.local_transforms()[0][0]
+    ref_points = [trans[0]]
+    for j, p in enumerate(bvh.parents[1:], start=1):  # one root, parents before children
+        ref_points.append(ref_points[p] + qrot(ref_world[p], trans[j]))
+    reference = _target_points(torch.stack(ref_points), bvh, jmap)
+    carrier = [index[spec if isinstance(spec, str) else spec["between"][0]]
+               for spec in (jmap.joints[n] for n in skeleton.joint_names)]
+    offset = qmul(qinv(ref_world[carrier]), _rest_alignment(reference, jmap))  # C_j
+    world = qmul(rotations[:, carrier], offset.expand((len(rotations), -1, -1)))
+    parents = list(skeleton.parents)
+    local = torch.cat([world[:, :1], qmul(qinv(world[:, [max(p, 0) for p in parents[1:]]]), world[:, 1:])], dim=1)
+
+    points = _target_points(positions, bvh, jmap)
+    rest = torch.from_numpy(skeleton.rest_offsets)
+    left, right = (skeleton.joint_names.index(f"{s}_hip") for s in ("left", "right"))
+    hips = (points[:, left] + points[:, right]) / 2 * leg_scale(points, skeleton)
+    root = hips - qrot(world[:, 0], ((rest[left] + rest[right]) / 2).expand_as(hips))
+    return root.numpy(), local.numpy()
