@@ -147,7 +147,7 @@ def leg_scale(positions: Array, skeleton: Skeleton = SMPL22) -> Array:
     Positions are (..., T, J, 3) of ``skeleton``'s joints; the result has shape (...,). HumanML3D's
     ``uniform_skeleton`` scales root travel by this ratio (its ``l_idx1, l_idx2`` are the right knee and ankle);
     :func:`canonicalize_positions` and rotation-based data preparation (``backend.data.retarget``) use it, and so
-    does the add-on in reverse (the rig's right leg over the canonical one).
+    does the add-on in reverse (the rig's right leg over the canonical one: ``addon.canonical.ROOT_SCALE_LEG``).
     """
     p, back, skeleton = _positions_arg(positions, skeleton)
     return back(_leg_scale(p, skeleton))

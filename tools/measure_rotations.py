@@ -157,9 +157,11 @@ def blender_errors(bvh_path: Path, bvh: Bvh, jmap: JointMap, features: np.ndarra
 
     skeleton = CanonicalSkeleton.from_json(SMPL22.to_json())
     bone_map = map_bones([b.name for b in target.data.bones], "BANDAI")
-    retargeter = Retargeter(skeleton, TargetRig.from_armature(target), bone_map)
-    ActionKeyer(target, "stream", frame_start=1).append(retargeter(*features_to_rotations(features)))
-    bones = [retargeter.rig.names[b] for b in retargeter.bones]
+    # foot locking off: it holds planted ankles by leg IK, a deliberate change of the legs' orientations
+    retargeter = Retargeter(skeleton, TargetRig.from_armature(target), bone_map, foot_lock=False)
+    keyed = retargeter(*features_to_rotations(features))
+    ActionKeyer(target, "stream", frame_start=1).append(keyed)
+    bones = list(keyed.bones)
 
     source = retarget(bvh, jmap)
     turn = _yaw(source[0], features_to_positions(features)[0])
