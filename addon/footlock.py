@@ -1,18 +1,21 @@
-"""Foot locking: how firmly the source plants each ankle, sticky plant targets kept across chunks, leg IK.
+"""Foot locking: per-foot plant corrections from how still the source holds each ankle, kept across chunks; leg IK.
 
 numpy only (the add-on does not import torch or the backend). HumanML3D's contact rule
-(`canonical.FOOT_CONTACT_THRESHOLD`) calls an ankle planted up to ~0.9 m/s, which includes toe-off and heel
-strike; holding those frames bends knees away from the motion. So an ankle is held only as firmly as the source
-holds it still: fully below HOLD_STEP per frame, not at all from FREE_STEP (both well inside the contact rule),
-smoothly in between. The hold is a sticky target: each frame it stays where it was by that weight and otherwise
-follows the motion's ankle, so a plant starts where the rig's own ankle touched down and lets go smoothly as the
-source starts to move. It is never more than `max_offset` from where plain retargeting puts the ankle (a sliding
-source drags it along), and never straightens a leg the motion bends (`within_reach`). Steps are measured from
-the previous frame (the last one of the previous chunk), so the result is the same for any chunking. The limits
-were chosen on real Bandai takes against Blender's own playback of them (tests/test_rigs.py).
+(`canonical.FOOT_CONTACT_THRESHOLD`) calls an ankle planted up to ~0.9 m/s, toe-off and heel strike included;
+holding an ankle still through those frames bends the knee away from the motion. So a plant follows the source's
+own ankle speed, measured over the step from the previous frame: below HOLD_STEP the rig's ankle is held still
+(the correction absorbs its step), from MOVE_STEP (the foot rolling off) it moves as the motion moves it with the
+correction kept, and from KEEP_STEP to FREE_STEP (in the air) the correction fades out, so letting go happens
+while the foot flies, needs no look-ahead, and pops nothing. A correction stays across the ground (heights are
+the motion's: heels rise before toe-off), is never longer than `MAX_OFFSET` of the leg (a sliding source drags
+the plant along) and never straightens a leg the motion bends (`within_reach`). The state is the previous
+frame's, so any chunking gives the same result. The limits were chosen on real Bandai takes against Blender's own
+playback of them and on rigs of other proportions (tests/test_rigs.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -41,8 +44,7 @@ def hold_weights(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Plants:
-    """Plant corrections of `feet` ankles across successive chunks, across the ground only (heights follow the
-    motion: heels rise before toe-off)."""
+    """Plant corrections of `feet` ankles, carried across successive chunks of one motion."""
 
     def __init__(self, feet: int, up: np.ndarray, max_offset: float) -> None:
         self.up, self.max_offset, self.feet = up / np.linalg.norm(up), max_offset, feet
@@ -56,17 +58,24 @@ class Plants:
         if ankles.shape[1:] != (self.feet, 3) or steps.shape != ankles.shape[:2]:
             raise ValueError(f"ankles must be (T, {self.feet}, 3) and steps (T, {self.feet}), "
                              f"got {ankles.shape} and {steps.shape}")  # fmt: skip
+        if not len(ankles):
+            return np.zeros(ankles.shape)
         hold, keep = hold_weights(steps)
+        last = ankles[:1] if self.last is None else self.last[None]
+        absorbed = hold[..., None] * np.diff(ankles, axis=0, prepend=last)
+        absorbed -= (absorbed @ self.up)[..., None] * self.up  # across the ground: the offsets stay there too
         offsets = np.empty(ankles.shape)
-        offset, last = self.offset, ankles[0] if self.last is None else self.last
-        for t, ankle in enumerate(ankles):
-            offset = keep[t, :, None] * (offset - hold[t, :, None] * (ankle - last))
-            offset -= (offset @ self.up)[:, None] * self.up
-            length = np.linalg.norm(offset, axis=-1, keepdims=True)
-            offsets[t] = offset = offset * np.minimum(1.0, self.max_offset / np.maximum(length, 1e-30))
-            last = ankle
-        if len(ankles):
-            self.offset, self.last = offset, last
+        for f in range(self.feet):  # a recurrence over frames: on Python floats, far quicker than on tiny arrays
+            x, y, z = self.offset[f].tolist()
+            rows = []
+            for k, (ax, ay, az) in zip(keep[:, f].tolist(), absorbed[:, f].tolist()):
+                x, y, z = k * x - ax, k * y - ay, k * z - az
+                shrink = min(1.0, self.max_offset / max(math.sqrt(x * x + y * y + z * z), 1e-30))
+                x, y, z = x * shrink, y * shrink, z * shrink
+                rows.append((x, y, z))
+            offsets[:, f] = rows
+        self.offset = offsets[-1].copy()
+        self.last = ankles[-1]
         return offsets
 
 
