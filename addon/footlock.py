@@ -1,79 +1,82 @@
-"""Foot locking: foot contacts from the source motion, plant targets kept across chunks, two-bone leg IK.
+"""Foot locking: per-foot plant corrections from how still the source holds each ankle, kept across chunks; leg IK.
 
-numpy only (the add-on does not import torch or the backend). Contacts follow HumanML3D's rule
-(`canonical.FOOT_CONTACT_THRESHOLD`); an ankle in contact is held across the ground where it touched down, and
-when it lifts (or slips too far to hold) the correction fades out over `RELEASE_FRAMES` frames instead of popping.
-A hold never asks a leg to straighten past what the motion does (`within_reach`). The limits were chosen on a real
-Bandai walk (tests/test_rigs.py): stronger holds straighten knees at toe-off, where HumanML3D's loose threshold
-still reports contact.
+numpy only (the add-on does not import torch or the backend). HumanML3D's contact rule
+(`canonical.FOOT_CONTACT_THRESHOLD`) calls an ankle planted up to ~0.9 m/s, toe-off and heel strike included;
+holding an ankle still through those frames bends the knee away from the motion. So a plant follows the source's
+own ankle speed, measured over the step from the previous frame: below HOLD_STEP the rig's ankle is held still
+(the correction absorbs its step), from MOVE_STEP (the foot rolling off) it moves as the motion moves it with the
+correction kept, and from KEEP_STEP to FREE_STEP (in the air) the correction fades out, so letting go happens
+while the foot flies, needs no look-ahead, and pops nothing. A correction stays across the ground (heights are
+the motion's: heels rise before toe-off), is never longer than `MAX_OFFSET` of the leg (a sliding source drags
+the plant along) and never straightens a leg the motion bends (`within_reach`). The state is the previous
+frame's, so any chunking gives the same result. The limits were chosen on real Bandai takes against Blender's own
+playback of them and on rigs of other proportions (tests/test_rigs.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .canonical import FOOT_CONTACT_THRESHOLD
 
-RELEASE_FRAMES = 4
+CONTACT_STEP = float(np.sqrt(FOOT_CONTACT_THRESHOLD))  # metres per frame of the 20 fps source: HumanML3D's contact
+HOLD_STEP = 0.15 * CONTACT_STEP  # a source ankle moving less than this per frame (0.13 m/s) is held fully still,
+MOVE_STEP = 0.5 * CONTACT_STEP  # from this on (0.45 m/s) the rig's ankle moves as the motion's, its hold kept;
+KEEP_STEP = 0.6 * CONTACT_STEP  # from this on (0.54 m/s) the hold fades out,
+FREE_STEP = 2.0 * CONTACT_STEP  # and from this on (1.8 m/s: in the air) it is gone
+MAX_OFFSET = 0.03  # of the leg's length: how far a hold may keep an ankle from where the motion puts it
 REACH = 0.98  # a held leg reaches at most this fraction of its length (or as far as the motion's does)
 MAX_LIFT = 0.02  # of the leg's length: how far a held ankle may rise to stay within reach
-MAX_SLIP = 0.08  # of the leg's length: how far a plant may hold an ankle from where the motion puts it
 
 
-def contacts(positions: np.ndarray, threshold: float = FOOT_CONTACT_THRESHOLD) -> np.ndarray:
-    """Booleans (T, K): joint k of positions (T, K, 3) moves less than sqrt(threshold) to the next frame.
+def _falling(x: np.ndarray, start: float, stop: float) -> np.ndarray:
+    """1 up to `start`, 0 from `stop`, smooth (smoothstep) in between."""
+    u = np.clip((stop - np.asarray(x)) / (stop - start), 0.0, 1.0)
+    return u * u * (3 - 2 * u)
 
-    HumanML3D's rule looks one frame ahead; the last frame of a chunk, whose next frame has not streamed in yet,
-    is judged by the step that led to it.
-    """
-    if len(positions) < 2:
-        return np.zeros(positions.shape[:2], dtype=bool)
-    step = np.sum((positions[1:] - positions[:-1]) ** 2, axis=-1)
-    return np.concatenate([step, step[-1:]]) < threshold
+
+def hold_weights(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For source ankles that moved `steps` metres over the last frame: how much of the rig ankle's own step a
+    plant absorbs (1: held still), and how much of the plant's correction is kept (0: let go)."""
+    return _falling(steps, HOLD_STEP, MOVE_STEP), _falling(steps, KEEP_STEP, FREE_STEP)
 
 
 class Plants:
-    """Per-foot plant state across successive chunks: where each planted ankle is held on the ground plane.
+    """Plant corrections of `feet` ankles, carried across successive chunks of one motion."""
 
-    A planted ankle keeps its place across the ground (its height follows the motion: heels rise before toe-off)
-    until the contact ends or the motion's ankle has moved more than `max_slip` away (the leg would straighten to
-    hold it); then the correction fades out over RELEASE_FRAMES frames.
-    """
+    def __init__(self, feet: int, up: np.ndarray, max_offset: float) -> None:
+        self.up, self.max_offset, self.feet = up / np.linalg.norm(up), max_offset, feet
+        self.last: np.ndarray | None = None  # (feet, 3): the rig's ankles on the previous frame, before correction
+        self.offset = np.zeros((feet, 3))  # and their correction there
 
-    def __init__(self, feet: int, up: np.ndarray, max_slip: float) -> None:
-        self.up, self.max_slip = up / np.linalg.norm(up), max_slip
-        self.plant: list[np.ndarray | None] = [None] * feet
-        self.slipped = [False] * feet  # let go during this contact: wait for the next one
-        self.release = [np.zeros(3) for _ in range(feet)]  # correction still fading out after a lift
-        self.fade = [0] * feet
-
-    def _across(self, v: np.ndarray) -> np.ndarray:
-        return v - np.dot(v, self.up) * self.up
-
-    def corrections(self, ankles: np.ndarray, contact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets (T, F, 3) to add to the motion's ankles (T, F, 3) given contacts (T, F), and where they are set."""
-        offsets = np.zeros(ankles.shape)
-        solve = np.zeros(contact.shape, dtype=bool)
-        for f in range(ankles.shape[1]):
-            for t in range(len(ankles)):
-                fading = self.release[f] * (self.fade[f] / (RELEASE_FRAMES + 1))
-                if not contact[t, f]:
-                    self.slipped[f] = False
-                elif self.plant[f] is None and not self.slipped[f]:  # touch down where the foot is now
-                    self.plant[f], self.fade[f] = ankles[t, f] + fading, 0
-                if self.plant[f] is not None:
-                    away = self.plant[f] - ankles[t, f]
-                    held = self._across(away)
-                    if contact[t, f] and np.linalg.norm(away) <= self.max_slip:
-                        offsets[t, f], solve[t, f] = held, True
-                        continue
-                    self.slipped[f] = bool(contact[t, f])  # lift off, or slipped too far: fade the correction out
-                    self.release[f], self.fade[f], self.plant[f] = held, RELEASE_FRAMES, None
-                    fading = self.release[f] * (self.fade[f] / (RELEASE_FRAMES + 1))
-                if self.fade[f] > 0:
-                    offsets[t, f], solve[t, f] = fading, True
-                    self.fade[f] -= 1
-        return offsets, solve
+    def corrections(self, ankles: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Offsets (T, F, 3) to add to the rig's ankles (T, F, 3) as retargeted, for the source ankles' `steps`
+        (T, F) from their previous frame: the plant absorbs the rig ankle's step by the hold weight and keeps
+        its correction by the keep weight (`hold_weights`), never more than `max_offset` long."""
+        if ankles.shape[1:] != (self.feet, 3) or steps.shape != ankles.shape[:2]:
+            raise ValueError(f"ankles must be (T, {self.feet}, 3) and steps (T, {self.feet}), "
+                             f"got {ankles.shape} and {steps.shape}")  # fmt: skip
+        if not len(ankles):
+            return np.zeros(ankles.shape)
+        hold, keep = hold_weights(steps)
+        last = ankles[:1] if self.last is None else self.last[None]
+        absorbed = hold[..., None] * np.diff(ankles, axis=0, prepend=last)
+        absorbed -= (absorbed @ self.up)[..., None] * self.up  # across the ground: the offsets stay there too
+        offsets = np.empty(ankles.shape)
+        for f in range(self.feet):  # a recurrence over frames: on Python floats, far quicker than on tiny arrays
+            x, y, z = self.offset[f].tolist()
+            rows = []
+            for k, (ax, ay, az) in zip(keep[:, f].tolist(), absorbed[:, f].tolist()):
+                x, y, z = k * x - ax, k * y - ay, k * z - az
+                shrink = min(1.0, self.max_offset / max(math.sqrt(x * x + y * y + z * z), 1e-30))
+                x, y, z = x * shrink, y * shrink, z * shrink
+                rows.append((x, y, z))
+            offsets[:, f] = rows
+        self.offset = offsets[-1].copy()
+        self.last = ankles[-1]
+        return offsets
 
 
 def within_reach(

@@ -398,10 +398,11 @@ def rig_warnings(obj_or_rig, bone_map: BoneMap) -> list[str]:
 class Retargeter:
     """Turns canonical motion into pose-bone rotations (and root location) of one target rig.
 
-    Call it on successive chunks of one motion: quaternion signs, foot contacts and planted feet carry over.
-    With `foot_lock` (and root motion), an ankle the source holds still (HumanML3D's contact rule) is held still on
-    the target by two-bone IK of its leg, solved per frame. Root travel is scaled by the target/canonical ratio of
-    `canonical.ROOT_SCALE_LEG` lengths (the data preparation's convention). `warnings` say what is guessed.
+    Call it on successive chunks of one motion: quaternion signs and planted feet carry over, so any chunking
+    gives the same result. With `foot_lock` (and root motion), an ankle the source holds still is held still on
+    the target (`footlock`: as firmly as the source holds it) by two-bone IK of its leg, solved per frame. Root
+    travel is scaled by the target/canonical ratio of `canonical.ROOT_SCALE_LEG` lengths (the data preparation's
+    convention). `warnings` say what is guessed.
     """
 
     def __init__(
@@ -499,7 +500,7 @@ class Retargeter:
         self.switches = dict(bone_map.switches)
         self._last: np.ndarray | None = None
         self._last_feet: np.ndarray | None = None  # source ankles (1, 2, 3) of the previous chunk's last frame
-        self.plants = footlock.Plants(len(_SIDES), self.up, footlock.MAX_SLIP * leg(head))
+        self.plants = footlock.Plants(len(_SIDES), self.up, footlock.MAX_OFFSET * leg(head))
 
     def _owner_above(self, b: int, m: int, owner: Mapping[int, int], none: int) -> int:
         b = self.rig.parents[b]
@@ -576,12 +577,13 @@ class Retargeter:
         return heads
 
     def _lock_feet(self, turn: np.ndarray, heads: np.ndarray, source: np.ndarray) -> None:
-        """Hold ankles the source holds still: two-bone IK turns hips and knees (in place) towards the plants."""
-        ankles = [self.source_index[f"{s}_ankle"] for s in _SIDES]
-        feet = source[:, ankles] if self._last_feet is None else np.concatenate([self._last_feet, source[:, ankles]])
-        contact = footlock.contacts(feet)[len(feet) - len(source):]
-        self._last_feet = source[-1:, ankles]
-        offsets, solve = self.plants.corrections(heads[:, [leg[2] for leg in self.legs]], contact)
+        """Hold ankles as firmly as the source holds them still: two-bone IK turns hips and knees (in place)."""
+        feet = source[:, [self.source_index[f"{s}_ankle"] for s in _SIDES]]
+        before = feet[:1] if self._last_feet is None else self._last_feet  # the motion's first frame: no step
+        steps = np.linalg.norm(feet - np.concatenate([before, feet[:-1]]), axis=-1)
+        self._last_feet = feet[-1:]
+        offsets = self.plants.corrections(heads[:, [leg[2] for leg in self.legs]], steps)
+        solve = np.any(offsets != 0, axis=-1)
         for f, (hip, knee, ankle) in enumerate(self.legs):
             frames = np.flatnonzero(solve[:, f])
             if not len(frames):
