@@ -54,7 +54,11 @@ elif [ ! -f "$BLENDER_STAMP" ] || [ "$(cat "$BLENDER_STAMP")" != "$want" ]; then
   "$BLENDER_VENV/bin/python" -m pip --disable-pip-version-check -q install "$BLENDER_BPY" pyzmq pytest pytest-timeout hypothesis
   echo "$want" > "$BLENDER_STAMP"
 fi
-echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, bpy, zmq; print("torch", torch.__version__, "| blender", bpy.app.version_string, "| zmq", zmq.zmq_version(), "| cuda", torch.cuda.is_available())')"
+ready=$("$VENV/bin/python" -c 'import torch, bpy, zmq; print("torch", torch.__version__, "| blender", bpy.app.version_string, "| zmq", zmq.zmq_version(), "| cuda", torch.cuda.is_available())')
+if [ -x "$BLENDER_VENV/bin/python" ]; then
+  ready="$ready | newest blender $("$BLENDER_VENV/bin/python" -c 'import bpy; print(bpy.app.version_string)') (Python 3.13)"
+fi
+echo "[setup] ready: $ready"
 if [ "${1:-}" = "--run" ]; then
   shift
   exec "$VENV/bin/python" -m backend.generate "${@:-a person walks forward and waves with the right hand}" --out outputs/demo.bvh --preview outputs/demo.gif
