@@ -8,13 +8,17 @@ Framing: every message is a ZeroMQ multipart. Frame 0 is a UTF-8 JSON object (th
 ``dtype`` the header gives. Nothing is ever pickled.
 
 Requests (client -> server)             Replies (server -> client, same ``id``)
-  hello                                   hello {model, device, fps, skeleton, limits}
-  generate {prompt, seconds, seed,        accepted {queue}, progress {step, total}*,
-            guidance, steps, samples}     frames {sample, start, count, shape, dtype}* + data,
+  hello                                   hello {model, device, fps, skeleton, limits, defaults}
+  generate {prompt[, seconds, seed,       accepted {queue}, progress {step, total}*,
+            guidance, steps, samples]}    frames {sample, start, count, shape, dtype}* + data,
                                           done {frames, timings}
   cancel   (id = the request to stop)     (the generate stream ends with error {code: "cancelled"})
   ping                                    pong {queued, running}
   anything wrong                          error {code, message[, step, cancel_step]}
+
+A ``generate`` request is a ``GenerateRequest``: only ``prompt`` is required, every other field takes the
+default announced in ``hello`` (``defaults``). Every reply is built by ``reply()``/``error_reply()``, which
+validate it against the schema before it is sent.
 
 A ``frames`` data block is float32 (count, 3 + 4 * J): the root translation (metres, Y up) then one local
 rotation quaternion (w, x, y, z) per joint of the skeleton announced in ``hello``.
@@ -51,9 +55,11 @@ ERROR_CODES = (
     "internal",  # the model failed; the server keeps serving
     "timeout",  # client side: the server went silent
     "disconnected",  # client side: the connection to the server dropped
+    "unauthorized",  # client side: the server refused this client's CurveZMQ keys (or their absence)
 )
 _ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _INT_RANGE = (-(2**53), 2**53)
+MAX_ERROR_CHARS = 300  # error texts (replies and log lines) are cut to this length
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,11 @@ class Limits:
     max_steps: int = 1000
     max_guidance: float = 30.0
     max_seed: int = 2**31 - 1
-    max_message_bytes: int = 4 * 2**20
+    max_message_bytes: int = 4 * 2**20  # one whole message, all its frames together
     max_queue: int = 32
+    max_client_queue: int = 8  # requests one client may have waiting (its share of the queue)
+    max_cost: int = 500_000  # frames x samples x steps of one request (120 s x 20 fps x 200 steps)
+    fps: float = 20.0  # the frame rate ``max_cost`` counts frames at (the server's model's)
 
     def to_json(self) -> dict[str, Any]:
         """The limits as a JSON-able dict (the ``limits`` field of ``hello``)."""
@@ -86,21 +95,89 @@ _REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts fr
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The generate request: its fields, their wire kinds, defaults and checks, defined once here.
+_GENERATE_KINDS = {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
+                   "samples": "int"}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What one ``generate`` asks for. Only ``prompt`` is required; the other defaults are the protocol's
+    (announced in ``hello``). ``check(limits)`` raises WireError (a ValueError) naming the first bad field."""
+
+    prompt: str
+    seconds: float = 4.0
+    seed: int = 0
+    guidance: float = 2.5
+    steps: int = 50
+    samples: int = 1
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The optional fields and their defaults (the ``defaults`` field of ``hello``)."""
+        return {name: f.default for name, f in cls.__dataclass_fields__.items() if name != "prompt"}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], limits: Limits | None = None) -> GenerateRequest:
+        """The request a ``generate`` header (or any dict with these keys) holds; missing optional fields take
+        their defaults, other keys are ignored. Checked against ``limits`` when given; raises WireError."""
+        if "prompt" not in header:
+            raise WireError("'generate' is missing field 'prompt'")
+        for name in _GENERATE_KINDS:
+            if name in header:
+                _check_kind(name, header[name], _GENERATE_KINDS[name])
+        request = cls(**{k: header[k] for k in _GENERATE_KINDS if k in header})
+        return request.check(limits) if limits is not None else request
+
+    def to_header(self) -> dict[str, Any]:
+        """The fields as a ``generate`` header's JSON values."""
+        return asdict(self)
+
+    def frames(self, fps: float) -> int:
+        """The motion's length in frames at ``fps`` (at least one)."""
+        return max(1, round(float(self.seconds) * fps))
+
+    def cost(self, fps: float) -> int:
+        """The work this request asks for: frames x samples x denoising steps."""
+        return self.frames(fps) * self.samples * self.steps
+
+    def check(self, limits: Limits = DEFAULT_LIMITS) -> GenerateRequest:
+        """Types, ranges, prompt and cost against ``limits``; returns self or raises WireError."""
+        for name, kind in _GENERATE_KINDS.items():
+            _check_kind(name, getattr(self, name), kind)
+        prompt = self.prompt
+        if len(prompt) > limits.max_prompt_chars:
+            raise WireError(f"prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
+        if not prompt.strip():
+            raise WireError("prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise WireError(f"prompt is not valid Unicode text: a lone surrogate at character {exc.start}") from None
+        _check_range("seconds", self.seconds, limits.min_seconds, limits.max_seconds)
+        _check_range("seed", self.seed, 0, limits.max_seed)
+        _check_range("guidance", self.guidance, 0.0, limits.max_guidance)
+        _check_range("steps", self.steps, 1, limits.max_steps)
+        _check_range("samples", self.samples, 1, limits.max_samples)
+        cost = self.cost(limits.fps)
+        if cost > limits.max_cost:
+            raise WireError(f"the request costs {cost} frame-steps ({self.frames(limits.fps)} frames x "
+                            f"{self.samples} samples x {self.steps} steps); the limit is {limits.max_cost}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Schema: for every message type, its fields (name -> kind) and which are optional.
 # Kinds: "str", "int" (not bool), "number" (int or float, finite), "object", "list".
 _REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
     "hello": ({}, frozenset()),
-    "generate": (
-        {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
-         "samples": "int"},
-        frozenset(),
-    ),
+    "generate": (_GENERATE_KINDS, frozenset(_GENERATE_KINDS) - {"prompt"}),
     "cancel": ({}, frozenset()),
     "ping": ({}, frozenset()),
 }
 _REPLIES: dict[str, tuple[dict[str, str], frozenset[str]]] = {
-    "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object"},
-              frozenset()),
+    "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object",
+               "defaults": "object"}, frozenset()),
     "accepted": ({"queue": "int"}, frozenset()),
     "progress": ({"step": "int", "total": "int"}, frozenset()),
     "frames": ({"sample": "int", "start": "int", "count": "int", "shape": "list", "dtype": "str"},
@@ -117,7 +194,7 @@ class WireError(ValueError):
     """A message that breaks the protocol; ``code`` is the error code to answer with."""
 
     def __init__(self, message: str, code: str = "bad_request", request_id: str | None = None):
-        super().__init__(message)
+        super().__init__(truncate(message))
         self.code = code
         self.request_id = request_id
 
@@ -155,10 +232,10 @@ def _check_kind(name: str, value: Any, kind: str) -> None:
     if not ok:
         raise WireError(f"field '{name}' must be {_KIND_WORDS[kind]}, "
                         f"got {type(value).__name__} {_short(value)}")
+    if kind in ("int", "number") and isinstance(value, int) and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        raise WireError(f"field '{name}' is out of range: {_short(value)}")
     if kind == "number" and not math.isfinite(value):
         raise WireError(f"field '{name}' must be a finite number, got {value}")
-    if kind == "int" and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
-        raise WireError(f"field '{name}' is out of range: {_short(value)}")
 
 
 _KIND_WORDS = {"str": "a string", "int": "an integer", "number": "a number", "object": "a JSON object",
@@ -166,27 +243,19 @@ _KIND_WORDS = {"str": "a string", "int": "an integer", "number": "a number", "ob
 
 
 def _short(value: Any, n: int = 40) -> str:
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {len(str(abs(value)))} digits" if value.bit_length() < 40_000 else "a huge integer"
+    return truncate(repr(value), n)
+
+
+def truncate(text: str, n: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to at most ``n`` characters (error replies and log lines stay small)."""
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
         raise WireError(f"field '{name}' must be between {lo} and {hi}, got {_short(value)}")
-
-
-def check_generate(header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
-    """Range checks of a ``generate`` request whose field types are already valid; raises WireError."""
-    prompt = header["prompt"]
-    if len(prompt) > limits.max_prompt_chars:
-        raise WireError(f"prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
-    if not prompt.strip():
-        raise WireError("prompt is empty")
-    _check_range("seconds", header["seconds"], limits.min_seconds, limits.max_seconds)
-    _check_range("seed", header["seed"], 0, limits.max_seed)
-    _check_range("guidance", header["guidance"], 0.0, limits.max_guidance)
-    _check_range("steps", header["steps"], 1, limits.max_steps)
-    _check_range("samples", header["samples"], 1, limits.max_samples)
 
 
 def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
@@ -217,7 +286,9 @@ def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS
     fields, optional = table[mtype]
     unknown = sorted(set(header) - set(fields) - set(_HEADER_KEYS))
     if unknown:
-        raise WireError(f"unknown field(s) for '{mtype}': {', '.join(unknown)}", request_id=rid)
+        names = ", ".join(_short(name, 30).strip("'") for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise WireError(f"unknown field(s) for '{mtype}': {names}{more}", request_id=rid)
     try:
         for name, kind in fields.items():
             if name not in header:
@@ -226,7 +297,7 @@ def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS
                 raise WireError(f"'{mtype}' is missing field '{name}'")
             _check_kind(name, header[name], kind)
         if mtype == "generate" and not reply:
-            check_generate(header, limits)
+            GenerateRequest.from_header(header, limits)
     except WireError as exc:
         exc.request_id = rid
         raise
@@ -249,7 +320,8 @@ def decode(frames: list[bytes], *, reply: bool, limits: Limits = DEFAULT_LIMITS)
         raise WireError("empty message")
     size = sum(len(f) for f in frames)
     if size > limits.max_message_bytes:
-        raise WireError(f"message is {size} bytes; the limit is {limits.max_message_bytes}")
+        raise WireError(f"message is {size} bytes; the limit is {limits.max_message_bytes}",
+                        request_id=sniff_id(frames[0]))
     try:
         header = json.loads(bytes(frames[0]).decode("utf-8"))  # NaN/Infinity: refused by field checks
     except UnicodeDecodeError:
@@ -309,9 +381,56 @@ def request(mtype: str, request_id: str | None = None, limits: Limits = DEFAULT_
     return rid, encode(validate_header(header, reply=False, limits=limits))
 
 
+_SNIFF_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:\-]{1,64})"')
+
+
+def sniff_id(header: bytes) -> str | None:
+    """The request id of a header too large (or too broken) to parse, found without parsing it; or None."""
+    found = _SNIFF_ID.search(header)
+    return found.group(1).decode() if found else None
+
+
+def recv_bounded(sock: zmq.Socket, max_frames: int) -> tuple[list[bytes], int]:
+    """Receive one multipart message a frame at a time, without copying: returns its first ``max_frames``
+    frames (as bytes) and its frame count. Frames past the budget are released as they are read, never
+    copied or joined, so a message of many frames costs the receiver nothing beyond the transport's buffer."""
+    kept: list[bytes] = []
+    count, more = 0, True
+    while more:
+        frame = sock.recv(copy=False)
+        more = frame.more
+        count += 1
+        if count <= max_frames:
+            kept.append(frame.bytes)
+    return kept, count
+
+
+def reply(mtype: str, request_id: str | None, data: np.ndarray | None = None, **fields: Any) -> list[bytes]:
+    """Frames of a reply, checked against the schema before they leave (a wrong field raises WireError)."""
+    frames = encode({"type": mtype, "id": request_id, **fields}, data)
+    decode(frames, reply=True, limits=_REPLY_LIMITS)
+    return frames
+
+
 def error_reply(request_id: str | None, code: str, message: str, **extra: int) -> list[bytes]:
-    """Frames of an ``error`` reply."""
-    return encode({"type": "error", "id": request_id, "code": code, "message": message, **extra})
+    """Frames of an ``error`` reply; the message is cut to MAX_ERROR_CHARS."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return reply("error", request_id, code=code, message=truncate(message), **extra)
+
+
+def is_ipv6(endpoint: str) -> bool:
+    """Whether a tcp endpoint names an IPv6 address (``tcp://[::1]:5557``): its socket needs ZMQ_IPV6."""
+    return endpoint.startswith("tcp://[")
+
+
+def as_request(prompt: str | GenerateRequest, *args: Any, **fields: Any) -> GenerateRequest:
+    """A GenerateRequest as given, or built from its fields in their order (prompt, seconds, seed, ...)."""
+    if isinstance(prompt, GenerateRequest):
+        if args or fields:
+            raise TypeError("give a GenerateRequest or its fields, not both")
+        return prompt
+    return GenerateRequest(prompt, *args, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,12 +503,32 @@ class MotionAssembler:
         return GeneratedMotion(roots, rots, dict(timings or {}))
 
 
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_failure(event: dict[str, Any], endpoint: str) -> str:
+    """A readable reason for a failed ZeroMQ handshake (a socket monitor event)."""
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"{endpoint} refused this client's CurveZMQ key (status {event['value']}): ask the server's "
+                "operator to authorize it (keygen) or use the right key folder")
+    return (f"the security handshake with {endpoint} failed (a missing, wrong or unexpected CurveZMQ key; "
+            f"zmq error {event['value']})")
+
+
 class ServerError(RuntimeError):
     """The server answered a request with ``error``."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class Refused(ServerError, ConnectionRefusedError):
+    """The server refused this client's handshake (CurveZMQ keys wrong, unknown or missing)."""
+
+    def __init__(self, message: str):
+        super().__init__("unauthorized", message)
 
 
 class MotionClient:
@@ -422,6 +561,8 @@ class MotionClient:
         self._last_heard = time.monotonic()
         self._last_ping = 0.0
         self._keepalive_pings: set[str] = set()
+        self.refused = ""  # why the server refused this client's handshake (keys), if it did
+        self._dropped = False
         self.connect()
 
     # -- connection -------------------------------------------------------------------------------------
@@ -434,14 +575,16 @@ class MotionClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         sock.setsockopt(zmq.MAXMSGSIZE, _REPLY_LIMITS.max_message_bytes)
+        sock.setsockopt(zmq.IPV6, is_ipv6(self.endpoint))
         if self.curve is not None:
             sock.curve_serverkey = self.curve.server_public
             sock.curve_publickey = self.curve.public
             sock.curve_secretkey = self.curve.secret
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         sock.connect(self.endpoint)
         self._socket = sock
         self._last_heard = time.monotonic()
+        self._dropped, self.refused = False, ""
 
     def close(self) -> None:
         """Close the socket (pending requests are forgotten)."""
@@ -468,16 +611,21 @@ class MotionClient:
         try:
             self._socket.send_multipart(frames)
         except zmq.Again:
+            self._watch_connection()
+            if self.refused:
+                raise Refused(self.refused) from None
             raise ConnectionError(f"could not send to {self.endpoint} within {self.timeout} s") from None
 
-    def submit(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5, steps: int = 50,
-               samples: int = 1, request_id: str | None = None) -> str:
-        """Send a ``generate`` request without waiting; returns its id. Bad arguments raise ValueError."""
-        rid, frames = request("generate", request_id, self.limits, prompt=prompt, seconds=seconds, seed=seed,
-                              guidance=guidance, steps=steps, samples=samples)
+    def submit(self, prompt: str | GenerateRequest, *args: Any, request_id: str | None = None,
+               **fields: Any) -> str:
+        """Send a ``generate`` request without waiting; returns its id. Takes a GenerateRequest, or its fields
+        (``submit("walk", 2.0, steps=10)``). Bad arguments raise ValueError (WireError)."""
+        generate = as_request(prompt, *args, **fields)
+        rid, frames = request("generate", request_id, self.limits, **generate.to_header())
         if not self._in_flight:  # the silence clock and old connection events start over
             self._last_heard = time.monotonic()
-            self._connection_dropped()
+            self._watch_connection()
+            self._dropped = False
         self._send(frames)
         self._in_flight[rid] = time.monotonic()
         return rid
@@ -516,25 +664,30 @@ class MotionClient:
         out.extend(self._liveness())
         return out
 
-    def _connection_dropped(self) -> bool:
-        """Whether the connection dropped since the last call (drains the socket monitor)."""
-        dropped = False
+    def _watch_connection(self) -> None:
+        """Drain the socket monitor: a dropped connection sets ``_dropped``; a failed handshake (the server
+        refused our keys, or wants keys we lack) is kept in ``refused``."""
+        from zmq.utils.monitor import parse_monitor_message
+
         while self._monitor.poll(0, zmq.POLLIN):
-            self._monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
-            dropped = True
-        return dropped
+            event = parse_monitor_message(self._monitor.recv_multipart())
+            if event["event"] & HANDSHAKE_FAILED:
+                self.refused = handshake_failure(event, self.endpoint)
+            self._dropped = True
 
     def _liveness(self) -> list[Message]:
         """Client-side errors for in-flight requests when the connection dropped or the server went silent."""
-        dropped = self._connection_dropped()
+        self._watch_connection()
+        dropped, self._dropped = self._dropped, False
         now = time.monotonic()
         silent = now - self._last_heard
         if not self._in_flight:
             return []
         if dropped or silent > self.timeout:
-            code = "disconnected" if dropped else "timeout"
-            text = (f"lost the connection to {self.endpoint}" if dropped
-                    else f"no reply from {self.endpoint} for {silent:.1f} s")
+            code, text = ("timeout", f"no reply from {self.endpoint} for {silent:.1f} s")
+            if dropped:
+                code, text = ("unauthorized", self.refused) if self.refused else \
+                    ("disconnected", f"lost the connection to {self.endpoint}")
             failed = [Message({"type": "error", "id": rid, "version": PROTOCOL_VERSION, "code": code,
                                "message": text}) for rid in self._in_flight]
             self.connect()
@@ -558,6 +711,9 @@ class MotionClient:
                             raise ServerError(message["code"], message["message"])
                         return message
                     kept.append(message)
+                self._watch_connection()
+                if self.refused:
+                    raise Refused(self.refused)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no '{types[0]}' reply from {self.endpoint} within "
                                        f"{self.timeout if timeout is None else timeout} s")
@@ -579,12 +735,11 @@ class MotionClient:
         pong = self._wait_for(rid, ("pong",), timeout)
         return {"queued": pong["queued"], "running": pong["running"], "rtt_s": time.monotonic() - start}
 
-    def generate(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
-                 steps: int = 50, samples: int = 1,
-                 on_message: Callable[[Message], None] | None = None) -> Iterator[Message]:
-        """Submit a request and yield its messages up to and including ``done``; an ``error`` reply raises
-        ServerError (after being passed to ``on_message``). Closing the iterator early cancels the request."""
-        rid = self.submit(prompt, seconds, seed, guidance, steps, samples)
+    def generate(self, prompt: str | GenerateRequest, *args: Any,
+                 on_message: Callable[[Message], None] | None = None, **fields: Any) -> Iterator[Message]:
+        """Submit a request (as ``submit``) and yield its messages up to and including ``done``; an ``error``
+        reply raises ServerError (after being passed to ``on_message``). Closing the iterator early cancels."""
+        rid = self.submit(prompt, *args, **fields)
         finished = False
         kept: list[Message] = []
         try:
@@ -606,12 +761,12 @@ class MotionClient:
                 self._in_flight.pop(rid, None)
                 self.cancel(rid)
 
-    def generate_motion(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
-                        steps: int = 50, samples: int = 1,
-                        on_message: Callable[[Message], None] | None = None) -> GeneratedMotion:
-        """Generate and reassemble the whole motion (all samples); raises ServerError / WireError."""
+    def generate_motion(self, prompt: str | GenerateRequest, *args: Any,
+                        on_message: Callable[[Message], None] | None = None, **fields: Any) -> GeneratedMotion:
+        """Generate (as ``submit``) and reassemble the whole motion (all samples); raises ServerError /
+        WireError."""
         assembler = MotionAssembler()
-        for message in self.generate(prompt, seconds, seed, guidance, steps, samples, on_message):
+        for message in self.generate(prompt, *args, on_message=on_message, **fields):
             if message.type == "frames":
                 assembler.add(message)
             elif message.type == "done":

@@ -158,7 +158,7 @@ class MotionPipeline:
         return {
             "model": self.config.get("name", "unnamed"),
             "arch": self.config["denoiser"]["arch"],
-            "source": self.source,
+            "source": Path(self.source).name,  # the folder's name: replies carry no absolute path
             "device": str(self.device),
             "fps": self.fps,
             "max_seconds": self.max_seconds,
