@@ -177,7 +177,7 @@ _REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
 }
 _REPLIES: dict[str, tuple[dict[str, str], frozenset[str]]] = {
     "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object",
-               "defaults": "object"}, frozenset()),
+               "defaults": "object"}, frozenset({"defaults"})),  # older servers announce no defaults
     "accepted": ({"queue": "int"}, frozenset()),
     "progress": ({"step": "int", "total": "int"}, frozenset()),
     "frames": ({"sample": "int", "start": "int", "count": "int", "shape": "list", "dtype": "str"},
