@@ -2,13 +2,16 @@
 
     pipe = MotionPipeline.from_checkpoint()              # backend/weights/default, or a run folder
     motion = pipe("a person walks forward", seconds=10.0, seed=0)
+    motion = pipe(GenerateRequest("a person walks forward", seconds=10.0))   # the same, as the wire's type
     for sample, start, chunk in pipe.stream(...):        # frames window by window, as the VAE decodes
         ...
+
+Fields, their defaults and the prompt checks are ``addon.wire.GenerateRequest``'s; the pipeline adds only its
+model's limits (``MotionPipeline.limits``: length, steps, batch size).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
@@ -27,8 +31,7 @@ from backend.models.vae import DOWNSAMPLE, MotionVAE
 from backend.motion import features_to_positions, features_to_rotations
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
-MAX_PROMPT_CHARS = 1000
-MAX_SAMPLES = 64
+MAX_SAMPLES = 64  # samples per prompt in one call
 
 
 @dataclass
@@ -170,44 +173,41 @@ class MotionPipeline:
 
     # --- generation ---------------------------------------------------------------------------------
 
-    def _requests(self, prompt: str | Sequence[str], seconds: float, seed: int | Sequence[int], guidance: float,
-                  steps: int, samples: int) -> tuple[list[str], list[int], int]:
-        """Validate the arguments; return (prompt per sample, seed per sample, frames)."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts:
+    @property
+    def limits(self) -> Limits:
+        """What this model takes: the protocol's limits with the model's own length, steps and samples; one
+        frame at least; no cost cap in process (a server sets its own)."""
+        return Limits(min_seconds=0.5 / self.fps, max_seconds=self.max_seconds,
+                      max_steps=self.diffusion.num_timesteps, max_samples=MAX_SAMPLES, max_seed=2**53 - MAX_SAMPLES,
+                      max_cost=2**62, fps=float(self.fps))
+
+    def requests(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+                 seed: int | Sequence[int] | None = None, **fields: object) -> list[GenerateRequest]:
+        """Checked requests, one per prompt: GenerateRequests as given, or built from prompts, ``seed`` (one, or
+        one per prompt) and the other fields (defaults: GenerateRequest's). Requests generated together must
+        agree on everything but prompt and seed. Bad arguments raise ValueError (WireError) or TypeError."""
+        items = [prompt] if isinstance(prompt, (str, GenerateRequest)) else prompt
+        if not isinstance(items, (list, tuple)) or not items:
             raise TypeError("prompt must be a non-empty string or a non-empty list of strings")
-        for p in prompts:
-            if not isinstance(p, str):
-                raise TypeError(f"every prompt must be a string, got {type(p).__name__}")
-            if not p.strip():
-                raise ValueError("prompt is empty: describe the motion, e.g. 'a person walks forward'")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
-        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
-            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
-        if not math.isfinite(seconds) or seconds <= 0 or seconds > self.max_seconds:
-            raise ValueError(f"seconds must be > 0 and <= {self.max_seconds:g}, got {seconds}")
-        frames = round(float(seconds) * self.fps)
-        if frames < 1:
-            raise ValueError(f"seconds={seconds} is shorter than one frame (1/{self.fps} s)")
-        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) \
-                or not 1 <= steps <= self.diffusion.num_timesteps:
-            raise ValueError(f"steps must be an integer in 1..{self.diffusion.num_timesteps}, got {steps!r}")
-        if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) \
-                or not 1 <= samples <= MAX_SAMPLES:
-            raise ValueError(f"samples must be an integer in 1..{MAX_SAMPLES}, got {samples!r}")
-        seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else seed
-        if not isinstance(seeds, (list, tuple)) or len(seeds) != len(prompts):
+        seeds = [seed] * len(items) if seed is None or isinstance(seed, numbers.Integral) else seed
+        if not isinstance(seeds, (list, tuple)) or len(seeds) != len(items):
             raise TypeError("seed must be an int or a list of ints, one per prompt")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**63 - MAX_SAMPLES:
-                raise ValueError(f"seed must be a non-negative integer, got {s!r}")
-        flat_prompts = [p for p in prompts for _ in range(samples)]
-        flat_seeds = [int(s) + k for s in seeds for k in range(samples)]
-        return flat_prompts, flat_seeds, frames
+        out = []
+        for item, s in zip(items, seeds):
+            if isinstance(item, GenerateRequest):
+                if s is not None or fields:
+                    raise TypeError("give GenerateRequests or prompts with fields, not both")
+                out.append(item.check(self.limits))
+                continue
+            if not isinstance(item, str):
+                raise TypeError(f"every prompt must be a string, got {type(item).__name__}")
+            if s is not None:
+                fields["seed"] = int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
+            out.append(GenerateRequest(item, **fields).check(self.limits))
+        shared = {(r.seconds, r.guidance, r.steps, r.samples) for r in out}
+        if len(shared) > 1:
+            raise ValueError("requests generated together must share seconds, guidance, steps and samples")
+        return out
 
     @torch.no_grad()
     def _latents(self, prompts: list[str], seeds: list[int], tokens: int, guidance: float, steps: int,
@@ -232,17 +232,20 @@ class MotionPipeline:
         z = self.diffusion.ddim_sample(model_fn, noise.to(self.device), steps=steps, callback=callback)
         return z / self.latent_scale
 
-    def stream(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
-               guidance: float = 2.5, steps: int = 50, samples: int = 1,
-               callback: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, Motion]]:
+    def stream(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+               seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,
+               **fields: object) -> Iterator[tuple[int, int, Motion]]:
         """Yield (sample_index, start_frame, chunk) as the VAE decodes the latent window by window.
 
-        Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of a prompt uses seed + k.
-        ``callback(step, total)`` runs after every denoising step; an exception it raises propagates.
-        Arguments are checked at the call (ValueError / TypeError), before the first chunk is asked for.
+        Takes what ``requests`` takes. Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of
+        a prompt uses seed + k. ``callback(step, total)`` runs after every denoising step; an exception it
+        raises propagates. Arguments are checked at the call, before the first chunk is asked for.
         """
-        prompts, seeds, frames = self._requests(prompt, seconds, seed, guidance, steps, samples)
-        return self._stream(prompts, seeds, frames, float(guidance), int(steps), callback)
+        requests = self.requests(prompt, seed, **fields)
+        first = requests[0]
+        prompts = [r.prompt for r in requests for _ in range(first.samples)]
+        seeds = [r.seed + k for r in requests for k in range(first.samples)]
+        return self._stream(prompts, seeds, first.frames(self.fps), float(first.guidance), first.steps, callback)
 
     @torch.no_grad()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
@@ -277,12 +280,13 @@ class MotionPipeline:
         return Motion(features, features_to_positions(prefix)[start:], root[start:], rotations[start:], self.fps,
                       prompt, seed)
 
-    def __call__(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
-                 guidance: float = 2.5, steps: int = 50, samples: int = 1,
-                 callback: Callable[[int, int], None] | None = None) -> Motion | list[Motion]:
-        """Generate: one Motion for one prompt and samples=1, else a list (prompt by prompt, then samples)."""
+    def __call__(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+                 seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,
+                 **fields: object) -> Motion | list[Motion]:
+        """Generate (takes what ``requests`` takes): one Motion for one prompt and one sample, else a list
+        (prompt by prompt, then samples)."""
         chunks: dict[int, list[Motion]] = {}
-        for k, _, chunk in self.stream(prompt, seconds, seed, guidance, steps, samples, callback):
+        for k, _, chunk in self.stream(prompt, seed, callback, **fields):
             chunks.setdefault(k, []).append(chunk)
         motions = [concat_motions(chunks[k]) for k in sorted(chunks)]
-        return motions[0] if isinstance(prompt, str) and samples == 1 else motions
+        return motions[0] if isinstance(prompt, (str, GenerateRequest)) and len(motions) == 1 else motions

@@ -527,9 +527,7 @@ class Server:
         frames = 0
         try:
             check_cancel()
-            stream = self.pipe.stream([job.request.prompt for job in jobs], seconds=first.seconds,
-                                      seed=[job.request.seed for job in jobs], guidance=first.guidance,
-                                      steps=first.steps, samples=first.samples, callback=callback)
+            stream = self.pipe.stream([job.request for job in jobs], callback=callback)
             for index, start, chunk in stream:
                 check_cancel()
                 job, sample = jobs[index // first.samples], index % first.samples

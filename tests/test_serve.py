@@ -516,10 +516,10 @@ class FailingPipeline:
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
-    def stream(self, prompts, **options):
-        if "explode" in prompts:
+    def stream(self, requests, **options):
+        if any(r.prompt == "explode" for r in requests):
             raise RuntimeError("the model cannot take this prompt")
-        return self._pipe.stream(prompts, **options)
+        return self._pipe.stream(requests, **options)
 
 
 @pytest.mark.parametrize("bad", ["lone surrogate", "model failure"])
