@@ -21,7 +21,7 @@ from addon.armature import build_armature, canonical_bones  # noqa: E402
 from addon.canonical import SMPL22_BUILTIN  # noqa: E402
 from addon.keying import action_fcurves  # noqa: E402
 from addon.retarget import PRESETS  # noqa: E402
-from addon.wire import MotionClient  # noqa: E402
+from addon.wire import GenerateRequest, MotionClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "batch_generate.py"
@@ -225,10 +225,10 @@ def test_bad_rows_are_reported_and_the_rest_is_done(tmp_path):
     items = summary(out)["items"]
     assert [i["status"] for i in items] == ["done", "failed", "failed", "failed", "done"]
     assert items[1]["error"] == "prompt is empty"
-    assert items[2]["error"] == "seconds must be positive, got -2.0"
+    assert items[2]["error"] == "field 'seconds' must be between 0.5 and 120.0, got -2.0"
     assert items[3]["error"] == "seed must be an integer, got 'abc'"
     assert sorted(p.name for p in out.glob("*.bvh")) == sorted(Path(items[i]["outputs"]["bvh"]).name for i in (0, 4))
-    assert any("row 3" in line and "seconds must be positive" in line for line in lines)
+    assert any("row 3" in line and "'seconds' must be between" in line for line in lines)
 
 
 def test_a_backend_dying_mid_batch_fails_the_rest_at_once(tmp_path):
@@ -306,9 +306,10 @@ def test_script_args_follow_the_double_dash_like_blender():
 
 def test_prompt_files_txt_csv_json(tmp_path):
     txt = rows(tmp_path, "p.txt", "# a comment\nwalk\n\n  jump  \n", "--seconds", "3", "--seed", "7")
-    assert [(r.prompt, r.seconds, r.seed, r.error) for r in txt] == [("walk", 3.0, 7, ""), ("jump", 3.0, 7, "")]
+    assert [(r.request.prompt, r.request.seconds, r.request.seed, r.error) for r in txt] == [
+        ("walk", 3.0, 7, ""), ("jump", 3.0, 7, "")]
     csv_rows = rows(tmp_path, "p.csv", "prompt,seconds,seed,guidance,steps,name\nwalk,2,,3.5,20,my walk\n")
-    assert (csv_rows[0].seconds, csv_rows[0].seed, csv_rows[0].guidance, csv_rows[0].steps) == (2.0, 0, 3.5, 20)
+    assert csv_rows[0].request == GenerateRequest("walk", seconds=2.0, seed=0, guidance=3.5, steps=20)
     assert (csv_rows[0].name, csv_rows[0].stem) == ("my walk", "my_walk")
     unquoted = rows(tmp_path, "q.csv", "prompt,seconds\nwalk, then sit,2\n")[0].error
     assert unquoted == "the row has 1 more value(s) than the header has columns (quote a prompt that contains commas)"

@@ -701,3 +701,23 @@ def test_d12_hello_names_no_absolute_path(server):
     texts = re.findall(r'"([^"]*)"', json.dumps(hello))
     assert not [t for t in texts if t.startswith("/") or re.match(r"^[A-Za-z]:\\", t)], texts
     assert hello["model"]["source"] == "default"
+
+
+def test_a_raw_client_sending_only_prompt_and_seconds_gets_a_motion(server, pipe):
+    from addon.wire import GenerateRequest
+
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart([b'{"type":"hello","id":"h","version":1}'])
+        assert raw_reply(sock)["defaults"] == GenerateRequest.defaults() == {
+            "seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 50, "samples": 1}
+        sock.send_multipart([json.dumps({"type": "generate", "id": "g1", "version": 1, "prompt": PROMPT,
+                                         "seconds": 1.0}).encode()])
+        stream = [raw_reply(sock, 60_000)]
+        while stream[-1].type not in ("done", "error"):
+            stream.append(raw_reply(sock, 60_000))
+    assert stream[0].type == "accepted" and stream[-1].type == "done", stream[-1].header
+    assert sum(m.type == "progress" for m in stream) == 50  # the default steps
+    frames = sorted((m for m in stream if m.type == "frames"), key=lambda m: m["start"])
+    want = pipe(PROMPT, seconds=1.0)  # the defaults: seed 0, guidance 2.5, 50 steps, one sample
+    got = np.concatenate([m.data for m in frames])
+    assert np.array_equal(got[:, 3:].reshape(want.rotations.shape), want.rotations.astype(np.float32))

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,24 +83,24 @@ def script_args(argv: list[str], blender: bool | None = None) -> list[str]:
 
 @dataclass
 class Row:
-    """One prompt of the batch; ``error`` is set when the row cannot be generated."""
+    """One prompt of the batch; ``error`` is set when the row cannot be generated (``request`` then holds what
+    could be read)."""
 
     row: int  # 1-based position in the batch (command-line prompts first, then the file's rows)
-    prompt: str
-    seconds: float
-    seed: int
-    guidance: float
-    steps: int
+    request: wire.GenerateRequest
     name: str = ""  # the Action's name when given (else one made from the prompt)
     stem: str = ""  # the output files' name: the given name, or the prompt's slug and key; unique in the batch
     error: str = ""
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """What determines the motion (one sample per row)."""
+        return {k: v for k, v in self.request.to_header().items() if k != "samples"}
+
+    @property
     def key(self) -> str:
         """A stable hash of what determines the motion (resume skips a row whose key is already done)."""
-        settings = {"prompt": self.prompt, "seconds": float(self.seconds), "seed": int(self.seed),
-                    "guidance": float(self.guidance), "steps": int(self.steps)}  # fmt: skip
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _number(value: Any, kind: type, name: str) -> float | int:
@@ -120,7 +120,8 @@ def _number(value: Any, kind: type, name: str) -> float | int:
 
 def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, limits: wire.Limits) -> Row:
     """A Row from one record (missing or empty fields take the defaults); problems go into ``row.error``."""
-    row = Row(index, "", defaults.seconds, defaults.seed, defaults.guidance, defaults.steps)
+    fields = {name: getattr(defaults, name) for name in ("seconds", "seed", "guidance", "steps")}
+    row = Row(index, wire.GenerateRequest("", **fields))
     try:
         if None in values:  # csv.DictReader's key for the values beyond the header's columns
             raise ValueError(f"the row has {len(values[None])} more value(s) than the header has columns (quote a "
@@ -131,17 +132,12 @@ def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, l
         prompt = values.get("prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be text, got {prompt!r}")
-        row.prompt = prompt.strip()
+        row.request = replace(row.request, prompt=prompt.strip())
         row.name = str(values.get("name") or "").strip()
         for name, kind in (("seconds", float), ("seed", int), ("guidance", float), ("steps", int)):
             if values.get(name) not in (None, ""):
-                setattr(row, name, _number(values[name], kind, name))
-        if not row.prompt:
-            raise ValueError("prompt is empty")
-        if row.seconds <= 0:
-            raise ValueError(f"seconds must be positive, got {row.seconds}")
-        wire.check_generate({"prompt": row.prompt, "seconds": row.seconds, "seed": row.seed,
-                             "guidance": row.guidance, "steps": row.steps, "samples": 1}, limits)  # fmt: skip
+                row.request = replace(row.request, **{name: _number(values[name], kind, name)})
+        row.request.check(limits)
     except ValueError as exc:
         row.error = str(exc)
     return row
@@ -193,7 +189,7 @@ def load_rows(args: argparse.Namespace, limits: wire.Limits = wire.DEFAULT_LIMIT
     keys: dict[str, int] = {}
     stems: dict[str, int] = {}
     for row in rows:
-        row.stem = re.sub(r"[^\w.\-]+", "_", row.name).strip("._") or f"{_slug(row.prompt)}-{row.key[:8]}"
+        row.stem = re.sub(r"[^\w.\-]+", "_", row.name).strip("._") or f"{_slug(row.request.prompt)}-{row.key[:8]}"
         if row.error:
             continue
         if row.key in keys:
@@ -396,8 +392,7 @@ class Target:
             bpy.data.actions.remove(old)
         retarget = Retargeter(self.skeleton, self.rig, self.bone_map, root_motion=not self.args.in_place)
         settings = {
-            "prompt": row.prompt, "seed": row.seed, "seconds": row.seconds, "guidance": row.guidance,
-            "steps": row.steps, "sample": 0, "preset": self.bone_map.preset, "root_motion": not self.args.in_place,
+            **row.settings, "sample": 0, "preset": self.bone_map.preset, "root_motion": not self.args.in_place,
             "fps": self.fps, "key": row.key, "stem": row.stem,
         }  # fmt: skip
         keyer = ActionKeyer.for_generation(
@@ -501,8 +496,8 @@ class Item:
 
     @classmethod
     def of(cls, row: Row) -> Item:
-        return cls(row.row, row.stem, row.prompt, row.seconds, row.seed, row.guidance, row.steps, row.key,
-                   status="failed" if row.error else "pending", error=row.error)  # fmt: skip
+        return cls(row.row, row.stem, **row.settings, key=row.key, status="failed" if row.error else "pending",
+                   error=row.error)  # fmt: skip
 
 
 class Progress:
@@ -630,7 +625,7 @@ class Batch:
             while todo and len(pending) < self.args.parallel:
                 row = todo.popleft()
                 try:
-                    rid = client.submit(row.prompt, row.seconds, row.seed, row.guidance, row.steps)
+                    rid = client.submit(row.request)
                 except (ValueError, ConnectionError) as exc:
                     progress.update(self._fail(row.row, str(exc)))
                     continue
@@ -685,7 +680,7 @@ class Batch:
             for fmt, path in self.wanted(row).items():
                 start = time.perf_counter()
                 if fmt == "gif":
-                    write_preview(self.skeleton_name, root, rotations, self.target.fps, row.prompt, path)
+                    write_preview(self.skeleton_name, root, rotations, self.target.fps, row.request.prompt, path)
                 else:
                     self.target.export(action, fmt, path)
                 timings[f"{fmt}_s"] = time.perf_counter() - start
@@ -774,10 +769,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src = parser.add_argument_group("prompts")
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts", help="a .txt / .csv / .json prompts file")
-    src.add_argument("--seconds", type=float, default=4.0, help="default duration (default 4)")
-    src.add_argument("--seed", type=int, default=0, help="default seed (default 0)")
-    src.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance (default 2.5)")
-    src.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    defaults = wire.GenerateRequest.defaults()  # the protocol's, as everywhere
+    src.add_argument("--seconds", type=float, default=defaults["seconds"], help="default duration (%(default)s)")
+    src.add_argument("--seed", type=int, default=defaults["seed"], help="default seed (%(default)s)")
+    src.add_argument("--guidance", type=float, default=defaults["guidance"],
+                     help="classifier-free guidance (%(default)s)")
+    src.add_argument("--steps", type=int, default=defaults["steps"], help="denoising steps (%(default)s)")
     tgt = parser.add_argument_group("target")
     tgt.add_argument("--blend", help="the .blend holding the target armature (default: the open scene)")
     tgt.add_argument("--armature", help="target armature object (default: a new canonical armature)")
