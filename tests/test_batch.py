@@ -19,9 +19,10 @@ bpy = pytest.importorskip("bpy")
 
 from addon.armature import build_armature, canonical_bones  # noqa: E402
 from addon.canonical import SMPL22_BUILTIN  # noqa: E402
+from addon.client import MotionClient  # noqa: E402
 from addon.keying import action_fcurves  # noqa: E402
 from addon.retarget import PRESETS  # noqa: E402
-from addon.wire import GenerateRequest, MotionClient  # noqa: E402
+from addon.wire import GenerateRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "batch_generate.py"

@@ -19,6 +19,7 @@ import zmq
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from addon.client import MotionClient
 from addon.wire import (
     ERROR_CODES,
     MAX_ERROR_CHARS,
@@ -26,7 +27,6 @@ from addon.wire import (
     GenerateRequest,
     Limits,
     Message,
-    MotionClient,
     WireError,
     decode,
     request,

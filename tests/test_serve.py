@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 import zmq
 
+from addon.client import CurveKeys, MotionClient, ServerError
 from addon.wire import (
     PROTOCOL_VERSION,
-    CurveKeys,
     Message,
-    MotionClient,
-    ServerError,
     decode,
     encode,
     request,
@@ -721,3 +719,28 @@ def test_a_raw_client_sending_only_prompt_and_seconds_gets_a_motion(server, pipe
     want = pipe(PROMPT, seconds=1.0)  # the defaults: seed 0, guidance 2.5, 50 steps, one sample
     got = np.concatenate([m.data for m in frames])
     assert np.array_equal(got[:, 3:].reshape(want.rotations.shape), want.rotations.astype(np.float32))
+
+
+def test_a_generation_handle_drives_callbacks_and_gives_the_result(client, pipe):
+    from addon.wire import GenerateRequest
+
+    seen: dict[str, list] = {"progress": [], "frames": [], "done": [], "error": []}
+    gen = client.start(GenerateRequest(PROMPT, seconds=2.0, seed=7, steps=4, samples=2),
+                       on_progress=lambda g: seen["progress"].append(g.step),
+                       on_frames=lambda g, m: seen["frames"].append((m["sample"], m["start"])),
+                       on_done=seen["done"].append, on_error=seen["error"].append)
+    motion = gen.result(timeout=60)
+    want = pipe(PROMPT, seconds=2.0, seed=7, steps=4, samples=2)
+    for got, expected in zip(motion.rotations, want):
+        assert np.array_equal(got, expected.rotations.astype(np.float32))
+    assert seen["progress"] == [1, 2, 3, 4] and gen.progress == 1.0 and gen.queue == 0
+    assert {s for s, _ in seen["frames"]} == {0, 1} and len(seen["frames"]) >= 4
+    assert seen["done"] == [gen] and seen["error"] == [] and gen.finished and gen.error is None
+
+    slow = client.start(PROMPT, seconds=2.0, steps=400, on_error=seen["error"].append)
+    while slow.step == 0:
+        client.poll(0.05)
+    slow.cancel()
+    with pytest.raises(ServerError, match="cancelled"):
+        slow.result(timeout=60)
+    assert seen["error"] == [slow] and slow.error.code == "cancelled" and slow.motion is None

@@ -32,7 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from addon.wire import MotionAssembler, MotionClient, ServerError  # noqa: E402
+from addon.client import MotionClient, ServerError  # noqa: E402
+from addon.wire import MotionAssembler  # noqa: E402
 
 PROMPTS = ["a person walks forward", "a person jumps twice", "someone waves with the right hand",
            "a person sits down slowly", "a man runs in a circle", "a person kicks with the left leg"]
