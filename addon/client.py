@@ -83,7 +83,7 @@ class ServerError(RuntimeError):
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code, self.message = code, message
 
 
 class Refused(ServerError, ConnectionRefusedError):
@@ -317,14 +317,16 @@ class MotionClient:
                 self._keepalive_pings.discard(message.id)
                 continue
             new.append(message)
-        new.extend(self._liveness())
-        for message in new:  # the handles see each message once (the inbox holds ones already seen)
+        failed = self._liveness()
+        for message in new + failed:  # the handles see each message once (the inbox holds ones already seen)
             handle = self._handles.get(message.id)
             if handle is not None:
                 if message.type in ("done", "error"):
                     del self._handles[message.id]
                 handle._handle(message)
-        return out + new
+        if failed:
+            self.connect()  # a fresh socket: the client works again once the server is back
+        return out + new + failed
 
     def _watch_connection(self) -> None:
         """Drain the socket monitor: a dropped connection sets ``_dropped``; a failed handshake (the server
@@ -338,7 +340,8 @@ class MotionClient:
             self._dropped = True
 
     def _liveness(self) -> list[Message]:
-        """Client-side errors for in-flight requests when the connection dropped or the server went silent."""
+        """Client-side errors for in-flight requests when the connection dropped or the server went silent
+        (``poll`` then delivers them and reconnects)."""
         self._watch_connection()
         dropped, self._dropped = self._dropped, False
         now = time.monotonic()
@@ -350,10 +353,8 @@ class MotionClient:
             if dropped:
                 code, text = ("unauthorized", self.refused) if self.refused else \
                     ("disconnected", f"lost the connection to {self.endpoint}")
-            failed = [Message({"type": "error", "id": rid, "version": PROTOCOL_VERSION, "code": code,
-                               "message": text}) for rid in self._in_flight]
-            self.connect()
-            return failed
+            return [Message({"type": "error", "id": rid, "version": PROTOCOL_VERSION, "code": code,
+                             "message": text}) for rid in self._in_flight]
         if silent > self.ping_interval and now - self._last_ping > self.ping_interval:
             self._last_ping = now
             rid, frames = request("ping")

@@ -59,6 +59,7 @@ except ImportError:
 from addon import wire  # noqa: E402
 from addon.armature import create_canonical_armature  # noqa: E402
 from addon.canonical import CanonicalSkeleton  # noqa: E402
+from addon.client import Generation, MotionClient, ServerError  # noqa: E402
 from addon.keying import GENERATION_PROPERTY, ActionKeyer, assign_action  # noqa: E402
 from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones  # noqa: E402
 
@@ -222,23 +223,23 @@ class Backend:
         self.thread: threading.Thread | None = None
         self.started = ""  # "", "subprocess" or "inprocess"
         self.start_s = 0.0
-        self.client: wire.MotionClient | None = None
+        self.client: MotionClient | None = None
         try:
             self.client = self._connect()
         except BaseException:  # a backend started for nothing must not outlive the tool
             self.close()
             raise
 
-    def _hello(self, endpoint: str, timeout: float) -> wire.MotionClient | None:
-        client = wire.MotionClient(endpoint, timeout=self.args.timeout)
+    def _hello(self, endpoint: str, timeout: float) -> MotionClient | None:
+        client = MotionClient(endpoint, timeout=self.args.timeout)
         try:
             client.hello(timeout=timeout)
             return client
-        except (TimeoutError, ConnectionError, wire.ServerError):
+        except (TimeoutError, ConnectionError, ServerError):
             client.close()
             return None
 
-    def _connect(self) -> wire.MotionClient:
+    def _connect(self) -> MotionClient:
         args = self.args
         client = self._hello(args.backend, args.probe_timeout)
         if client is not None:
@@ -297,7 +298,7 @@ class Backend:
         if probe:
             try:
                 self.client.hello(timeout=self.args.probe_timeout)
-            except (TimeoutError, ConnectionError, wire.ServerError):
+            except (TimeoutError, ConnectionError, ServerError):
                 return f"the backend at {self.client.endpoint} stopped answering"
         return ""
 
@@ -619,51 +620,42 @@ class Batch:
 
     def _generate(self, todo: deque[Row], progress: Progress) -> None:
         client = self.backend.client
-        pending: dict[str, tuple[Row, wire.MotionAssembler, float]] = {}
+        pending: dict[str, Row] = {}  # request id -> row
+        finished: list[tuple[Row, Generation]] = []
+
+        def ended(gen: Generation) -> None:
+            finished.append((pending.pop(gen.id), gen))
 
         def top_up() -> None:  # keep `parallel` requests at the server, so that it batches them
             while todo and len(pending) < self.args.parallel:
                 row = todo.popleft()
                 try:
-                    rid = client.submit(row.request)
+                    gen = client.start(row.request, on_progress=lambda g: progress.step(f"step {g.step}/{g.total}"),
+                                       on_done=ended, on_error=ended)
                 except (ValueError, ConnectionError) as exc:
                     progress.update(self._fail(row.row, str(exc)))
                     continue
-                pending[rid] = (row, wire.MotionAssembler(), time.perf_counter())
+                pending[gen.id] = row
 
         while todo or pending:
             top_up()
-            finished, lost = [], False
-            for message in client.poll(timeout=0.1):
-                if message.id not in pending:
-                    continue
-                row, assembler, submitted = pending[message.id]
-                try:
-                    if message.type == "progress":
-                        progress.step(f"step {message['step']}/{message['total']}")
-                    elif message.type == "frames":
-                        assembler.add(message)
-                    elif message.type == "done":
-                        del pending[message.id]
-                        motion = assembler.result(message["frames"], message["timings"])
-                        finished.append((row, motion, {"request_s": time.perf_counter() - submitted, **motion.timings}))
-                    elif message.type == "error":
-                        del pending[message.id]
-                        progress.update(self._fail(row.row, f"backend error ({message['code']}): {message['message']}"))
-                        lost = lost or message["code"] in ("timeout", "disconnected")
-                except wire.WireError as exc:  # a broken stream
-                    pending.pop(message.id, None)
-                    progress.update(self._fail(row.row, f"bad reply from the backend: {exc}"))
+            finished.clear()
+            client.poll(timeout=0.1)
+            lost = any(gen.error is not None and gen.error.code in ("timeout", "disconnected") for _, gen in finished)
             reason = self.backend.gone(probe=lost)
             if reason:  # fail what is left at once rather than one timeout after another
-                for row in [p[0] for p in pending.values()] + list(todo):
+                for row in list(pending.values()) + list(todo):
                     progress.update(self._fail(row.row, reason))
                 pending.clear()
                 todo.clear()
             top_up()  # the server generates the next ones while Blender keys and exports these
-            for row, motion, timings in finished:
+            for row, gen in finished:
+                if gen.error is not None:
+                    progress.update(self._fail(row.row, f"backend error ({gen.error.code}): {gen.error.message}"))
+                    continue
+                timings = {"request_s": time.perf_counter() - gen.submitted, **gen.motion.timings}
                 try:
-                    progress.update(self._finish(row, motion.root_translation[0], motion.rotations[0], timings))
+                    progress.update(self._finish(row, gen.motion.root_translation[0], gen.motion.rotations[0], timings))
                 except (ValueError, RuntimeError, TypeError, KeyError) as exc:  # e.g. an exporter that failed
                     progress.update(self._fail(row.row, f"{type(exc).__name__}: {exc}"))
 
