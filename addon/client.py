@@ -11,6 +11,9 @@ The protocol itself (schema, framing, validation) is ``addon.wire``. Standard li
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -435,3 +438,44 @@ class MotionClient:
             elif message.type == "done":
                 return assembler.result(message["frames"], message["timings"])
         raise WireError("the stream ended without 'done'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A local backend process
+
+
+def cache_dir() -> Path:
+    """Motion Mamba's folder in the user's cache, created 0700: $XDG_CACHE_HOME (or ~/.cache) on Linux,
+    ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "motion_mamba"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def start_backend(endpoint: str, python: str = "", project: str | Path = "", arguments: tuple[str, ...] = (),
+                  log_file: str | Path = "") -> subprocess.Popen:
+    """Run ``python -m backend.serve --bind ENDPOINT --log-file LOG [arguments]`` in ``project``. The server
+    logs to LOG (size-capped and rotated; default ``cache_dir()/backend.log``); its errors and crash output go
+    to LOG's ``.err`` sibling, truncated at each start. ``backend_output(LOG)`` reads them back."""
+    log = Path(log_file) if log_file else cache_dir() / "backend.log"
+    command = [python or sys.executable, "-m", "backend.serve", "--bind", endpoint, "--log-file", str(log),
+               *arguments]
+    fd = os.open(log.with_suffix(".err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
+    with os.fdopen(fd, "wb") as err:
+        return subprocess.Popen(command, cwd=project or None, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def backend_output(log_file: str | Path, lines: int = 15) -> str:
+    """The last ``lines`` lines a backend started by ``start_backend`` wrote: its errors, else its log."""
+    for path in (Path(log_file).with_suffix(".err"), Path(log_file)):
+        if path.is_file() and path.stat().st_size:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+

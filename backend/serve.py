@@ -557,10 +557,12 @@ def load_pipeline(checkpoint: str | None, config: str | None, device: str) -> An
 
 
 def setup_logging(log_file: str | None) -> None:
-    """Log to stderr and, if asked, to a size-capped rotating file (its folder made 0700 if new)."""
+    """Log to stderr or, if asked, to a size-capped rotating file (its folder made 0700 if new; stderr then
+    gets errors only)."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file:
         Path(log_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handlers[0].setLevel(logging.ERROR)
         handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_BYTES, backupCount=LOG_FILES,
                                                              encoding="utf-8"))
     logging.basicConfig(level=logging.INFO, format="[serve] %(message)s", handlers=handlers, force=True)
@@ -616,9 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
-    log.info("serving %s on %s (device %s, batching %s, %s)", pipe.describe().get("model", "model"),
-             server.endpoint, pipe.device, "on" if args.batch else "off",
-             "CurveZMQ" if args.keys else "loopback, no authentication")
+    security = "CurveZMQ" if args.keys else "loopback, no authentication"
+    announce = (f"serving {pipe.describe().get('model', 'model')} on {server.endpoint} (device {pipe.device}, "
+                f"batching {'on' if args.batch else 'off'}, {security})")
+    log.info(announce)
+    if args.log_file:  # stderr carries errors only: say where the server listens there too
+        print(f"[serve] {announce}", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
 

@@ -37,11 +37,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_tiny() -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m backend.serve --config tiny` on a free loopback port: (endpoint, process)."""
+def serve_tiny(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m backend.serve --config tiny [options]` on a free loopback port: (endpoint, process)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", "tiny", "--bind", endpoint],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", "tiny", "--bind", endpoint,
+                                *options], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         with MotionClient(endpoint, timeout=5.0) as client:
             deadline = time.monotonic() + 180
@@ -348,3 +348,21 @@ def test_bad_arguments_exit_with_status_2(tmp_path, mixamo_blend, capsys):
     assert batch_generate.main(["--prompt", "walk", "--blend", str(mixamo_blend), "--armature", "Nope", "--out",
                                 out]) == 2  # fmt: skip
     assert "no armature object 'Nope' in the scene; armatures: ['Rig']" in capsys.readouterr().err
+
+
+def test_a_busy_server_makes_the_tool_wait_its_turn(tmp_path):
+    out = tmp_path / "out"
+    with serve_tiny("--max-queue", "2", "--max-client-queue", "1") as (endpoint, _), \
+            MotionClient(endpoint, timeout=20) as other:
+        running = other.submit("a person walks", seconds=2.0, steps=1000)
+        waiting = other.submit("a person runs", seconds=2.0, steps=1000)  # the queue's second place: taken
+        tool = subprocess.Popen([sys.executable, str(TOOL), "--prompt", "a person jumps", "--prompt", "a person sits",
+                                 "--seconds", "1", "--steps", STEPS, "--backend", endpoint, "--start-backend", "never",
+                                 "--no-blend-out", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        time.sleep(3.0)  # the tool meets a full queue ('busy') meanwhile
+        other.cancel(running)
+        other.cancel(waiting)
+        output = tool.communicate(timeout=120)[0]
+    assert tool.returncode == 0, output
+    assert [i["status"] for i in summary(out)["items"]] == ["done", "done"]

@@ -744,3 +744,28 @@ def test_a_generation_handle_drives_callbacks_and_gives_the_result(client, pipe)
     with pytest.raises(ServerError, match="cancelled"):
         slow.result(timeout=60)
     assert seen["error"] == [slow] and slow.error.code == "cancelled" and slow.motion is None
+
+
+def test_start_backend_logs_to_a_private_capped_file_in_the_cache_folder(tmp_path, monkeypatch):
+    from addon.client import backend_output, cache_dir, start_backend
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = cache_dir()
+    assert folder == tmp_path / "cache" / "motion_mamba" and folder.stat().st_mode & 0o777 == 0o700
+    proc = start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--config", "tiny"))
+    try:
+        deadline = time.monotonic() + 60
+        while "serving tiny on tcp://" not in backend_output(folder / "backend.log") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "serving tiny on tcp://" in (folder / "backend.log").read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    (folder / "backend.err").unlink()
+    (folder / "backend.err").symlink_to(tmp_path / "victim")  # a planted link is not followed
+    with pytest.raises(OSError):
+        start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--config", "tiny"))
+    assert not (tmp_path / "victim").exists()
+    proc = start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--no-such-option",), tmp_path / "b.log")
+    assert proc.wait(timeout=60) == 2
+    assert "unrecognized arguments: --no-such-option" in backend_output(tmp_path / "b.log")

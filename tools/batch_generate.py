@@ -59,7 +59,7 @@ except ImportError:
 from addon import wire  # noqa: E402
 from addon.armature import create_canonical_armature  # noqa: E402
 from addon.canonical import CanonicalSkeleton  # noqa: E402
-from addon.client import Generation, MotionClient, ServerError  # noqa: E402
+from addon.client import Generation, MotionClient, ServerError, backend_output, start_backend  # noqa: E402
 from addon.keying import GENERATION_PROPERTY, ActionKeyer, assign_action  # noqa: E402
 from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones  # noqa: E402
 
@@ -270,12 +270,9 @@ class Backend:
 
     def _start_subprocess(self) -> str:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        python = self.args.backend_python
-        command = [python, "-m", "backend.serve", "--bind", endpoint, "--device", self.args.device,
-                   *self._model_args()]  # fmt: skip
-        print(f"starting a backend: {' '.join(command)} (log: {self.log_path})", flush=True)
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        arguments = ("--device", self.args.device, *self._model_args())
+        print(f"starting a backend at {endpoint} ({' '.join(arguments)}; log: {self.log_path})", flush=True)
+        self.process = start_backend(endpoint, self.args.backend_python, ROOT, arguments, self.log_path)
         return endpoint
 
     def _start_inprocess(self) -> str:
@@ -302,10 +299,8 @@ class Backend:
                 return f"the backend at {self.client.endpoint} stopped answering"
         return ""
 
-    def log_tail(self, lines: int = 15) -> str:
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self) -> str:
+        return backend_output(self.log_path)
 
     def describe(self) -> dict[str, Any]:
         server = self.client.server or {}
@@ -626,8 +621,12 @@ class Batch:
         def ended(gen: Generation) -> None:
             finished.append((pending.pop(gen.id), gen))
 
-        def top_up() -> None:  # keep `parallel` requests at the server, so that it batches them
-            while todo and len(pending) < self.args.parallel:
+        # keep `parallel` requests at the server, so that it batches them; at most this client's share of its
+        # queue (announced in hello) plus the one it runs
+        parallel = min(self.args.parallel, client.limits.max_client_queue + 1)
+
+        def top_up() -> None:
+            while todo and len(pending) < parallel:
                 row = todo.popleft()
                 try:
                     gen = client.start(row.request, on_progress=lambda g: progress.step(f"step {g.step}/{g.total}"),
@@ -650,6 +649,9 @@ class Batch:
                 todo.clear()
             top_up()  # the server generates the next ones while Blender keys and exports these
             for row, gen in finished:
+                if gen.error is not None and gen.error.code == "busy":  # other clients' turn: try again later
+                    todo.appendleft(row)
+                    continue
                 if gen.error is not None:
                     progress.update(self._fail(row.row, f"backend error ({gen.error.code}): {gen.error.message}"))
                     continue
