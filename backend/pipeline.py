@@ -211,8 +211,9 @@ class MotionPipeline:
 
     @torch.no_grad()
     def _latents(self, prompts: list[str], seeds: list[int], tokens: int, guidance: float, steps: int,
-                 callback: Callable[[int, int], None] | None) -> torch.Tensor:
-        """DDIM in latent space: one noise tensor per sample from its own seeded generator."""
+                 callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None) -> torch.Tensor | None:
+        """The denoising loop, DDIM in latent space: one noise tensor per sample from its own seeded generator,
+        then a scheduler step per timestep. ``stop()`` is asked before each step; True ends it (None)."""
         c = self.vae.latent_dim
         noise = torch.stack([torch.randn(tokens, c, generator=torch.Generator().manual_seed(s)) for s in seeds])
         text = self.text_encoder(prompts)
@@ -229,34 +230,49 @@ class MotionPipeline:
             cond, uncond = self.denoiser(x.repeat(2, 1, 1), t.repeat(2), *args).chunk(2)
             return uncond + guidance * (cond - uncond)
 
-        z = self.diffusion.ddim_sample(model_fn, noise.to(self.device), steps=steps, callback=callback)
-        return z / self.latent_scale
+        x = noise.to(self.device)
+        timesteps = self.diffusion.ddim_timesteps(steps)
+        for i, t in enumerate(timesteps):
+            if stop is not None and stop():
+                return None
+            output = model_fn(x, torch.full((len(x),), t, dtype=torch.long, device=self.device))
+            x = self.diffusion.ddim_step(output, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+        return x / self.latent_scale
 
     def stream(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
                seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,
-               **fields: object) -> Iterator[tuple[int, int, Motion]]:
+               stop: Callable[[], bool] | None = None, **fields: object) -> Iterator[tuple[int, int, Motion]]:
         """Yield (sample_index, start_frame, chunk) as the VAE decodes the latent window by window.
 
         Takes what ``requests`` takes. Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of
-        a prompt uses seed + k. ``callback(step, total)`` runs after every denoising step; an exception it
-        raises propagates. Arguments are checked at the call, before the first chunk is asked for.
+        a prompt uses seed + k. ``callback(step, total)`` runs after every denoising step; ``stop()`` is asked
+        before every step and window, and True ends the stream early (how a server cancels: no exception).
+        Arguments are checked at the call, before the first chunk is asked for.
         """
         requests = self.requests(prompt, seed, **fields)
         first = requests[0]
         prompts = [r.prompt for r in requests for _ in range(first.samples)]
         seeds = [r.seed + k for r in requests for k in range(first.samples)]
-        return self._stream(prompts, seeds, first.frames(self.fps), float(first.guidance), first.steps, callback)
+        return self._stream(prompts, seeds, first.frames(self.fps), float(first.guidance), first.steps, callback,
+                            stop)
 
     @torch.no_grad()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
-                callback: Callable[[int, int], None] | None) -> Iterator[tuple[int, int, Motion]]:
+                callback: Callable[[int, int], None] | None,
+                stop: Callable[[], bool] | None) -> Iterator[tuple[int, int, Motion]]:
         threads = self.cpu_threads if self.device.type == "cpu" else None
         with torch_threads(threads):
-            z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback)
+            z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback, stop)
+        if z is None:
+            return
         decoded: list[list[np.ndarray]] = [[] for _ in prompts]
         windows = self.vae.windows(z.shape[1])
         done = 0
         while done < len(windows):
+            if stop is not None and stop():
+                return
             # A chunk is one decode window, then as many windows as were yielded before it (1, 1, 2, 4, ...):
             # the first frames come at once, and recomputing the prefix stays linear in the length overall.
             group = windows[done: done + max(1, done)]

@@ -68,10 +68,6 @@ SEND_BUFFER = 256 * 1024  # bytes of kernel send buffer per connection (SO_SNDBU
 LOG_BYTES, LOG_FILES = 1_000_000, 3  # --log-file rotates at this size and keeps this many old files
 
 
-class Cancelled(Exception):
-    """Raised from the pipeline callback when every request of a batch has been cancelled."""
-
-
 @dataclass(eq=False)
 class Job:
     """One accepted ``generate`` request."""
@@ -507,38 +503,35 @@ class Server:
         emit("failed", batch, job, f"generation failed: {type(exc).__name__}: {exc}")
 
     def _generate(self, batch: Batch, jobs: list[Job], emit: Any) -> None:
-        """Denoise and stream ``jobs`` (compatible requests of ``batch``) as one pass; exceptions propagate."""
-        first = jobs[0].request
+        """Denoise and stream ``jobs`` (compatible requests of ``batch``) as one pass; exceptions propagate.
+        Cancels are local checks: the pipeline asks ``all_cancelled`` before each step and window."""
 
-        def check_cancel() -> None:
+        def all_cancelled() -> bool:
             for job in jobs:
                 if job.cancel_requested and not job.cancel_reported:
                     job.cancel_reported = True
                     emit("cancelled", batch, job, batch.step)
-            if all(job.cancel_requested for job in jobs):
-                raise Cancelled
+            return all(job.cancel_requested for job in jobs)
 
-        def callback(step: int, total: int) -> None:
+        def progress(step: int, total: int) -> None:
             batch.step = step
             emit("progress", batch, jobs, step, total)
-            check_cancel()
 
         batch.started = time.perf_counter()
         frames = 0
-        try:
-            check_cancel()
-            stream = self.pipe.stream([job.request for job in jobs], callback=callback)
-            for index, start, chunk in stream:
-                check_cancel()
-                job, sample = jobs[index // first.samples], index % first.samples
-                if not job.cancel_requested:
-                    batch.streamed = True
-                    emit("frames", batch, job, sample, start, pack_motion(chunk.root_translation, chunk.rotations))
-                if index == 0:
-                    frames = max(frames, start + len(chunk.root_translation))
-        except Cancelled:
-            return  # every job already got its own 'cancelled' error
-        emit("done", batch, jobs, frames, time.perf_counter() - batch.started)
+        samples = jobs[0].request.samples
+        if all_cancelled():
+            return
+        for index, start, chunk in self.pipe.stream([job.request for job in jobs], callback=progress,
+                                                    stop=all_cancelled):
+            job, sample = jobs[index // samples], index % samples
+            if not job.cancel_requested:
+                batch.streamed = True
+                emit("frames", batch, job, sample, start, pack_motion(chunk.root_translation, chunk.rotations))
+            if index == 0:
+                frames = max(frames, start + len(chunk.root_translation))
+        if not all_cancelled():  # a stream that stopped early: every job already got its own 'cancelled'
+            emit("done", batch, jobs, frames, time.perf_counter() - batch.started)
 
 
 def _skeleton_json() -> dict[str, Any]:

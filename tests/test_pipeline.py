@@ -250,3 +250,14 @@ def test_a_generate_request_is_the_same_as_its_fields(pipe):
     assert pipe("a person waves", steps=1).frames == GenerateRequest("x").frames(pipe.fps) == 80  # default 4 s
     with pytest.raises(ValueError, match="must share seconds"):
         pipe([request, GenerateRequest("a person sits", seconds=2.0, steps=3)])
+
+
+def test_stop_ends_the_stream_between_steps_without_an_exception(pipe):
+    steps: list[int] = []
+    chunks = list(pipe.stream("a person walks", seconds=1.0, steps=7, callback=lambda s, n: steps.append(s),
+                              stop=lambda: len(steps) >= 3))
+    assert chunks == [] and steps == [1, 2, 3]
+    starts: list[int] = []
+    for _, start, _ in pipe.stream("a person walks", seconds=20.0, steps=2, stop=lambda: len(starts) >= 1):
+        starts.append(start)
+    assert starts == [0] and len(list(pipe.stream("a person walks", seconds=20.0, steps=2))) > 1
