@@ -486,6 +486,8 @@ def peak_rss(pid: int) -> int:
 
 
 def test_d1_a_message_of_many_frames_is_answered_and_never_joined(pipe):
+    """ZeroMQ delivers a multipart message whole, so the transport holds one in-flight message (its size); the
+    server must add nothing to that (no copy, no join) and answer it with its id and why."""
     proc, endpoint = _start("--bind", "tcp://127.0.0.1:*")
     try:
         with MotionClient(endpoint, timeout=30) as c:
@@ -498,7 +500,7 @@ def test_d1_a_message_of_many_frames_is_answered_and_never_joined(pipe):
         grown = peak_rss(proc.pid) - before
         assert error.type == "error" and error["code"] == "bad_request" and error.id == "big-1", error.header
         assert "50 frames" in error["message"], error["message"]
-        assert grown < 1.5 * 49 * len(chunk), f"the server grew by {grown / 2**20:.0f} MiB for a 196 MiB message"
+        assert grown < 1.25 * 49 * len(chunk), f"the server grew by {grown / 2**20:.0f} MiB for a 196 MiB message"
         assert_serves(endpoint, pipe)
     finally:
         proc.kill()
