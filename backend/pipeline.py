@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from torch import nn
 
 from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
+from backend.config import ModelConfig
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -91,26 +92,27 @@ class MotionPipeline:
 
     def __init__(self, config: dict, vae: MotionVAE, denoiser: nn.Module, text_encoder: TextEncoder,
                  mean: np.ndarray, std: np.ndarray, device: torch.device, source: str):
+        typed = ModelConfig.from_dict(config, source)
         self.config = config
         self.device = device
         self.vae = vae.to(device).eval()
         self.denoiser = denoiser.to(device).eval()
         self.text_encoder = text_encoder.to(device).eval()
-        self.diffusion = Diffusion.from_config(config["diffusion"])
-        self.latent_scale = float(config.get("latent_scale", 1.0))
+        self.diffusion = Diffusion(**asdict(typed.diffusion))
+        self.latent_scale = typed.latent_scale or 1.0
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
-        self.fps = int(config["fps"])
-        self.max_seconds = float(config["max_seconds"])
+        self.fps = typed.fps
+        self.max_seconds = typed.max_seconds
         self.source = source
         # Torch threads while generating on the CPU. Every op here is small (a few thousand values), so more
         # threads gain nothing, and on a busy machine they wait on each other: measured on 2 shared cores,
         # 10 s of motion took 1.3 s with 1 thread and 22-80 s with 2. None leaves torch's setting alone.
-        self.cpu_threads: int | None = int(config.get("cpu_threads", 1))
+        self.cpu_threads = typed.cpu_threads
 
     @classmethod
     def _build(cls, config: dict, source: str) -> MotionPipeline:
-        text = config.get("text_encoder", {})
-        encoder = TextEncoder(text.get("path"), max_length=int(text.get("max_length", 32)))
+        text = ModelConfig.from_dict(config, source).text_encoder
+        encoder = TextEncoder(text.path, max_length=text.max_length)
         vae = MotionVAE.from_config(config)
         denoiser = build_denoiser(config["denoiser"], vae.latent_dim, encoder.dim)
         d = int(config["feature_dim"])
