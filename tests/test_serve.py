@@ -648,7 +648,7 @@ def test_d9_clients_take_turns_and_one_client_cannot_fill_the_queue(pipe):
             MotionClient(srv.endpoint, timeout=20) as b:
         hello = a.hello()
         assert hello["limits"]["max_client_queue"] == 2 and hello["limits"]["max_cost"] > 0
-        first = a.submit(PROMPT, seconds=1.0, steps=40)
+        first = a.submit(PROMPT, seconds=1.0, steps=200)  # runs while the others queue up
         wait_for(a, first, "progress")
         flood = [a.submit(PROMPT, seconds=1.0, seed=i, steps=3) for i in range(4)]
         answers = collect_all(a, flood[2:])  # past this client's share of 2
