@@ -32,6 +32,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -500,7 +501,7 @@ class Server:
     def _failed(batch: Batch, job: Job, exc: Exception, emit: Any) -> None:
         log.error("generation failed for request %s: %s", job.id, truncate(f"{type(exc).__name__}: {exc}"),
                   exc_info=exc)
-        emit("failed", batch, job, f"generation failed: {type(exc).__name__}: {exc}")
+        emit("failed", batch, job, f"generation failed: {type(exc).__name__}: {without_folders(str(exc))}")
 
     def _generate(self, batch: Batch, jobs: list[Job], emit: Any) -> None:
         """Denoise and stream ``jobs`` (compatible requests of ``batch``) as one pass; exceptions propagate.
@@ -532,6 +533,14 @@ class Server:
                 frames = max(frames, start + len(chunk.root_translation))
         if not all_cancelled():  # a stream that stopped early: every job already got its own 'cancelled'
             emit("done", batch, jobs, frames, time.perf_counter() - batch.started)
+
+
+_FOLDERS = re.compile(r"(?<![\w.:/])(?:/|[A-Za-z]:[\\/])(?:[^\s'\"/\\]+[/\\])*")
+
+
+def without_folders(text: str) -> str:
+    """``text`` with the folders of every absolute path left out (replies never show the server's paths)."""
+    return _FOLDERS.sub("", text)
 
 
 def _skeleton_json() -> dict[str, Any]:

@@ -518,7 +518,7 @@ class FailingPipeline:
 
     def stream(self, requests, **options):
         if any(r.prompt == "explode" for r in requests):
-            raise RuntimeError("the model cannot take this prompt")
+            raise RuntimeError(f"the model cannot take this prompt (see {ROOT / 'backend' / 'cannot.txt'})")
         return self._pipe.stream(requests, **options)
 
 
@@ -546,7 +546,8 @@ def test_d2_a_bad_request_never_fails_the_requests_batched_with_it(pipe, bad):
     if bad == "lone surrogate":
         assert (error["code"], error.id) == ("bad_request", "bad-2") and "lone surrogate" in error["message"]
     else:
-        assert (error["code"], error.id) == ("internal", "bad-2") and "cannot take" in error["message"]
+        assert (error["code"], error.id) == ("internal", "bad-2"), error.header
+        assert error["message"].endswith("the model cannot take this prompt (see cannot.txt)"), error["message"]
 
 
 def test_d3_keygen_creates_private_folders_and_secrets(tmp_path):
