@@ -1,20 +1,24 @@
-"""The wire between Blender (or any client) and the generation backend: schema, framing, validation, client.
+"""The wire between Blender (or any client) and the generation backend: schema, framing, validation.
 
-This module is the one place the protocol lives. It imports only the standard library, numpy and pyzmq, so
-Blender's Python, the batch tool and the backend all use it.
+This module is the one place the protocol lives (the client is ``addon.client``). It imports only the standard
+library, numpy and pyzmq, so Blender's Python, the batch tool and the backend all use it.
 
 Framing: every message is a ZeroMQ multipart. Frame 0 is a UTF-8 JSON object (the header) with ``type``,
 ``id`` and ``version``; ``frames`` replies add frame 1, raw little-endian float32 data whose ``shape`` and
 ``dtype`` the header gives. Nothing is ever pickled.
 
 Requests (client -> server)             Replies (server -> client, same ``id``)
-  hello                                   hello {model, device, fps, skeleton, limits}
-  generate {prompt, seconds, seed,        accepted {queue}, progress {step, total}*,
-            guidance, steps, samples}     frames {sample, start, count, shape, dtype}* + data,
+  hello                                   hello {model, device, fps, skeleton, limits, defaults}
+  generate {prompt[, seconds, seed,       accepted {queue}, progress {step, total}*,
+            guidance, steps, samples]}    frames {sample, start, count, shape, dtype}* + data,
                                           done {frames, timings}
   cancel   (id = the request to stop)     (the generate stream ends with error {code: "cancelled"})
   ping                                    pong {queued, running}
   anything wrong                          error {code, message[, step, cancel_step]}
+
+A ``generate`` request is a ``GenerateRequest``: only ``prompt`` is required, every other field takes the
+default announced in ``hello`` (``defaults``). Every reply is built by ``reply()``/``error_reply()``, which
+validate it against the schema before it is sent.
 
 A ``frames`` data block is float32 (count, 3 + 4 * J): the root translation (metres, Y up) then one local
 rotation quaternion (w, x, y, z) per joint of the skeleton announced in ``hello``.
@@ -25,12 +29,8 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,9 +51,11 @@ ERROR_CODES = (
     "internal",  # the model failed; the server keeps serving
     "timeout",  # client side: the server went silent
     "disconnected",  # client side: the connection to the server dropped
+    "unauthorized",  # client side: the server refused this client's CurveZMQ keys (or their absence)
 )
 _ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _INT_RANGE = (-(2**53), 2**53)
+MAX_ERROR_CHARS = 300  # error texts (replies and log lines) are cut to this length
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,11 @@ class Limits:
     max_steps: int = 1000
     max_guidance: float = 30.0
     max_seed: int = 2**31 - 1
-    max_message_bytes: int = 4 * 2**20
+    max_message_bytes: int = 4 * 2**20  # one whole message, all its frames together
     max_queue: int = 32
+    max_client_queue: int = 8  # requests one client may have waiting (its share of the queue)
+    max_cost: int = 500_000  # frames x samples x steps of one request (120 s x 20 fps x 200 steps)
+    fps: float = 20.0  # the frame rate ``max_cost`` counts frames at (the server's model's)
 
     def to_json(self) -> dict[str, Any]:
         """The limits as a JSON-able dict (the ``limits`` field of ``hello``)."""
@@ -82,7 +87,79 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-_REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts from a server
+REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts from a server
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The generate request: its fields, their wire kinds, defaults and checks, defined once here.
+_GENERATE_KINDS = {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
+                   "samples": "int"}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What one ``generate`` asks for. Only ``prompt`` is required; the other defaults are the protocol's
+    (announced in ``hello``). ``check(limits)`` raises WireError (a ValueError) naming the first bad field."""
+
+    prompt: str
+    seconds: float = 4.0
+    seed: int = 0
+    guidance: float = 2.5
+    steps: int = 50
+    samples: int = 1
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The optional fields and their defaults (the ``defaults`` field of ``hello``)."""
+        return {name: f.default for name, f in cls.__dataclass_fields__.items() if name != "prompt"}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], limits: Limits | None = None) -> GenerateRequest:
+        """The request a ``generate`` header (or any dict with these keys) holds; missing optional fields take
+        their defaults, other keys are ignored. Checked against ``limits`` when given; raises WireError."""
+        if "prompt" not in header:
+            raise WireError("'generate' is missing field 'prompt'")
+        for name in _GENERATE_KINDS:
+            if name in header:
+                _check_kind(name, header[name], _GENERATE_KINDS[name])
+        request = cls(**{k: header[k] for k in _GENERATE_KINDS if k in header})
+        return request.check(limits) if limits is not None else request
+
+    def to_header(self) -> dict[str, Any]:
+        """The fields as a ``generate`` header's JSON values."""
+        return asdict(self)
+
+    def frames(self, fps: float) -> int:
+        """The motion's length in frames at ``fps`` (at least one)."""
+        return max(1, round(float(self.seconds) * fps))
+
+    def cost(self, fps: float) -> int:
+        """The work this request asks for: frames x samples x denoising steps."""
+        return self.frames(fps) * self.samples * self.steps
+
+    def check(self, limits: Limits = DEFAULT_LIMITS) -> GenerateRequest:
+        """Types, ranges, prompt and cost against ``limits``; returns self or raises WireError."""
+        for name, kind in _GENERATE_KINDS.items():
+            _check_kind(name, getattr(self, name), kind)
+        prompt = self.prompt
+        if len(prompt) > limits.max_prompt_chars:
+            raise WireError(f"prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
+        if not prompt.strip():
+            raise WireError("prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise WireError(f"prompt is not valid Unicode text: a lone surrogate at character {exc.start}") from None
+        _check_range("seconds", self.seconds, limits.min_seconds, limits.max_seconds)
+        _check_range("seed", self.seed, 0, limits.max_seed)
+        _check_range("guidance", self.guidance, 0.0, limits.max_guidance)
+        _check_range("steps", self.steps, 1, limits.max_steps)
+        _check_range("samples", self.samples, 1, limits.max_samples)
+        cost = self.cost(limits.fps)
+        if cost > limits.max_cost:
+            raise WireError(f"the request costs {cost} frame-steps ({self.frames(limits.fps)} frames x "
+                            f"{self.samples} samples x {self.steps} steps); the limit is {limits.max_cost}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,17 +167,13 @@ _REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts fr
 # Kinds: "str", "int" (not bool), "number" (int or float, finite), "object", "list".
 _REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
     "hello": ({}, frozenset()),
-    "generate": (
-        {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
-         "samples": "int"},
-        frozenset(),
-    ),
+    "generate": (_GENERATE_KINDS, frozenset(_GENERATE_KINDS) - {"prompt"}),
     "cancel": ({}, frozenset()),
     "ping": ({}, frozenset()),
 }
 _REPLIES: dict[str, tuple[dict[str, str], frozenset[str]]] = {
-    "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object"},
-              frozenset()),
+    "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object",
+               "defaults": "object"}, frozenset({"defaults"})),  # older servers announce no defaults
     "accepted": ({"queue": "int"}, frozenset()),
     "progress": ({"step": "int", "total": "int"}, frozenset()),
     "frames": ({"sample": "int", "start": "int", "count": "int", "shape": "list", "dtype": "str"},
@@ -117,7 +190,7 @@ class WireError(ValueError):
     """A message that breaks the protocol; ``code`` is the error code to answer with."""
 
     def __init__(self, message: str, code: str = "bad_request", request_id: str | None = None):
-        super().__init__(message)
+        super().__init__(truncate(message))
         self.code = code
         self.request_id = request_id
 
@@ -155,10 +228,10 @@ def _check_kind(name: str, value: Any, kind: str) -> None:
     if not ok:
         raise WireError(f"field '{name}' must be {_KIND_WORDS[kind]}, "
                         f"got {type(value).__name__} {_short(value)}")
+    if kind in ("int", "number") and isinstance(value, int) and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        raise WireError(f"field '{name}' is out of range: {_short(value)}")
     if kind == "number" and not math.isfinite(value):
         raise WireError(f"field '{name}' must be a finite number, got {value}")
-    if kind == "int" and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
-        raise WireError(f"field '{name}' is out of range: {_short(value)}")
 
 
 _KIND_WORDS = {"str": "a string", "int": "an integer", "number": "a number", "object": "a JSON object",
@@ -166,27 +239,19 @@ _KIND_WORDS = {"str": "a string", "int": "an integer", "number": "a number", "ob
 
 
 def _short(value: Any, n: int = 40) -> str:
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {len(str(abs(value)))} digits" if value.bit_length() < 40_000 else "a huge integer"
+    return truncate(repr(value), n)
+
+
+def truncate(text: str, n: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to at most ``n`` characters (error replies and log lines stay small)."""
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
         raise WireError(f"field '{name}' must be between {lo} and {hi}, got {_short(value)}")
-
-
-def check_generate(header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
-    """Range checks of a ``generate`` request whose field types are already valid; raises WireError."""
-    prompt = header["prompt"]
-    if len(prompt) > limits.max_prompt_chars:
-        raise WireError(f"prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
-    if not prompt.strip():
-        raise WireError("prompt is empty")
-    _check_range("seconds", header["seconds"], limits.min_seconds, limits.max_seconds)
-    _check_range("seed", header["seed"], 0, limits.max_seed)
-    _check_range("guidance", header["guidance"], 0.0, limits.max_guidance)
-    _check_range("steps", header["steps"], 1, limits.max_steps)
-    _check_range("samples", header["samples"], 1, limits.max_samples)
 
 
 def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
@@ -217,7 +282,9 @@ def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS
     fields, optional = table[mtype]
     unknown = sorted(set(header) - set(fields) - set(_HEADER_KEYS))
     if unknown:
-        raise WireError(f"unknown field(s) for '{mtype}': {', '.join(unknown)}", request_id=rid)
+        names = ", ".join(_short(name, 30).strip("'") for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise WireError(f"unknown field(s) for '{mtype}': {names}{more}", request_id=rid)
     try:
         for name, kind in fields.items():
             if name not in header:
@@ -226,7 +293,7 @@ def validate_header(header: Any, *, reply: bool, limits: Limits = DEFAULT_LIMITS
                 raise WireError(f"'{mtype}' is missing field '{name}'")
             _check_kind(name, header[name], kind)
         if mtype == "generate" and not reply:
-            check_generate(header, limits)
+            GenerateRequest.from_header(header, limits)
     except WireError as exc:
         exc.request_id = rid
         raise
@@ -249,7 +316,8 @@ def decode(frames: list[bytes], *, reply: bool, limits: Limits = DEFAULT_LIMITS)
         raise WireError("empty message")
     size = sum(len(f) for f in frames)
     if size > limits.max_message_bytes:
-        raise WireError(f"message is {size} bytes; the limit is {limits.max_message_bytes}")
+        raise WireError(f"message is {size} bytes; the limit is {limits.max_message_bytes}",
+                        request_id=sniff_id(frames[0]))
     try:
         header = json.loads(bytes(frames[0]).decode("utf-8"))  # NaN/Infinity: refused by field checks
     except UnicodeDecodeError:
@@ -309,35 +377,51 @@ def request(mtype: str, request_id: str | None = None, limits: Limits = DEFAULT_
     return rid, encode(validate_header(header, reply=False, limits=limits))
 
 
+_SNIFF_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:\-]{1,64})"')
+
+
+def sniff_id(header: bytes) -> str | None:
+    """The request id of a header too large (or too broken) to parse, found without parsing it; or None."""
+    found = _SNIFF_ID.search(header)
+    return found.group(1).decode() if found else None
+
+
+def recv_bounded(sock: zmq.Socket, max_frames: int) -> tuple[list[bytes], int]:
+    """Receive one multipart message a frame at a time, without copying: returns its first ``max_frames``
+    frames (as bytes) and its frame count. Frames past the budget are released as they are read, never
+    copied or joined, so a message of many frames costs the receiver nothing beyond the transport's buffer."""
+    kept: list[bytes] = []
+    count, more = 0, True
+    while more:
+        frame = sock.recv(copy=False)
+        more = frame.more
+        count += 1
+        if count <= max_frames:
+            kept.append(frame.bytes)
+    return kept, count
+
+
+def reply(mtype: str, request_id: str | None, data: np.ndarray | None = None, **fields: Any) -> list[bytes]:
+    """Frames of a reply, checked against the schema before they leave (a wrong field raises WireError)."""
+    frames = encode({"type": mtype, "id": request_id, **fields}, data)
+    decode(frames, reply=True, limits=REPLY_LIMITS)
+    return frames
+
+
 def error_reply(request_id: str | None, code: str, message: str, **extra: int) -> list[bytes]:
-    """Frames of an ``error`` reply."""
-    return encode({"type": "error", "id": request_id, "code": code, "message": message, **extra})
+    """Frames of an ``error`` reply; the message is cut to MAX_ERROR_CHARS."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return reply("error", request_id, code=code, message=truncate(message), **extra)
+
+
+def is_ipv6(endpoint: str) -> bool:
+    """Whether a tcp endpoint names an IPv6 address (``tcp://[::1]:5557``): its socket needs ZMQ_IPV6."""
+    return endpoint.startswith("tcp://[")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Client
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """CurveZMQ keys for a client: the server's public key and this client's key pair (z85 bytes)."""
-
-    server_public: bytes
-    public: bytes
-    secret: bytes
-
-    @classmethod
-    def from_dir(cls, directory: str | Path, client: str = "client") -> CurveKeys:
-        """Keys as written by ``python -m backend.serve keygen DIR``: DIR/server.key and
-        DIR/<client>.key_secret."""
-        import zmq.auth
-
-        directory = Path(directory)
-        server_public, _ = zmq.auth.load_certificate(directory / "server.key")
-        public, secret = zmq.auth.load_certificate(directory / f"{client}.key_secret")
-        if secret is None:
-            raise ValueError(f"{directory / (client + '.key_secret')} holds no secret key")
-        return cls(server_public, public, secret)
+# Reassembly and transport facts a client and the server share
 
 
 @dataclass
@@ -384,236 +468,16 @@ class MotionAssembler:
         return GeneratedMotion(roots, rots, dict(timings or {}))
 
 
-class ServerError(RuntimeError):
-    """The server answered a request with ``error``."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-class MotionClient:
-    """DEALER client of the generation backend.
 
-    Non-blocking use (Blender timers): ``rid = client.submit(prompt, ...)``, then call ``client.poll()`` from
-    a timer; it returns the messages that have arrived (``accepted``, ``progress``, ``frames``, ``done``,
-    ``error``) and never blocks. Blocking use (scripts, tests): ``hello()``, ``ping()``, ``generate()`` (an
-    iterator of messages) and ``generate_motion()`` (the reassembled result).
 
-    Liveness: while requests are in flight, ``poll`` pings the server after ``ping_interval`` seconds of
-    silence; after ``timeout`` seconds without any message, or when the connection drops, every in-flight
-    request ends with a client-side ``error`` (code ``timeout`` / ``disconnected``) and the socket is
-    recreated, so the client keeps working once the server is back (e.g. after a restart).
-    """
+def __getattr__(name: str) -> Any:
+    """The client lives in ``addon.client``; its names stay importable from here for existing callers."""
+    if name in ("CurveKeys", "MotionClient", "ServerError"):
+        from . import client
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 10.0, ping_interval: float = 1.0,
-                 curve: CurveKeys | None = None, context: zmq.Context | None = None):
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.ping_interval = ping_interval
-        self.curve = curve
-        self.limits = DEFAULT_LIMITS
-        self.server: dict[str, Any] | None = None  # the last hello reply (poll() keeps it up to date)
-        self._context = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
-        self._monitor: zmq.Socket | None = None
-        self._inbox: deque[Message] = deque()
-        self._in_flight: dict[str, float] = {}  # generate ids -> submit time
-        self._last_heard = time.monotonic()
-        self._last_ping = 0.0
-        self._keepalive_pings: set[str] = set()
-        self.connect()
-
-    # -- connection -------------------------------------------------------------------------------------
-    def connect(self) -> None:
-        """(Re)create the DEALER socket and connect; stale replies of an old connection are dropped."""
-        self.close()
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, _REPLY_LIMITS.max_message_bytes)
-        if self.curve is not None:
-            sock.curve_serverkey = self.curve.server_public
-            sock.curve_publickey = self.curve.public
-            sock.curve_secretkey = self.curve.secret
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(self.endpoint)
-        self._socket = sock
-        self._last_heard = time.monotonic()
-
-    def close(self) -> None:
-        """Close the socket (pending requests are forgotten)."""
-        if self._socket is not None:
-            self._socket.disable_monitor()
-            self._socket.close(linger=0)
-            self._monitor.close(linger=0)
-            self._socket = self._monitor = None
-        self._inbox.clear()
-        self._in_flight.clear()
-
-    def __enter__(self) -> MotionClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- sending ----------------------------------------------------------------------------------------
-    def _send(self, frames: list[bytes]) -> None:
-        size = sum(len(f) for f in frames)
-        if size > self.limits.max_message_bytes:
-            raise ValueError(f"message is {size} bytes; the server accepts at most "
-                             f"{self.limits.max_message_bytes}")
-        try:
-            self._socket.send_multipart(frames)
-        except zmq.Again:
-            raise ConnectionError(f"could not send to {self.endpoint} within {self.timeout} s") from None
-
-    def submit(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5, steps: int = 50,
-               samples: int = 1, request_id: str | None = None) -> str:
-        """Send a ``generate`` request without waiting; returns its id. Bad arguments raise ValueError."""
-        rid, frames = request("generate", request_id, self.limits, prompt=prompt, seconds=seconds, seed=seed,
-                              guidance=guidance, steps=steps, samples=samples)
-        if not self._in_flight:  # the silence clock and old connection events start over
-            self._last_heard = time.monotonic()
-            self._connection_dropped()
-        self._send(frames)
-        self._in_flight[rid] = time.monotonic()
-        return rid
-
-    def cancel(self, request_id: str) -> None:
-        """Ask the server to stop a request; its stream then ends with ``error`` code ``cancelled``."""
-        self._send(request("cancel", request_id)[1])
-
-    # -- receiving --------------------------------------------------------------------------------------
-    def poll(self, timeout: float = 0.0) -> list[Message]:
-        """Messages that have arrived (waiting at most ``timeout`` seconds for the first); never raises on
-        server trouble: in-flight requests end with a client-side ``error`` message instead."""
-        out = list(self._inbox)
-        self._inbox.clear()
-        if not out:
-            self._socket.poll(int(timeout * 1000), zmq.POLLIN)
-        while self._socket.poll(0, zmq.POLLIN):
-            frames = self._socket.recv_multipart()
-            self._last_heard = time.monotonic()
-            try:
-                message = decode(frames, reply=True, limits=_REPLY_LIMITS)
-            except WireError as exc:  # a broken reply: fail the request it names, if any
-                if exc.request_id is None:
-                    continue
-                message = Message({"type": "error", "id": exc.request_id, "version": PROTOCOL_VERSION,
-                                   "code": "bad_request", "message": f"unreadable reply: {exc}"})
-            if message.type in ("done", "error"):
-                self._in_flight.pop(message.id, None)
-            if message.type == "hello":  # also when hello() gave up waiting: the reply still counts
-                self.server = message.header
-                self.limits = Limits.from_json(message["limits"])
-            if message.type == "pong" and message.id in self._keepalive_pings:
-                self._keepalive_pings.discard(message.id)
-                continue
-            out.append(message)
-        out.extend(self._liveness())
-        return out
-
-    def _connection_dropped(self) -> bool:
-        """Whether the connection dropped since the last call (drains the socket monitor)."""
-        dropped = False
-        while self._monitor.poll(0, zmq.POLLIN):
-            self._monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
-            dropped = True
-        return dropped
-
-    def _liveness(self) -> list[Message]:
-        """Client-side errors for in-flight requests when the connection dropped or the server went silent."""
-        dropped = self._connection_dropped()
-        now = time.monotonic()
-        silent = now - self._last_heard
-        if not self._in_flight:
-            return []
-        if dropped or silent > self.timeout:
-            code = "disconnected" if dropped else "timeout"
-            text = (f"lost the connection to {self.endpoint}" if dropped
-                    else f"no reply from {self.endpoint} for {silent:.1f} s")
-            failed = [Message({"type": "error", "id": rid, "version": PROTOCOL_VERSION, "code": code,
-                               "message": text}) for rid in self._in_flight]
-            self.connect()
-            return failed
-        if silent > self.ping_interval and now - self._last_ping > self.ping_interval:
-            self._last_ping = now
-            rid, frames = request("ping")
-            self._keepalive_pings.add(rid)
-            self._send(frames)
-        return []
-
-    def _wait_for(self, request_id: str, types: tuple[str, ...], timeout: float | None) -> Message:
-        """Block until the reply ``types`` (or an error) for ``request_id`` arrives; others stay queued."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        kept: list[Message] = []
-        try:
-            while True:
-                for message in self.poll(timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
-                    if message.id == request_id and message.type in (*types, "error"):
-                        if message.type == "error":
-                            raise ServerError(message["code"], message["message"])
-                        return message
-                    kept.append(message)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no '{types[0]}' reply from {self.endpoint} within "
-                                       f"{self.timeout if timeout is None else timeout} s")
-        finally:
-            self._inbox.extend(kept)
-
-    def hello(self, timeout: float | None = None) -> dict[str, Any]:
-        """Ask the server who it is; returns the ``hello`` reply (model, device, fps, skeleton, limits)."""
-        rid, frames = request("hello")
-        self._send(frames)
-        return self._wait_for(rid, ("hello",), timeout).header  # poll() stored it in .server and .limits
-
-    def ping(self, timeout: float | None = None) -> dict[str, Any]:
-        """The server's state: ``{"queued": waiting requests, "running": requests being generated,
-        "rtt_s": round-trip time in seconds}``."""
-        rid, frames = request("ping")
-        start = time.monotonic()
-        self._send(frames)
-        pong = self._wait_for(rid, ("pong",), timeout)
-        return {"queued": pong["queued"], "running": pong["running"], "rtt_s": time.monotonic() - start}
-
-    def generate(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
-                 steps: int = 50, samples: int = 1,
-                 on_message: Callable[[Message], None] | None = None) -> Iterator[Message]:
-        """Submit a request and yield its messages up to and including ``done``; an ``error`` reply raises
-        ServerError (after being passed to ``on_message``). Closing the iterator early cancels the request."""
-        rid = self.submit(prompt, seconds, seed, guidance, steps, samples)
-        finished = False
-        kept: list[Message] = []
-        try:
-            while not finished:
-                for message in self.poll(timeout=0.05):
-                    if message.id != rid or message.type in ("hello", "pong"):
-                        kept.append(message)
-                        continue
-                    if on_message is not None:
-                        on_message(message)
-                    if message.type == "error":
-                        finished = True
-                        raise ServerError(message["code"], message["message"])
-                    finished = message.type == "done"
-                    yield message
-        finally:
-            self._inbox.extend(kept)
-            if not finished and rid in self._in_flight:
-                self._in_flight.pop(rid, None)
-                self.cancel(rid)
-
-    def generate_motion(self, prompt: str, seconds: float = 4.0, seed: int = 0, guidance: float = 2.5,
-                        steps: int = 50, samples: int = 1,
-                        on_message: Callable[[Message], None] | None = None) -> GeneratedMotion:
-        """Generate and reassemble the whole motion (all samples); raises ServerError / WireError."""
-        assembler = MotionAssembler()
-        for message in self.generate(prompt, seconds, seed, guidance, steps, samples, on_message):
-            if message.type == "frames":
-                assembler.add(message)
-            elif message.type == "done":
-                return assembler.result(message["frames"], message["timings"])
-        raise WireError("the stream ended without 'done'")
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from backend.config import ModelConfig
+
 FORMAT = "motion-mamba/1"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
@@ -88,6 +90,7 @@ def load_config(folder: str | Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{folder} is not a Motion Mamba checkpoint (config.json format is "
                          f"{config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
+    ModelConfig.from_dict(config, str(path))  # every key known and typed, or a ValueError naming it
     return config
 
 
@@ -140,6 +143,7 @@ def read_config_file(name_or_path: str | Path) -> dict:
             name_or_path = path.parent / name_or_path  # a relative base file sits beside the config naming it
         config = own | config
     config["format"] = FORMAT
+    ModelConfig.from_dict(config, str(seen[0]))  # every key known and typed, or a ValueError naming it
     return config
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from addon.wire import GenerateRequest
 from backend.pipeline import Motion, MotionPipeline
 
 FORMATS = (".npz", ".bvh", ".gif", ".png")
@@ -44,11 +45,13 @@ def save_motion(motion: Motion, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.generate", description=__doc__.splitlines()[0])
+    defaults = GenerateRequest.defaults()  # the protocol's defaults, the same in the add-on and the server
     parser.add_argument("prompt", help="what the character does, e.g. 'a person walks forward and waves'")
-    parser.add_argument("--seconds", type=float, default=6.0, help="duration (default 6)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance scale")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--seconds", type=float, default=defaults["seconds"], help="duration (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"])
+    parser.add_argument("--guidance", type=float, default=defaults["guidance"],
+                        help="classifier-free guidance scale (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults["steps"], help="DDIM steps (default %(default)s)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: backend/weights/default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", required=True, help=f"output file ({', '.join(FORMATS)})")
@@ -59,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             if target and Path(target).suffix.lower() not in FORMATS:
                 raise ValueError(f"unsupported output {target!r}: use one of {', '.join(FORMATS)}")
         t0 = time.perf_counter()
+        request = GenerateRequest(args.prompt, seconds=args.seconds, seed=args.seed, guidance=args.guidance,
+                                  steps=args.steps)
         pipe = MotionPipeline.from_checkpoint(args.checkpoint, device=args.device)
         t1 = time.perf_counter()
-        motion = pipe(args.prompt, seconds=args.seconds, seed=args.seed, guidance=args.guidance, steps=args.steps)
+        motion = pipe(request)
         t2 = time.perf_counter()
         written = [save_motion(motion, args.out)]
         if args.preview:
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = pipe.describe()
     print(f"{motion.frames} frames ({motion.seconds:.2f} s at {motion.fps} fps) of {args.prompt!r}, seed "
-          f"{args.seed}, {args.steps} steps, guidance {args.guidance}: generated in {t2 - t1:.2f} s on "
+          f"{request.seed}, {request.steps} steps, guidance {request.guidance}: generated in {t2 - t1:.2f} s on "
           f"{info['device']} (model {info['model']}, loaded in {t1 - t0:.2f} s)")
     for path in written:
         print(f"wrote {path}")

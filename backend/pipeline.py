@@ -2,24 +2,29 @@
 
     pipe = MotionPipeline.from_checkpoint()              # backend/weights/default, or a run folder
     motion = pipe("a person walks forward", seconds=10.0, seed=0)
+    motion = pipe(GenerateRequest("a person walks forward", seconds=10.0))   # the same, as the wire's type
     for sample, start, chunk in pipe.stream(...):        # frames window by window, as the VAE decodes
         ...
+
+Fields, their defaults and the prompt checks are ``addon.wire.GenerateRequest``'s; the pipeline adds only its
+model's limits (``MotionPipeline.limits``: length, steps, batch size).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
+from backend.config import ModelConfig
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -27,8 +32,7 @@ from backend.models.vae import DOWNSAMPLE, MotionVAE
 from backend.motion import features_to_positions, features_to_rotations
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
-MAX_PROMPT_CHARS = 1000
-MAX_SAMPLES = 64
+MAX_SAMPLES = 64  # samples per prompt in one call
 
 
 @dataclass
@@ -88,26 +92,27 @@ class MotionPipeline:
 
     def __init__(self, config: dict, vae: MotionVAE, denoiser: nn.Module, text_encoder: TextEncoder,
                  mean: np.ndarray, std: np.ndarray, device: torch.device, source: str):
+        typed = ModelConfig.from_dict(config, source)
         self.config = config
         self.device = device
         self.vae = vae.to(device).eval()
         self.denoiser = denoiser.to(device).eval()
         self.text_encoder = text_encoder.to(device).eval()
-        self.diffusion = Diffusion.from_config(config["diffusion"])
-        self.latent_scale = float(config.get("latent_scale", 1.0))
+        self.diffusion = Diffusion(**asdict(typed.diffusion))
+        self.latent_scale = typed.latent_scale or 1.0
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
-        self.fps = int(config["fps"])
-        self.max_seconds = float(config["max_seconds"])
+        self.fps = typed.fps
+        self.max_seconds = typed.max_seconds
         self.source = source
         # Torch threads while generating on the CPU. Every op here is small (a few thousand values), so more
         # threads gain nothing, and on a busy machine they wait on each other: measured on 2 shared cores,
         # 10 s of motion took 1.3 s with 1 thread and 22-80 s with 2. None leaves torch's setting alone.
-        self.cpu_threads: int | None = int(config.get("cpu_threads", 1))
+        self.cpu_threads = typed.cpu_threads
 
     @classmethod
     def _build(cls, config: dict, source: str) -> MotionPipeline:
-        text = config.get("text_encoder", {})
-        encoder = TextEncoder(text.get("path"), max_length=int(text.get("max_length", 32)))
+        text = ModelConfig.from_dict(config, source).text_encoder
+        encoder = TextEncoder(text.path, max_length=text.max_length)
         vae = MotionVAE.from_config(config)
         denoiser = build_denoiser(config["denoiser"], vae.latent_dim, encoder.dim)
         d = int(config["feature_dim"])
@@ -158,7 +163,7 @@ class MotionPipeline:
         return {
             "model": self.config.get("name", "unnamed"),
             "arch": self.config["denoiser"]["arch"],
-            "source": self.source,
+            "source": Path(self.source).name,  # the folder's name: replies carry no absolute path
             "device": str(self.device),
             "fps": self.fps,
             "max_seconds": self.max_seconds,
@@ -170,49 +175,47 @@ class MotionPipeline:
 
     # --- generation ---------------------------------------------------------------------------------
 
-    def _requests(self, prompt: str | Sequence[str], seconds: float, seed: int | Sequence[int], guidance: float,
-                  steps: int, samples: int) -> tuple[list[str], list[int], int]:
-        """Validate the arguments; return (prompt per sample, seed per sample, frames)."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts:
+    @property
+    def limits(self) -> Limits:
+        """What this model takes: the protocol's limits with the model's own length, steps and samples; one
+        frame at least; no cost cap in process (a server sets its own)."""
+        return Limits(min_seconds=0.5 / self.fps, max_seconds=self.max_seconds,
+                      max_steps=self.diffusion.num_timesteps, max_samples=MAX_SAMPLES, max_seed=2**53 - MAX_SAMPLES,
+                      max_cost=2**62, fps=float(self.fps))
+
+    def requests(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+                 seed: int | Sequence[int] | None = None, **fields: object) -> list[GenerateRequest]:
+        """Checked requests, one per prompt: GenerateRequests as given, or built from prompts, ``seed`` (one, or
+        one per prompt) and the other fields (defaults: GenerateRequest's). Requests generated together must
+        agree on everything but prompt and seed. Bad arguments raise ValueError (WireError) or TypeError."""
+        items = [prompt] if isinstance(prompt, (str, GenerateRequest)) else prompt
+        if not isinstance(items, (list, tuple)) or not items:
             raise TypeError("prompt must be a non-empty string or a non-empty list of strings")
-        for p in prompts:
-            if not isinstance(p, str):
-                raise TypeError(f"every prompt must be a string, got {type(p).__name__}")
-            if not p.strip():
-                raise ValueError("prompt is empty: describe the motion, e.g. 'a person walks forward'")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
-        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
-            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
-        if not math.isfinite(seconds) or seconds <= 0 or seconds > self.max_seconds:
-            raise ValueError(f"seconds must be > 0 and <= {self.max_seconds:g}, got {seconds}")
-        frames = round(float(seconds) * self.fps)
-        if frames < 1:
-            raise ValueError(f"seconds={seconds} is shorter than one frame (1/{self.fps} s)")
-        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) \
-                or not 1 <= steps <= self.diffusion.num_timesteps:
-            raise ValueError(f"steps must be an integer in 1..{self.diffusion.num_timesteps}, got {steps!r}")
-        if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) \
-                or not 1 <= samples <= MAX_SAMPLES:
-            raise ValueError(f"samples must be an integer in 1..{MAX_SAMPLES}, got {samples!r}")
-        seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else seed
-        if not isinstance(seeds, (list, tuple)) or len(seeds) != len(prompts):
+        seeds = [seed] * len(items) if seed is None or isinstance(seed, numbers.Integral) else seed
+        if not isinstance(seeds, (list, tuple)) or len(seeds) != len(items):
             raise TypeError("seed must be an int or a list of ints, one per prompt")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**63 - MAX_SAMPLES:
-                raise ValueError(f"seed must be a non-negative integer, got {s!r}")
-        flat_prompts = [p for p in prompts for _ in range(samples)]
-        flat_seeds = [int(s) + k for s in seeds for k in range(samples)]
-        return flat_prompts, flat_seeds, frames
+        out = []
+        for item, s in zip(items, seeds):
+            if isinstance(item, GenerateRequest):
+                if s is not None or fields:
+                    raise TypeError("give GenerateRequests or prompts with fields, not both")
+                out.append(item.check(self.limits))
+                continue
+            if not isinstance(item, str):
+                raise TypeError(f"every prompt must be a string, got {type(item).__name__}")
+            if s is not None:
+                fields["seed"] = int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
+            out.append(GenerateRequest(item, **fields).check(self.limits))
+        shared = {(r.seconds, r.guidance, r.steps, r.samples) for r in out}
+        if len(shared) > 1:
+            raise ValueError("requests generated together must share seconds, guidance, steps and samples")
+        return out
 
     @torch.no_grad()
     def _latents(self, prompts: list[str], seeds: list[int], tokens: int, guidance: float, steps: int,
-                 callback: Callable[[int, int], None] | None) -> torch.Tensor:
-        """DDIM in latent space: one noise tensor per sample from its own seeded generator."""
+                 callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None) -> torch.Tensor | None:
+        """The denoising loop, DDIM in latent space: one noise tensor per sample from its own seeded generator,
+        then a scheduler step per timestep. ``stop()`` is asked before each step; True ends it (None)."""
         c = self.vae.latent_dim
         noise = torch.stack([torch.randn(tokens, c, generator=torch.Generator().manual_seed(s)) for s in seeds])
         text = self.text_encoder(prompts)
@@ -229,31 +232,49 @@ class MotionPipeline:
             cond, uncond = self.denoiser(x.repeat(2, 1, 1), t.repeat(2), *args).chunk(2)
             return uncond + guidance * (cond - uncond)
 
-        z = self.diffusion.ddim_sample(model_fn, noise.to(self.device), steps=steps, callback=callback)
-        return z / self.latent_scale
+        x = noise.to(self.device)
+        timesteps = self.diffusion.ddim_timesteps(steps)
+        for i, t in enumerate(timesteps):
+            if stop is not None and stop():
+                return None
+            output = model_fn(x, torch.full((len(x),), t, dtype=torch.long, device=self.device))
+            x = self.diffusion.ddim_step(output, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+        return x / self.latent_scale
 
-    def stream(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
-               guidance: float = 2.5, steps: int = 50, samples: int = 1,
-               callback: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, Motion]]:
+    def stream(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+               seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,
+               stop: Callable[[], bool] | None = None, **fields: object) -> Iterator[tuple[int, int, Motion]]:
         """Yield (sample_index, start_frame, chunk) as the VAE decodes the latent window by window.
 
-        Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of a prompt uses seed + k.
-        ``callback(step, total)`` runs after every denoising step; an exception it raises propagates.
-        Arguments are checked at the call (ValueError / TypeError), before the first chunk is asked for.
+        Takes what ``requests`` takes. Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of
+        a prompt uses seed + k. ``callback(step, total)`` runs after every denoising step; ``stop()`` is asked
+        before every step and window, and True ends the stream early (how a server cancels: no exception).
+        Arguments are checked at the call, before the first chunk is asked for.
         """
-        prompts, seeds, frames = self._requests(prompt, seconds, seed, guidance, steps, samples)
-        return self._stream(prompts, seeds, frames, float(guidance), int(steps), callback)
+        requests = self.requests(prompt, seed, **fields)
+        first = requests[0]
+        prompts = [r.prompt for r in requests for _ in range(first.samples)]
+        seeds = [r.seed + k for r in requests for k in range(first.samples)]
+        return self._stream(prompts, seeds, first.frames(self.fps), float(first.guidance), first.steps, callback,
+                            stop)
 
     @torch.no_grad()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
-                callback: Callable[[int, int], None] | None) -> Iterator[tuple[int, int, Motion]]:
+                callback: Callable[[int, int], None] | None,
+                stop: Callable[[], bool] | None) -> Iterator[tuple[int, int, Motion]]:
         threads = self.cpu_threads if self.device.type == "cpu" else None
         with torch_threads(threads):
-            z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback)
+            z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback, stop)
+        if z is None:
+            return
         decoded: list[list[np.ndarray]] = [[] for _ in prompts]
         windows = self.vae.windows(z.shape[1])
         done = 0
         while done < len(windows):
+            if stop is not None and stop():
+                return
             # A chunk is one decode window, then as many windows as were yielded before it (1, 1, 2, 4, ...):
             # the first frames come at once, and recomputing the prefix stays linear in the length overall.
             group = windows[done: done + max(1, done)]
@@ -277,12 +298,13 @@ class MotionPipeline:
         return Motion(features, features_to_positions(prefix)[start:], root[start:], rotations[start:], self.fps,
                       prompt, seed)
 
-    def __call__(self, prompt: str | Sequence[str], seconds: float = 10.0, seed: int | Sequence[int] = 0,
-                 guidance: float = 2.5, steps: int = 50, samples: int = 1,
-                 callback: Callable[[int, int], None] | None = None) -> Motion | list[Motion]:
-        """Generate: one Motion for one prompt and samples=1, else a list (prompt by prompt, then samples)."""
+    def __call__(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+                 seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,
+                 **fields: object) -> Motion | list[Motion]:
+        """Generate (takes what ``requests`` takes): one Motion for one prompt and one sample, else a list
+        (prompt by prompt, then samples)."""
         chunks: dict[int, list[Motion]] = {}
-        for k, _, chunk in self.stream(prompt, seconds, seed, guidance, steps, samples, callback):
+        for k, _, chunk in self.stream(prompt, seed, callback, **fields):
             chunks.setdefault(k, []).append(chunk)
         motions = [concat_motions(chunks[k]) for k in sorted(chunks)]
-        return motions[0] if isinstance(prompt, str) and samples == 1 else motions
+        return motions[0] if isinstance(prompt, (str, GenerateRequest)) and len(motions) == 1 else motions

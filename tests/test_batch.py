@@ -19,9 +19,10 @@ bpy = pytest.importorskip("bpy")
 
 from addon.armature import build_armature, canonical_bones  # noqa: E402
 from addon.canonical import SMPL22_BUILTIN  # noqa: E402
+from addon.client import MotionClient  # noqa: E402
 from addon.keying import action_fcurves  # noqa: E402
 from addon.retarget import PRESETS  # noqa: E402
-from addon.wire import MotionClient  # noqa: E402
+from addon.wire import GenerateRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "batch_generate.py"
@@ -36,11 +37,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_tiny() -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m backend.serve --config tiny` on a free loopback port: (endpoint, process)."""
+def serve_tiny(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m backend.serve --config tiny [options]` on a free loopback port: (endpoint, process)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", "tiny", "--bind", endpoint],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", "tiny", "--bind", endpoint,
+                                *options], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         with MotionClient(endpoint, timeout=5.0) as client:
             deadline = time.monotonic() + 180
@@ -225,10 +226,10 @@ def test_bad_rows_are_reported_and_the_rest_is_done(tmp_path):
     items = summary(out)["items"]
     assert [i["status"] for i in items] == ["done", "failed", "failed", "failed", "done"]
     assert items[1]["error"] == "prompt is empty"
-    assert items[2]["error"] == "seconds must be positive, got -2.0"
+    assert items[2]["error"] == "field 'seconds' must be between 0.5 and 120.0, got -2.0"
     assert items[3]["error"] == "seed must be an integer, got 'abc'"
     assert sorted(p.name for p in out.glob("*.bvh")) == sorted(Path(items[i]["outputs"]["bvh"]).name for i in (0, 4))
-    assert any("row 3" in line and "seconds must be positive" in line for line in lines)
+    assert any("row 3" in line and "'seconds' must be between" in line for line in lines)
 
 
 def test_a_backend_dying_mid_batch_fails_the_rest_at_once(tmp_path):
@@ -306,9 +307,10 @@ def test_script_args_follow_the_double_dash_like_blender():
 
 def test_prompt_files_txt_csv_json(tmp_path):
     txt = rows(tmp_path, "p.txt", "# a comment\nwalk\n\n  jump  \n", "--seconds", "3", "--seed", "7")
-    assert [(r.prompt, r.seconds, r.seed, r.error) for r in txt] == [("walk", 3.0, 7, ""), ("jump", 3.0, 7, "")]
+    assert [(r.request.prompt, r.request.seconds, r.request.seed, r.error) for r in txt] == [
+        ("walk", 3.0, 7, ""), ("jump", 3.0, 7, "")]
     csv_rows = rows(tmp_path, "p.csv", "prompt,seconds,seed,guidance,steps,name\nwalk,2,,3.5,20,my walk\n")
-    assert (csv_rows[0].seconds, csv_rows[0].seed, csv_rows[0].guidance, csv_rows[0].steps) == (2.0, 0, 3.5, 20)
+    assert csv_rows[0].request == GenerateRequest("walk", seconds=2.0, seed=0, guidance=3.5, steps=20)
     assert (csv_rows[0].name, csv_rows[0].stem) == ("my walk", "my_walk")
     unquoted = rows(tmp_path, "q.csv", "prompt,seconds\nwalk, then sit,2\n")[0].error
     assert unquoted == "the row has 1 more value(s) than the header has columns (quote a prompt that contains commas)"
@@ -346,3 +348,21 @@ def test_bad_arguments_exit_with_status_2(tmp_path, mixamo_blend, capsys):
     assert batch_generate.main(["--prompt", "walk", "--blend", str(mixamo_blend), "--armature", "Nope", "--out",
                                 out]) == 2  # fmt: skip
     assert "no armature object 'Nope' in the scene; armatures: ['Rig']" in capsys.readouterr().err
+
+
+def test_a_busy_server_makes_the_tool_wait_its_turn(tmp_path):
+    out = tmp_path / "out"
+    with serve_tiny("--max-queue", "2", "--max-client-queue", "1") as (endpoint, _), \
+            MotionClient(endpoint, timeout=20) as other:
+        running = other.submit("a person walks", seconds=2.0, steps=1000)
+        waiting = other.submit("a person runs", seconds=2.0, steps=1000)  # the queue's second place: taken
+        tool = subprocess.Popen([sys.executable, str(TOOL), "--prompt", "a person jumps", "--prompt", "a person sits",
+                                 "--seconds", "1", "--steps", STEPS, "--backend", endpoint, "--start-backend", "never",
+                                 "--no-blend-out", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        time.sleep(3.0)  # the tool meets a full queue ('busy') meanwhile
+        other.cancel(running)
+        other.cancel(waiting)
+        output = tool.communicate(timeout=120)[0]
+    assert tool.returncode == 0, output
+    assert [i["status"] for i in summary(out)["items"]] == ["done", "done"]

@@ -128,20 +128,23 @@ def test_long_motion_sixty_seconds(pipe):
     [
         ({"prompt": ""}, ValueError, "prompt is empty"),
         ({"prompt": "   "}, ValueError, "prompt is empty"),
-        ({"prompt": "x" * 1001}, ValueError, "too long"),
+        ({"prompt": "x" * 1001}, ValueError, "prompt is 1001 characters long; the limit is 1000"),
+        ({"prompt": "walk \ud800"}, ValueError, "lone surrogate"),
         ({"prompt": 3}, TypeError, "prompt must be"),
         ({"prompt": ["walk", None]}, TypeError, "every prompt must be a string"),
         ({"prompt": []}, TypeError, "non-empty"),
-        ({"seconds": 0}, ValueError, "seconds must be > 0"),
-        ({"seconds": -2.0}, ValueError, "seconds must be > 0"),
-        ({"seconds": 120.5}, ValueError, "<= 120"),
-        ({"seconds": float("nan")}, ValueError, "seconds must be"),
-        ({"seconds": "10"}, TypeError, "seconds must be a number"),
-        ({"seconds": 0.01}, ValueError, "shorter than one frame"),
-        ({"steps": 0}, ValueError, "steps must be"),
-        ({"steps": 2.5}, ValueError, "steps must be"),
+        ({"seconds": 0}, ValueError, "'seconds' must be between 0.025 and 120.0"),
+        ({"seconds": -2.0}, ValueError, "'seconds' must be between"),
+        ({"seconds": 120.5}, ValueError, "and 120.0, got 120.5"),
+        ({"seconds": float("nan")}, ValueError, "'seconds' must be a finite number"),
+        ({"seconds": "10"}, ValueError, "'seconds' must be a number"),
+        ({"seconds": 0.01}, ValueError, "'seconds' must be between 0.025"),
+        ({"seconds": 10**400}, ValueError, "'seconds' is out of range"),
+        ({"steps": 0}, ValueError, "'steps' must be between 1 and 1000"),
+        ({"steps": 2.5}, ValueError, "'steps' must be an integer"),
         ({"guidance": float("inf")}, ValueError, "guidance"),
         ({"samples": 0}, ValueError, "samples"),
+        ({"samples": 65}, ValueError, "'samples' must be between 1 and 64"),
         ({"seed": -1}, ValueError, "seed"),
         ({"seed": [1, 2]}, TypeError, "one per prompt"),
     ],
@@ -174,7 +177,7 @@ def test_checkpoint_round_trip(pipe, tmp_path):
     _save_checkpoint(pipe, tmp_path)
     loaded = MotionPipeline.from_checkpoint(tmp_path, device="cpu")
     assert _equal(loaded("a person walks", seconds=1.5, steps=3), pipe("a person walks", seconds=1.5, steps=3))
-    assert loaded.describe()["source"] == str(tmp_path)
+    assert loaded.describe()["source"] == tmp_path.name and loaded.source == str(tmp_path)  # no absolute path out
 
 
 def test_bad_checkpoints(pipe, tmp_path):
@@ -237,3 +240,24 @@ def test_the_shipped_model_follows_the_prompt(shipped):
     assert wrists["right"][1] > 1.5 > 1.2 > wrists["right"][0], wrists
     assert min(wrists["both"]) > 1.5, wrists
     assert _travel(run) > 1.8 * _travel(walk) > 1.8 * 2.0, (_travel(run), _travel(walk))
+
+
+def test_a_generate_request_is_the_same_as_its_fields(pipe):
+    from addon.wire import GenerateRequest
+
+    request = GenerateRequest("a person waves", seconds=1.5, seed=4, steps=3)
+    assert _equal(pipe(request), pipe("a person waves", seconds=1.5, seed=4, steps=3))
+    assert pipe("a person waves", steps=1).frames == GenerateRequest("x").frames(pipe.fps) == 80  # default 4 s
+    with pytest.raises(ValueError, match="must share seconds"):
+        pipe([request, GenerateRequest("a person sits", seconds=2.0, steps=3)])
+
+
+def test_stop_ends_the_stream_between_steps_without_an_exception(pipe):
+    steps: list[int] = []
+    chunks = list(pipe.stream("a person walks", seconds=1.0, steps=7, callback=lambda s, n: steps.append(s),
+                              stop=lambda: len(steps) >= 3))
+    assert chunks == [] and steps == [1, 2, 3]
+    starts: list[int] = []
+    for _, start, _ in pipe.stream("a person walks", seconds=20.0, steps=2, stop=lambda: len(starts) >= 1):
+        starts.append(start)
+    assert starts == [0] and len(list(pipe.stream("a person walks", seconds=20.0, steps=2))) > 1

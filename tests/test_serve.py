@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 import zmq
 
+from addon.client import CurveKeys, MotionClient, ServerError
 from addon.wire import (
     PROTOCOL_VERSION,
-    CurveKeys,
     Message,
-    MotionClient,
-    ServerError,
     decode,
     encode,
     request,
@@ -231,7 +229,8 @@ def test_compatible_waiting_requests_are_batched(pipe):
 
 
 def test_a_full_queue_answers_busy(pipe):
-    with running(pipe, max_queue=2, batch=False) as srv, MotionClient(srv.endpoint, timeout=20) as c:
+    with running(pipe, max_queue=2, max_client_queue=2, batch=False) as srv, \
+            MotionClient(srv.endpoint, timeout=20) as c:
         running_id = c.submit(PROMPT, seconds=2.0, steps=400)
         wait_for(c, running_id, "progress")
         queued = [c.submit(PROMPT, seconds=2.0, steps=400) for _ in range(2)]
@@ -266,8 +265,8 @@ BAD_INPUT = {
     "non-JSON header": ([b"\x00\x01 not json {"], "bad_request", "not valid"),
     "JSON that is not an object": ([b"[1, 2, 3]"], "bad_request", "must be a JSON object"),
     "unknown type": (js({**GOOD, "type": "explode"}), "bad_request", "unknown message type 'explode'"),
-    "missing fields": (js({"type": "generate", "id": "bad-1", "version": 1, "prompt": "walk"}), "bad_request",
-                       "missing field 'seconds'"),
+    "missing fields": (js({"type": "generate", "id": "bad-1", "version": 1, "seconds": 2.0}), "bad_request",
+                       "missing field 'prompt'"),
     "wrong types": (js({**GOOD, "seconds": "ten"}), "bad_request", "'seconds' must be a number"),
     "NaN": ([json.dumps({**GOOD, "guidance": float("nan")}).encode()], "bad_request", "finite number, got nan"),
     "inf": ([json.dumps({**GOOD, "seconds": float("inf")}).encode()], "bad_request", "finite number, got inf"),
@@ -361,7 +360,8 @@ def test_a_non_loopback_bind_without_keys_refuses_to_start(pipe):
     assert "keygen" in proc.stderr
 
 
-def test_with_keys_only_authorized_clients_get_through(pipe, tmp_path):
+def test_with_keys_only_authorized_clients_get_through(pipe, tmp_path, caplog):
+    """D7: a refused client learns why at once (not a timeout) and the server logs it."""
     keygen(tmp_path / "keys", ("alice",))
     keygen(tmp_path / "other", ("mallory",))  # a valid key pair the server does not know
     alice = CurveKeys.from_dir(tmp_path / "keys", "alice")
@@ -370,10 +370,13 @@ def test_with_keys_only_authorized_clients_get_through(pipe, tmp_path):
     ctx = zmq.Context()  # the authenticator is per context
     try:
         with running(pipe, keys=tmp_path / "keys", context=ctx) as srv:
-            with MotionClient(srv.endpoint, curve=mallory, timeout=1.5) as c, pytest.raises(TimeoutError):
+            with MotionClient(srv.endpoint, curve=mallory, timeout=5) as c, \
+                    pytest.raises(ServerError, match=r"unauthorized: .* refused this client's CurveZMQ key"):
                 c.hello()
-            with MotionClient(srv.endpoint, timeout=1.5) as c, pytest.raises(TimeoutError):
+            with MotionClient(srv.endpoint, timeout=5) as c, \
+                    pytest.raises(ServerError, match=r"unauthorized: the security handshake .* failed"):
                 c.hello()  # no keys at all
+            assert any("refused a client" in r.getMessage() for r in caplog.records), caplog.text
             with MotionClient(srv.endpoint, curve=alice, timeout=20) as c:
                 assert c.hello()["device"] == str(pipe.device)
                 assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
@@ -381,7 +384,7 @@ def test_with_keys_only_authorized_clients_get_through(pipe, tmp_path):
             port = srv.endpoint.rsplit(":", 1)[1]
             with MotionClient(f"tcp://127.0.0.1:{port}", curve=alice, timeout=20) as c:
                 assert c.hello()["fps"] == pipe.fps
-            with MotionClient(f"tcp://127.0.0.1:{port}", timeout=1.5) as c, pytest.raises(TimeoutError):
+            with MotionClient(f"tcp://127.0.0.1:{port}", timeout=5) as c, pytest.raises(ServerError):
                 c.hello()
     finally:
         ctx.term()
@@ -455,3 +458,317 @@ def test_replies_validate_against_the_schema():
     frames = encode({"type": "progress", "id": "r", "step": 1, "total": 2})
     assert decode(frames, reply=True).header == {"version": PROTOCOL_VERSION, "type": "progress", "id": "r",
                                                  "step": 1, "total": 2}
+
+
+# --- D1-D12: defects found by a soak and fuzz run; each test fails on the server before the fix -----------------
+
+
+def raw_socket(endpoint: str, **options: int) -> zmq.Socket:
+    """A bare DEALER (no client-side checks) connected to ``endpoint``."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.IPV6, endpoint.startswith("tcp://["))
+    for option, value in options.items():
+        sock.setsockopt(getattr(zmq, option), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def raw_reply(sock: zmq.Socket, timeout_ms: int = 10_000) -> Message:
+    assert sock.poll(timeout_ms), "no reply"
+    return decode(sock.recv_multipart(), reply=True)
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident memory of a process, in bytes (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def test_d1_a_message_of_many_frames_is_answered_and_never_joined(pipe):
+    """ZeroMQ delivers a multipart message whole, so the transport holds one in-flight message (its size); the
+    server must add nothing to that (no copy, no join) and answer it with its id and why."""
+    proc, endpoint = _start("--bind", "tcp://127.0.0.1:*")
+    try:
+        with MotionClient(endpoint, timeout=30) as c:
+            c.hello()
+        before = peak_rss(proc.pid)
+        chunk = bytes(4 * 2**20)  # 49 frames of 4 MiB: each within the per-frame limit, 196 MiB in all
+        with contextlib.closing(raw_socket(endpoint)) as sock:
+            sock.send_multipart([json.dumps({"type": "ping", "id": "big-1", "version": 1}).encode(), *[chunk] * 49])
+            error = raw_reply(sock, 60_000)
+        grown = peak_rss(proc.pid) - before
+        assert error.type == "error" and error["code"] == "bad_request" and error.id == "big-1", error.header
+        assert "50 frames" in error["message"], error["message"]
+        assert grown < 1.25 * 49 * len(chunk), f"the server grew by {grown / 2**20:.0f} MiB for a 196 MiB message"
+        assert_serves(endpoint, pipe)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+class FailingPipeline:
+    """The tiny pipeline, except that a batch holding the prompt ``explode`` fails inside the model."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def stream(self, requests, **options):
+        if any(r.prompt == "explode" for r in requests):
+            raise RuntimeError(f"the model cannot take this prompt (see {ROOT / 'backend' / 'cannot.txt'})")
+        return self._pipe.stream(requests, **options)
+
+
+@pytest.mark.parametrize("bad", ["lone surrogate", "model failure"])
+def test_d2_a_bad_request_never_fails_the_requests_batched_with_it(pipe, bad):
+    server_pipe = FailingPipeline(pipe) if bad == "model failure" else pipe
+    with running(server_pipe, batch=True) as srv, MotionClient(srv.endpoint, timeout=20) as c, \
+            contextlib.closing(raw_socket(srv.endpoint)) as sock:
+        blocker = c.submit(PROMPT, seconds=1.0, steps=30)
+        wait_for(c, blocker, "progress")
+        good = c.submit(PROMPT, seconds=2.0, seed=3, steps=3)
+        prompt = "\ud800 walks" if bad == "lone surrogate" else "explode"
+        sock.send_multipart([json.dumps({**GOOD, "id": "bad-2", "prompt": prompt, "seconds": 2.0, "seed": 3,
+                                         "steps": 3}).encode()])
+        results = collect_all(c, [blocker, good])
+        answers = [raw_reply(sock)]
+        while answers[-1].type not in ("done", "error"):
+            answers.append(raw_reply(sock))
+    assert results[good][-1].type == "done", results[good][-1].header
+    frames = sorted((m for m in results[good] if m.type == "frames"), key=lambda m: m["start"])
+    want = pipe(PROMPT, seconds=2.0, seed=3, steps=3)
+    np.testing.assert_allclose(np.concatenate([m.data[:, 3:] for m in frames]).reshape(want.rotations.shape),
+                               want.rotations, atol=1e-5)
+    error = answers[-1]
+    if bad == "lone surrogate":
+        assert (error["code"], error.id) == ("bad_request", "bad-2") and "lone surrogate" in error["message"]
+    else:
+        assert (error["code"], error.id) == ("internal", "bad-2"), error.header
+        assert error["message"].endswith("the model cannot take this prompt (see cannot.txt)"), error["message"]
+
+
+def test_d3_keygen_creates_private_folders_and_secrets(tmp_path):
+    code = f"import os; os.umask(0); from backend.serve import keygen; keygen({str(tmp_path / 'k')!r}, ('a', 'b'))"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    folder = tmp_path / "k"
+    for path in (folder, folder / "authorized"):
+        assert path.stat().st_mode & 0o777 == 0o700, f"{path} is {oct(path.stat().st_mode & 0o777)}"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"server.key_secret", "a.key_secret", "b.key_secret", "a.key", "b.key"}
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, f"{path} is {oct(path.stat().st_mode & 0o777)}"
+    assert not list(folder.rglob("*.tmp"))
+    assert CurveKeys.from_dir(folder, "b").secret  # still readable by zmq.auth
+
+
+@pytest.mark.parametrize("field", ["seconds", "guidance", "steps", "seed"])
+def test_d4_huge_numbers_get_bad_request(server, field):
+    huge = b"9" * 400
+    header = json.dumps({**GOOD, "id": "huge-1", field: 0}).encode().replace(f'"{field}": 0'.encode(),
+                                                                                 f'"{field}": '.encode() + huge)
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart([header])
+        error = raw_reply(sock)
+    assert (error.type, error["code"], error.id) == ("error", "bad_request", "huge-1"), error.header
+    assert "out of range" in error["message"] and len(error["message"]) < 200
+    with pytest.raises(ValueError, match="out of range"):
+        request("generate", prompt=PROMPT, **{**{k: GOOD[k] for k in ("seconds", "seed", "guidance", "steps")},
+                                              field: 10**400})
+
+
+def test_d5_error_texts_and_logs_stay_small(server, caplog):
+    fields = {f"f{i:06d}": 0 for i in range(250_000)}  # 3.5 MB of unknown fields
+    frame = json.dumps({**GOOD, "id": "wide-1", **fields}).encode()
+    assert 3_000_000 < len(frame) < 4 * 2**20
+    with caplog.at_level("INFO", logger="backend.serve"), contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart([frame])
+        assert sock.poll(10_000)
+        raw = sock.recv_multipart()
+    error = decode(raw, reply=True)
+    assert (error["code"], error.id) == ("bad_request", "wide-1")
+    assert "unknown field(s) for 'generate': f000000, f000001" in error["message"]
+    assert "and 249995 more" in error["message"]
+    assert len(raw[0]) < 1000, f"a {len(raw[0])}-byte error reply"
+    assert max(len(r.getMessage()) for r in caplog.records) < 1000
+
+
+def test_d5_the_log_file_is_capped_and_rotated(tmp_path):
+    log_file = tmp_path / "cache" / "backend.log"
+    proc, endpoint = _start("--bind", "tcp://127.0.0.1:*", "--log-file", str(log_file))
+    try:
+        unknown = {f"{'x' * 40}{i}": 0 for i in range(6)}  # a ~250-byte log line each
+        bad = json.dumps({"type": "ping", "id": "x", "version": 1, **unknown}).encode()
+        with contextlib.closing(raw_socket(endpoint)) as sock:
+            for _ in range(5000):
+                sock.send_multipart([bad])
+                raw_reply(sock)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    from backend.serve import LOG_BYTES, LOG_FILES
+
+    logs = sorted(log_file.parent.iterdir())
+    assert "backend.log.1" in [p.name for p in logs] and len(logs) <= LOG_FILES + 1, logs
+    assert all(p.stat().st_size <= LOG_BYTES for p in logs)
+    assert "and 1 more" in log_file.read_text()
+    assert log_file.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_d6_a_client_that_never_reads_is_dropped(pipe, caplog):
+    with running(pipe) as srv, caplog.at_level("INFO", logger="backend.serve"):
+        flooder = raw_socket(srv.endpoint, RCVHWM=1, RCVBUF=4096)
+        try:
+            flooder.send_multipart(request("generate", "flood-gen", prompt=PROMPT, seconds=2.0, seed=0,
+                                           guidance=2.5, steps=1000, samples=1)[1])
+            for i in range(30_000):  # 30,000 pongs it never reads
+                flooder.send_multipart(request("ping", f"p{i}")[1])
+            deadline = time.monotonic() + 30
+            with MotionClient(srv.endpoint, timeout=20) as c:
+                while c.ping()["running"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert c.ping()["running"] == 0, "the non-reading client's generation still runs"
+        finally:
+            flooder.close(linger=0)
+        assert any("not reading" in r.getMessage() for r in caplog.records)
+        assert sum("not reading" in r.getMessage() for r in caplog.records) < 5, "one log line per client"
+        assert_serves(srv.endpoint, pipe)
+
+
+def test_d8_ipv6_loopback_serves(pipe):
+    with running(pipe, "tcp://[::1]:*") as srv, MotionClient(srv.endpoint, timeout=20) as c:
+        assert srv.endpoint.startswith("tcp://[::1]:")
+        assert c.hello()["fps"] == pipe.fps
+        assert c.generate_motion(PROMPT, seconds=1.0, steps=2).rotations[0].shape[1:] == (22, 4)
+
+
+def test_d9_clients_take_turns_and_one_client_cannot_fill_the_queue(pipe):
+    with running(pipe, max_queue=8, batch=False) as srv, MotionClient(srv.endpoint, timeout=20) as a, \
+            MotionClient(srv.endpoint, timeout=20) as b:
+        hello = a.hello()
+        assert hello["limits"]["max_client_queue"] == 2 and hello["limits"]["max_cost"] > 0
+        first = a.submit(PROMPT, seconds=1.0, steps=200)  # runs while the others queue up
+        wait_for(a, first, "progress")
+        flood = [a.submit(PROMPT, seconds=1.0, seed=i, steps=3) for i in range(4)]
+        answers = collect_all(a, flood[2:])  # past this client's share of 2
+        assert all(m[-1]["code"] == "busy" and "share" in m[-1]["message"] for m in answers.values())
+        late = b.submit(PROMPT, seconds=1.0, steps=3)
+        done_order = []
+        pending = {first: a, flood[0]: a, flood[1]: a, late: b}
+        while pending:
+            for client in (a, b):
+                for message in client.poll(0.02):
+                    if message.id in pending and message.type in ("done", "error"):
+                        assert message.type == "done", message.header
+                        done_order.append(message.id)
+                        del pending[message.id]
+        assert done_order.index(late) < done_order.index(flood[1]), done_order  # b's turn came before a's 2nd
+
+
+def test_d9_a_request_over_the_cost_cap_is_refused(server):
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart([json.dumps({**GOOD, "id": "costly", "seconds": 120.0, "samples": 8,
+                                         "steps": 1000}).encode()])
+        error = raw_reply(sock)
+    assert (error["code"], error.id) == ("bad_request", "costly"), error.header
+    assert "frame-steps (2400 frames x 8 samples x 1000 steps); the limit is 500000" in error["message"]
+
+
+def test_d10_an_oversized_frame_is_answered_with_its_id(server):
+    frame = json.dumps({**GOOD, "id": "fat-1", "prompt": "p" * (5 * 2**20)}).encode()  # 5 MiB
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart([frame])
+        error = raw_reply(sock)
+    assert (error["code"], error.id) == ("bad_request", "fat-1"), error.header
+    assert "the limit is 4194304" in error["message"]
+
+
+def test_d10_a_port_in_use_is_a_clear_error():
+    with contextlib.closing(zmq.Context.instance().socket(zmq.ROUTER)) as holder:
+        port = holder.bind_to_random_port("tcp://127.0.0.1")
+        proc = subprocess.run([sys.executable, "-m", "backend.serve", "--config", "tiny", "--bind",
+                               f"tcp://127.0.0.1:{port}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: cannot listen on tcp://127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_d12_hello_names_no_absolute_path(server):
+    shipped = pipeline.MotionPipeline.from_checkpoint(device="cpu")
+    with running(shipped) as srv, MotionClient(srv.endpoint, timeout=20) as c:
+        hello = c.hello()
+    texts = re.findall(r'"([^"]*)"', json.dumps(hello))
+    assert not [t for t in texts if t.startswith("/") or re.match(r"^[A-Za-z]:\\", t)], texts
+    assert hello["model"]["source"] == "default"
+
+
+def test_a_raw_client_sending_only_prompt_and_seconds_gets_a_motion(server, pipe):
+    from addon.wire import GenerateRequest
+
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart([b'{"type":"hello","id":"h","version":1}'])
+        assert raw_reply(sock)["defaults"] == GenerateRequest.defaults() == {
+            "seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 50, "samples": 1}
+        sock.send_multipart([json.dumps({"type": "generate", "id": "g1", "version": 1, "prompt": PROMPT,
+                                         "seconds": 1.0}).encode()])
+        stream = [raw_reply(sock, 60_000)]
+        while stream[-1].type not in ("done", "error"):
+            stream.append(raw_reply(sock, 60_000))
+    assert stream[0].type == "accepted" and stream[-1].type == "done", stream[-1].header
+    assert sum(m.type == "progress" for m in stream) == 50  # the default steps
+    frames = sorted((m for m in stream if m.type == "frames"), key=lambda m: m["start"])
+    want = pipe(PROMPT, seconds=1.0)  # the defaults: seed 0, guidance 2.5, 50 steps, one sample
+    got = np.concatenate([m.data for m in frames])
+    assert np.array_equal(got[:, 3:].reshape(want.rotations.shape), want.rotations.astype(np.float32))
+
+
+def test_a_generation_handle_drives_callbacks_and_gives_the_result(client, pipe):
+    from addon.wire import GenerateRequest
+
+    seen: dict[str, list] = {"progress": [], "frames": [], "done": [], "error": []}
+    gen = client.start(GenerateRequest(PROMPT, seconds=2.0, seed=7, steps=4, samples=2),
+                       on_progress=lambda g: seen["progress"].append(g.step),
+                       on_frames=lambda g, m: seen["frames"].append((m["sample"], m["start"])),
+                       on_done=seen["done"].append, on_error=seen["error"].append)
+    motion = gen.result(timeout=60)
+    want = pipe(PROMPT, seconds=2.0, seed=7, steps=4, samples=2)
+    for got, expected in zip(motion.rotations, want):
+        assert np.array_equal(got, expected.rotations.astype(np.float32))
+    assert seen["progress"] == [1, 2, 3, 4] and gen.progress == 1.0 and gen.queue == 0
+    assert {s for s, _ in seen["frames"]} == {0, 1} and len(seen["frames"]) >= 4
+    assert seen["done"] == [gen] and seen["error"] == [] and gen.finished and gen.error is None
+
+    slow = client.start(PROMPT, seconds=2.0, steps=400, on_error=seen["error"].append)
+    while slow.step == 0:
+        client.poll(0.05)
+    slow.cancel()
+    with pytest.raises(ServerError, match="cancelled"):
+        slow.result(timeout=60)
+    assert seen["error"] == [slow] and slow.error.code == "cancelled" and slow.motion is None
+
+
+def test_start_backend_logs_to_a_private_capped_file_in_the_cache_folder(tmp_path, monkeypatch):
+    from addon.client import backend_output, cache_dir, start_backend
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = cache_dir()
+    assert folder == tmp_path / "cache" / "motion_mamba" and folder.stat().st_mode & 0o777 == 0o700
+    proc = start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--config", "tiny"))
+    try:
+        deadline = time.monotonic() + 60
+        while "serving tiny on tcp://" not in backend_output(folder / "backend.log") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "serving tiny on tcp://" in (folder / "backend.log").read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    (folder / "backend.err").unlink()
+    (folder / "backend.err").symlink_to(tmp_path / "victim")  # a planted link is not followed
+    with pytest.raises(OSError):
+        start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--config", "tiny"))
+    assert not (tmp_path / "victim").exists()
+    proc = start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--no-such-option",), tmp_path / "b.log")
+    assert proc.wait(timeout=60) == 2
+    assert "unrecognized arguments: --no-such-option" in backend_output(tmp_path / "b.log")

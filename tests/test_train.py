@@ -181,10 +181,10 @@ def test_generate_cli_bad_input(trained, tmp_path, capsys):
     run = str(trained["run"])
     for args, message in (
         (["", "--checkpoint", run], "prompt is empty"),
-        (["walk", "--seconds", "0", "--checkpoint", run], "seconds must be > 0"),
-        (["walk", "--seconds", "1e4", "--checkpoint", run], "seconds must be > 0 and <= 120"),
+        (["walk", "--seconds", "0", "--checkpoint", run], "'seconds' must be between 0.025 and 120.0, got 0.0"),
+        (["walk", "--seconds", "1e4", "--checkpoint", run], "'seconds' must be between 0.025 and 120.0, got 10000.0"),
         (["walk", "--checkpoint", str(tmp_path / "missing")], "does not exist"),
-        (["walk", "--checkpoint", run, "--steps", "0"], "steps must be"),
+        (["walk", "--checkpoint", run, "--steps", "0"], "'steps' must be between 1 and"),
     ):
         assert generate.main([*args, "--out", str(tmp_path / "x.npz")]) == 2
         assert message in capsys.readouterr().err

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from addon import wire
+from addon.client import MotionClient
 from addon.wire import (
     PROTOCOL_VERSION,
+    GenerateRequest,
     Limits,
     Message,
     MotionAssembler,
@@ -72,7 +73,6 @@ def test_good_request_round_trips():
         (raw({"type": "ping", "id": "x", "version": 1, "extra": 1}), "bad_request", "unknown field(s) for 'ping'"),
         (raw({**GOOD, "temperature": 1}), "bad_request", "unknown field(s) for 'generate': temperature"),
         (raw({k: v for k, v in GOOD.items() if k != "prompt"}), "bad_request", "missing field 'prompt'"),
-        (raw({k: v for k, v in GOOD.items() if k != "steps"}), "bad_request", "missing field 'steps'"),
         (raw({**GOOD, "prompt": 5}), "bad_request", "'prompt' must be a string"),
         (raw({**GOOD, "seconds": "2"}), "bad_request", "'seconds' must be a number"),
         (raw({**GOOD, "seconds": True}), "bad_request", "'seconds' must be a number"),
@@ -196,7 +196,7 @@ def test_assembler_reassembles_and_detects_gaps():
 
 
 def test_client_refuses_bad_arguments_before_sending():
-    with wire.MotionClient("tcp://127.0.0.1:9", timeout=0.5) as client:  # nothing listens there
+    with MotionClient("tcp://127.0.0.1:9", timeout=0.5) as client:  # nothing listens there
         with pytest.raises(ValueError, match="prompt is empty"):
             client.submit("")
         with pytest.raises(ValueError, match="'seconds' must be a finite number"):
@@ -205,3 +205,28 @@ def test_client_refuses_bad_arguments_before_sending():
             client.submit("walk", steps=2.0)
         with pytest.raises(TimeoutError, match="no 'pong' reply"):
             client.ping(timeout=0.3)
+
+
+def test_the_client_names_stay_importable_from_the_wire():
+    from addon import client, wire
+
+    assert (wire.MotionClient, wire.ServerError, wire.CurveKeys) == (client.MotionClient, client.ServerError,
+                                                                      client.CurveKeys)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        wire.Nothing  # noqa: B018
+
+
+def test_generate_request_defaults_checks_and_header():
+    request = GenerateRequest("a person walks")
+    assert GenerateRequest.defaults() == {"seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 50, "samples": 1}
+    assert request.check() is request and request.cost(20) == 80 * 1 * 50
+    assert GenerateRequest.from_header({"prompt": "a person walks", "type": "generate"}) == request
+    assert GenerateRequest.from_header(request.to_header()) == request
+    with pytest.raises(WireError, match="costs 2400000 frame-steps"):
+        GenerateRequest("walk", seconds=120.0, samples=1, steps=1000).check()
+    with pytest.raises(WireError, match="lone surrogate at character 5"):
+        GenerateRequest("walk \ud800").check()
+    with pytest.raises(WireError, match="'seed' must be an integer"):
+        GenerateRequest("walk", seed=1.5).check()
+    with pytest.raises(WireError, match="missing field 'prompt'"):
+        GenerateRequest.from_header({"seconds": 2.0})

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ except ImportError:
 from addon import wire  # noqa: E402
 from addon.armature import create_canonical_armature  # noqa: E402
 from addon.canonical import CanonicalSkeleton  # noqa: E402
+from addon.client import Generation, MotionClient, ServerError, backend_output, start_backend  # noqa: E402
 from addon.keying import GENERATION_PROPERTY, ActionKeyer, assign_action  # noqa: E402
 from addon.retarget import PRESETS, Retargeter, TargetRig, map_bones  # noqa: E402
 
@@ -83,24 +84,24 @@ def script_args(argv: list[str], blender: bool | None = None) -> list[str]:
 
 @dataclass
 class Row:
-    """One prompt of the batch; ``error`` is set when the row cannot be generated."""
+    """One prompt of the batch; ``error`` is set when the row cannot be generated (``request`` then holds what
+    could be read)."""
 
     row: int  # 1-based position in the batch (command-line prompts first, then the file's rows)
-    prompt: str
-    seconds: float
-    seed: int
-    guidance: float
-    steps: int
+    request: wire.GenerateRequest
     name: str = ""  # the Action's name when given (else one made from the prompt)
     stem: str = ""  # the output files' name: the given name, or the prompt's slug and key; unique in the batch
     error: str = ""
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """What determines the motion (one sample per row)."""
+        return {k: v for k, v in self.request.to_header().items() if k != "samples"}
+
+    @property
     def key(self) -> str:
         """A stable hash of what determines the motion (resume skips a row whose key is already done)."""
-        settings = {"prompt": self.prompt, "seconds": float(self.seconds), "seed": int(self.seed),
-                    "guidance": float(self.guidance), "steps": int(self.steps)}  # fmt: skip
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _number(value: Any, kind: type, name: str) -> float | int:
@@ -120,7 +121,8 @@ def _number(value: Any, kind: type, name: str) -> float | int:
 
 def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, limits: wire.Limits) -> Row:
     """A Row from one record (missing or empty fields take the defaults); problems go into ``row.error``."""
-    row = Row(index, "", defaults.seconds, defaults.seed, defaults.guidance, defaults.steps)
+    fields = {name: getattr(defaults, name) for name in ("seconds", "seed", "guidance", "steps")}
+    row = Row(index, wire.GenerateRequest("", **fields))
     try:
         if None in values:  # csv.DictReader's key for the values beyond the header's columns
             raise ValueError(f"the row has {len(values[None])} more value(s) than the header has columns (quote a "
@@ -131,17 +133,12 @@ def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, l
         prompt = values.get("prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be text, got {prompt!r}")
-        row.prompt = prompt.strip()
+        row.request = replace(row.request, prompt=prompt.strip())
         row.name = str(values.get("name") or "").strip()
         for name, kind in (("seconds", float), ("seed", int), ("guidance", float), ("steps", int)):
             if values.get(name) not in (None, ""):
-                setattr(row, name, _number(values[name], kind, name))
-        if not row.prompt:
-            raise ValueError("prompt is empty")
-        if row.seconds <= 0:
-            raise ValueError(f"seconds must be positive, got {row.seconds}")
-        wire.check_generate({"prompt": row.prompt, "seconds": row.seconds, "seed": row.seed,
-                             "guidance": row.guidance, "steps": row.steps, "samples": 1}, limits)  # fmt: skip
+                row.request = replace(row.request, **{name: _number(values[name], kind, name)})
+        row.request.check(limits)
     except ValueError as exc:
         row.error = str(exc)
     return row
@@ -193,7 +190,7 @@ def load_rows(args: argparse.Namespace, limits: wire.Limits = wire.DEFAULT_LIMIT
     keys: dict[str, int] = {}
     stems: dict[str, int] = {}
     for row in rows:
-        row.stem = re.sub(r"[^\w.\-]+", "_", row.name).strip("._") or f"{_slug(row.prompt)}-{row.key[:8]}"
+        row.stem = re.sub(r"[^\w.\-]+", "_", row.name).strip("._") or f"{_slug(row.request.prompt)}-{row.key[:8]}"
         if row.error:
             continue
         if row.key in keys:
@@ -226,23 +223,23 @@ class Backend:
         self.thread: threading.Thread | None = None
         self.started = ""  # "", "subprocess" or "inprocess"
         self.start_s = 0.0
-        self.client: wire.MotionClient | None = None
+        self.client: MotionClient | None = None
         try:
             self.client = self._connect()
         except BaseException:  # a backend started for nothing must not outlive the tool
             self.close()
             raise
 
-    def _hello(self, endpoint: str, timeout: float) -> wire.MotionClient | None:
-        client = wire.MotionClient(endpoint, timeout=self.args.timeout)
+    def _hello(self, endpoint: str, timeout: float) -> MotionClient | None:
+        client = MotionClient(endpoint, timeout=self.args.timeout)
         try:
             client.hello(timeout=timeout)
             return client
-        except (TimeoutError, ConnectionError, wire.ServerError):
+        except (TimeoutError, ConnectionError, ServerError):
             client.close()
             return None
 
-    def _connect(self) -> wire.MotionClient:
+    def _connect(self) -> MotionClient:
         args = self.args
         client = self._hello(args.backend, args.probe_timeout)
         if client is not None:
@@ -273,12 +270,9 @@ class Backend:
 
     def _start_subprocess(self) -> str:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        python = self.args.backend_python
-        command = [python, "-m", "backend.serve", "--bind", endpoint, "--device", self.args.device,
-                   *self._model_args()]  # fmt: skip
-        print(f"starting a backend: {' '.join(command)} (log: {self.log_path})", flush=True)
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        arguments = ("--device", self.args.device, *self._model_args())
+        print(f"starting a backend at {endpoint} ({' '.join(arguments)}; log: {self.log_path})", flush=True)
+        self.process = start_backend(endpoint, self.args.backend_python, ROOT, arguments, self.log_path)
         return endpoint
 
     def _start_inprocess(self) -> str:
@@ -301,14 +295,12 @@ class Backend:
         if probe:
             try:
                 self.client.hello(timeout=self.args.probe_timeout)
-            except (TimeoutError, ConnectionError, wire.ServerError):
+            except (TimeoutError, ConnectionError, ServerError):
                 return f"the backend at {self.client.endpoint} stopped answering"
         return ""
 
-    def log_tail(self, lines: int = 15) -> str:
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self) -> str:
+        return backend_output(self.log_path)
 
     def describe(self) -> dict[str, Any]:
         server = self.client.server or {}
@@ -396,8 +388,7 @@ class Target:
             bpy.data.actions.remove(old)
         retarget = Retargeter(self.skeleton, self.rig, self.bone_map, root_motion=not self.args.in_place)
         settings = {
-            "prompt": row.prompt, "seed": row.seed, "seconds": row.seconds, "guidance": row.guidance,
-            "steps": row.steps, "sample": 0, "preset": self.bone_map.preset, "root_motion": not self.args.in_place,
+            **row.settings, "sample": 0, "preset": self.bone_map.preset, "root_motion": not self.args.in_place,
             "fps": self.fps, "key": row.key, "stem": row.stem,
         }  # fmt: skip
         keyer = ActionKeyer.for_generation(
@@ -502,8 +493,8 @@ class Item:
 
     @classmethod
     def of(cls, row: Row) -> Item:
-        return cls(row.row, row.stem, row.prompt, row.seconds, row.seed, row.guidance, row.steps, row.key,
-                   status="failed" if row.error else "pending", error=row.error)  # fmt: skip
+        return cls(row.row, row.stem, **row.settings, key=row.key, status="failed" if row.error else "pending",
+                   error=row.error)  # fmt: skip
 
 
 class Progress:
@@ -625,51 +616,49 @@ class Batch:
 
     def _generate(self, todo: deque[Row], progress: Progress) -> None:
         client = self.backend.client
-        pending: dict[str, tuple[Row, wire.MotionAssembler, float]] = {}
+        pending: dict[str, Row] = {}  # request id -> row
+        finished: list[tuple[Row, Generation]] = []
 
-        def top_up() -> None:  # keep `parallel` requests at the server, so that it batches them
-            while todo and len(pending) < self.args.parallel:
+        def ended(gen: Generation) -> None:
+            finished.append((pending.pop(gen.id), gen))
+
+        # keep `parallel` requests at the server, so that it batches them; at most this client's share of its
+        # queue (announced in hello) plus the one it runs
+        parallel = min(self.args.parallel, client.limits.max_client_queue + 1)
+
+        def top_up() -> None:
+            while todo and len(pending) < parallel:
                 row = todo.popleft()
                 try:
-                    rid = client.submit(row.prompt, row.seconds, row.seed, row.guidance, row.steps)
+                    gen = client.start(row.request, on_progress=lambda g: progress.step(f"step {g.step}/{g.total}"),
+                                       on_done=ended, on_error=ended)
                 except (ValueError, ConnectionError) as exc:
                     progress.update(self._fail(row.row, str(exc)))
                     continue
-                pending[rid] = (row, wire.MotionAssembler(), time.perf_counter())
+                pending[gen.id] = row
 
         while todo or pending:
             top_up()
-            finished, lost = [], False
-            for message in client.poll(timeout=0.1):
-                if message.id not in pending:
-                    continue
-                row, assembler, submitted = pending[message.id]
-                try:
-                    if message.type == "progress":
-                        progress.step(f"step {message['step']}/{message['total']}")
-                    elif message.type == "frames":
-                        assembler.add(message)
-                    elif message.type == "done":
-                        del pending[message.id]
-                        motion = assembler.result(message["frames"], message["timings"])
-                        finished.append((row, motion, {"request_s": time.perf_counter() - submitted, **motion.timings}))
-                    elif message.type == "error":
-                        del pending[message.id]
-                        progress.update(self._fail(row.row, f"backend error ({message['code']}): {message['message']}"))
-                        lost = lost or message["code"] in ("timeout", "disconnected")
-                except wire.WireError as exc:  # a broken stream
-                    pending.pop(message.id, None)
-                    progress.update(self._fail(row.row, f"bad reply from the backend: {exc}"))
+            finished.clear()
+            client.poll(timeout=0.1)
+            lost = any(gen.error is not None and gen.error.code in ("timeout", "disconnected") for _, gen in finished)
             reason = self.backend.gone(probe=lost)
             if reason:  # fail what is left at once rather than one timeout after another
-                for row in [p[0] for p in pending.values()] + list(todo):
+                for row in list(pending.values()) + list(todo):
                     progress.update(self._fail(row.row, reason))
                 pending.clear()
                 todo.clear()
             top_up()  # the server generates the next ones while Blender keys and exports these
-            for row, motion, timings in finished:
+            for row, gen in finished:
+                if gen.error is not None and gen.error.code == "busy":  # other clients' turn: try again later
+                    todo.appendleft(row)
+                    continue
+                if gen.error is not None:
+                    progress.update(self._fail(row.row, f"backend error ({gen.error.code}): {gen.error.message}"))
+                    continue
+                timings = {"request_s": time.perf_counter() - gen.submitted, **gen.motion.timings}
                 try:
-                    progress.update(self._finish(row, motion.root_translation[0], motion.rotations[0], timings))
+                    progress.update(self._finish(row, gen.motion.root_translation[0], gen.motion.rotations[0], timings))
                 except (ValueError, RuntimeError, TypeError, KeyError) as exc:  # e.g. an exporter that failed
                     progress.update(self._fail(row.row, f"{type(exc).__name__}: {exc}"))
 
@@ -686,7 +675,7 @@ class Batch:
             for fmt, path in self.wanted(row).items():
                 start = time.perf_counter()
                 if fmt == "gif":
-                    write_preview(self.skeleton_name, root, rotations, self.target.fps, row.prompt, path)
+                    write_preview(self.skeleton_name, root, rotations, self.target.fps, row.request.prompt, path)
                 else:
                     self.target.export(action, fmt, path)
                 timings[f"{fmt}_s"] = time.perf_counter() - start
@@ -775,10 +764,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src = parser.add_argument_group("prompts")
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts", help="a .txt / .csv / .json prompts file")
-    src.add_argument("--seconds", type=float, default=4.0, help="default duration (default 4)")
-    src.add_argument("--seed", type=int, default=0, help="default seed (default 0)")
-    src.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance (default 2.5)")
-    src.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    defaults = wire.GenerateRequest.defaults()  # the protocol's, as everywhere
+    src.add_argument("--seconds", type=float, default=defaults["seconds"], help="default duration (%(default)s)")
+    src.add_argument("--seed", type=int, default=defaults["seed"], help="default seed (%(default)s)")
+    src.add_argument("--guidance", type=float, default=defaults["guidance"],
+                     help="classifier-free guidance (%(default)s)")
+    src.add_argument("--steps", type=int, default=defaults["steps"], help="denoising steps (%(default)s)")
     tgt = parser.add_argument_group("target")
     tgt.add_argument("--blend", help="the .blend holding the target armature (default: the open scene)")
     tgt.add_argument("--armature", help="target armature object (default: a new canonical armature)")

@@ -1,12 +1,18 @@
 """Load test of the generation backend: N clients x M requests against `python -m backend.serve`.
 
     .venv/bin/python tools/bench_server.py [--clients 8] [--requests 25] [--steps 10] [--seconds 2]
-                                           [--config tiny] [--modes batch,no-batch]
+                                           [--config tiny] [--modes batch,no-batch,fairness] [--server-root DIR]
 
-For each mode it starts a fresh server process (random-weight ``--config`` model, loopback, random port),
-runs every client in its own thread (closed loop: a client sends its next request when the last one is done),
-checks that every request got exactly one complete answer (no loss, no duplicates, no stray ids), and prints
-latency percentiles (submit -> done) and throughput. The last line compares the modes measured in this run.
+For the ``batch`` and ``no-batch`` modes it starts a fresh server process (random-weight ``--config`` model,
+loopback, random port), runs every client in its own thread (closed loop: a client sends its next request when
+the last one is done), checks that every request got exactly one complete answer (no loss, no duplicates, no
+stray ids), and prints latency percentiles (submit -> done) and throughput; a line compares the two.
+
+``fairness``: one client floods the server (keeps the whole queue's worth of requests in flight, resubmitting
+whatever is answered ``busy``) while another sends ``--requests`` requests one after another (a different
+length, so they are never batched together); prints the quiet client's p50/p99 latency beside the flooder's,
+and the quiet client's latency alone as the baseline. ``--server-root`` runs the server of another checkout
+(e.g. to compare with one before round robin).
 """
 
 from __future__ import annotations
@@ -26,17 +32,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from addon.wire import MotionAssembler, MotionClient  # noqa: E402
+from addon.client import MotionClient, ServerError  # noqa: E402
+from addon.wire import MotionAssembler  # noqa: E402
 
 PROMPTS = ["a person walks forward", "a person jumps twice", "someone waves with the right hand",
            "a person sits down slowly", "a man runs in a circle", "a person kicks with the left leg"]
 
 
-def start_server(config: str, batch: bool, max_queue: int) -> tuple[subprocess.Popen, str]:
-    """A fresh server process on a random loopback port; returns it and its endpoint."""
+def start_server(config: str, batch: bool, max_queue: int, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """A fresh server process (of the checkout at ``root``) on a random loopback port; returns it and its
+    endpoint."""
     proc = subprocess.Popen([sys.executable, "-m", "backend.serve", "--config", config, "--bind", "tcp://127.0.0.1:*",
                              "--max-queue", str(max_queue), "--batch" if batch else "--no-batch"],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                            cwd=root, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         found = re.search(r"on (tcp://\S+)", line)
         if found:
@@ -115,6 +123,67 @@ def bench(args: argparse.Namespace, batch: bool) -> dict:
             "ping": np.percentile(rtts, [50, 99]) * 1000}
 
 
+def sequential(client: MotionClient, requests: int, seconds: float, steps: int) -> tuple[list[float], int]:
+    """Latencies (first submit -> done) of ``requests`` requests sent one after another, a ``busy`` answer
+    retried 20 ms later; returns them and the number of ``busy`` answers."""
+    latencies, busy = [], 0
+    for r in range(requests):
+        start = time.perf_counter()
+        while True:
+            try:
+                client.generate_motion(PROMPTS[r % len(PROMPTS)], seconds=seconds, seed=r, steps=steps)
+                break
+            except ServerError as exc:
+                if exc.code != "busy":
+                    raise
+                busy += 1
+                time.sleep(0.02)
+        latencies.append(time.perf_counter() - start)
+    return latencies, busy
+
+
+def flood(endpoint: str, depth: int, seconds: float, steps: int, stop: threading.Event, out: list[float]) -> None:
+    """Keep ``depth`` requests in flight until ``stop``; a ``busy`` answer is retried 20 ms later. Appends the
+    latency (first submit -> done) of every request that completed."""
+    with MotionClient(endpoint, timeout=120) as client:
+        started: dict[str, float] = {}
+        retry_at = 0.0
+        while not stop.is_set():
+            while len(started) < depth and time.monotonic() >= retry_at:
+                started[client.submit(PROMPTS[len(out) % len(PROMPTS)], seconds=seconds, steps=steps)] = \
+                    time.perf_counter()
+            for message in client.poll(0.01):
+                if message.type == "done":
+                    out.append(time.perf_counter() - started.pop(message.id))
+                elif message.type == "error":
+                    started.pop(message.id, None)
+                    if message["code"] != "busy":
+                        raise RuntimeError(f"flood request failed: {message['message']}")
+                    retry_at = time.monotonic() + 0.02
+
+
+def fairness(args: argparse.Namespace) -> dict:
+    """The quiet client's latency alone, then beside a flooding client; the flooder's latency too."""
+    proc, endpoint = start_server(args.config, batch=True, max_queue=32, root=Path(args.server_root))
+    try:
+        with MotionClient(endpoint, timeout=300) as quiet:
+            quiet.generate_motion(PROMPTS[0], seconds=args.seconds, steps=args.steps)  # warm-up
+            alone, _ = sequential(quiet, args.requests, args.seconds * 0.75, args.steps)
+            stop, flooded = threading.Event(), []
+            flooder = threading.Thread(target=flood, args=(endpoint, 32, args.seconds, args.steps, stop, flooded))
+            flooder.start()
+            time.sleep(1.0)  # let the flood fill the queue
+            try:
+                beside, busy = sequential(quiet, args.requests, args.seconds * 0.75, args.steps)
+            finally:
+                stop.set()
+                flooder.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"alone": np.array(alone), "beside": np.array(beside), "flooder": np.array(flooded), "busy": busy}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -122,7 +191,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per request")
     parser.add_argument("--seconds", type=float, default=2.0, help="motion length per request")
     parser.add_argument("--config", default="tiny")
-    parser.add_argument("--modes", default="batch,no-batch")
+    parser.add_argument("--modes", default="batch,no-batch,fairness")
+    parser.add_argument("--server-root", default=str(ROOT), help="checkout whose backend.serve is benchmarked")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the server processes get stopped too
     total = args.clients * args.requests
@@ -131,6 +201,17 @@ def main() -> int:
     results = {}
     ok = True
     for mode in args.modes.split(","):
+        if mode == "fairness":
+            f = fairness(args)
+            p = {k: np.percentile(f[k], [50, 99]) if len(f[k]) else (np.nan, np.nan)
+                 for k in ("alone", "beside", "flooder")}
+            print(f"[fairness] quiet client ({args.requests} requests of {args.seconds * 0.75:g} s, one at a time): "
+                  f"alone p50 {p['alone'][0]:.3f} s p99 {p['alone'][1]:.3f} s | beside a flooding client "
+                  f"p50 {p['beside'][0]:.3f} s p99 {p['beside'][1]:.3f} s (x{p['beside'][1] / p['alone'][1]:.1f}, "
+                  f"{f['busy']} busy answers) | "
+                  f"flooder ({len(f['flooder'])} done, 32 in flight) p50 {p['flooder'][0]:.3f} s "
+                  f"p99 {p['flooder'][1]:.3f} s")
+            continue
         r = bench(args, batch=mode == "batch")
         results[mode] = r
         p50, p95, p99 = np.percentile(r["latencies"], [50, 95, 99]) if r["answered"] else (np.nan,) * 3

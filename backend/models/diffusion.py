@@ -1,9 +1,8 @@
-"""Noise schedule, DDPM training target and the deterministic DDIM sampler."""
+"""Noise schedule, DDPM training target and the deterministic DDIM step (the pipeline runs the loop)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -76,21 +75,12 @@ class Diffusion:
         return [int(t) for t in ts]
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                    steps: int = 50, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Deterministic DDIM (eta = 0) from pure noise ``x``; ``model_fn(x_t, t (B,))`` returns the network output.
-
-        ``callback(step, total)`` runs after every step (1-based); an exception it raises propagates.
-        """
-        timesteps = self.ddim_timesteps(steps)
-        for i, t in enumerate(timesteps):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            x0, eps = self.split(model_fn(x, tt), x, tt)
-            if i + 1 < len(timesteps):
-                a_prev = self.alphas_cumprod[timesteps[i + 1]]
-                x = a_prev.sqrt().to(x.dtype) * x0 + (1 - a_prev).sqrt().to(x.dtype) * eps
-            else:
-                x = x0
-            if callback is not None:
-                callback(i + 1, len(timesteps))
-        return x
+    def ddim_step(self, output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int | None) -> torch.Tensor:
+        """One deterministic DDIM step (eta = 0): ``x`` at timestep ``t`` and the network's ``output`` there ->
+        ``x`` at ``t_prev``; the last step (``t_prev`` None) returns the x0 estimate. The caller owns the loop
+        over ``ddim_timesteps`` (see ``MotionPipeline``)."""
+        x0, eps = self.split(output, x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        if t_prev is None:
+            return x0
+        a_prev = self.alphas_cumprod[t_prev]
+        return a_prev.sqrt().to(x.dtype) * x0 + (1 - a_prev).sqrt().to(x.dtype) * eps

@@ -1,0 +1,196 @@
+"""Model and training configs as typed sections: every key of a config is known, typed and checked.
+
+    config = ModelConfig.from_dict(read_config_file("tiny"))   # ValueError naming any unknown or mistyped key
+    Diffusion(**asdict(config.diffusion))
+
+``read_config_file`` and ``load_config`` (backend.checkpoint) check every config they read this way; the
+dict stays the on-disk form (JSON, ``"base"`` inheritance, what training records in a run folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """``vae``: the motion VAE (backend.models.vae.MotionVAE)."""
+
+    latent_dim: int = 8
+    width: int = 128
+    layers: int = 1
+    d_state: int = 16
+    expand: float = 2.0
+    window: int = 8
+    context: int = 2
+
+
+@dataclass(frozen=True)
+class MotionMambaConfig:
+    """``denoiser`` with ``arch: motion_mamba`` (backend.models.denoiser)."""
+
+    arch: str
+    dims: list[int]
+    scans: list[int]
+    groups: int = 8
+    heads: int = 4
+    d_state: int = 16
+    expand: float = 2.0
+
+
+@dataclass(frozen=True)
+class MLDTransformerConfig:
+    """``denoiser`` with ``arch: mld_transformer`` (backend.models.transformer_denoiser)."""
+
+    arch: str
+    d_model: int
+    layers: int
+    heads: int = 4
+    ff_dim: int | None = None  # 4 * d_model
+    dropout: float = 0.1
+
+
+DENOISERS: dict[str, type] = {"motion_mamba": MotionMambaConfig, "mld_transformer": MLDTransformerConfig}
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """``diffusion``: the noise schedule (backend.models.diffusion.Diffusion)."""
+
+    num_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction: str = "epsilon"
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """``text_encoder``: the frozen sentence encoder's folder (None: the shipped one) and token count."""
+
+    path: str | None = None
+    max_length: int = 32
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """``train.vae`` / ``train.denoiser`` / ``train.evaluator``: one training stage (backend.train)."""
+
+    batch_size: int
+    lr: float
+    steps: int
+    max_frames: int
+    warmup: int = 0
+    schedule_steps: int | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_every: int = 1000
+    kl_weight: float = 1e-4  # vae
+    cond_drop: float = 0.1  # denoiser
+    vae: str | None = None  # denoiser: the VAE run it was trained on (recorded by training)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train``: the seed and the stages."""
+
+    seed: int = 0
+    vae: StageConfig | None = None
+    denoiser: StageConfig | None = None
+    evaluator: StageConfig | None = None
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """``evaluator``: the text-motion retrieval model (backend.models.evaluator)."""
+
+    hidden: int
+    embed_dim: int
+    feature_dim: int | None = None  # set from the data by training
+    layers: int = 2
+    text_layers: int = 1
+    heads: int = 4
+    temperature: float = 0.1
+    negative_filter: float = 0.8
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole config file or run folder's ``config.json``."""
+
+    name: str = "unnamed"
+    format: str | None = None
+    kind: str | None = None  # "vae" | "pipeline" | "evaluator" in a run folder
+    step: int | None = None
+    fps: int = 20
+    feature_dim: int = 263
+    max_seconds: float = 120.0
+    latent_scale: float | None = None
+    cpu_threads: int | None = 1
+    vae: VAEConfig | None = None
+    denoiser: MotionMambaConfig | MLDTransformerConfig | None = None
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluator: EvaluatorConfig | None = None
+    data: str | None = None  # the dataset a run was trained on (recorded by training)
+    val: dict | None = None  # an evaluator run's last validation
+    val_history: list[dict] | None = None  # and every one before it
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        """The typed config; ValueError naming the first unknown, missing or mistyped key (``source``: where
+        the dict came from, for the message)."""
+        return _build(cls, data, source)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    if cls is object:  # a denoiser: its arch picks the section type
+        arch = data.get("arch")
+        if arch not in DENOISERS:
+            raise ValueError(f"{where}: unknown denoiser arch {arch!r}; known: {', '.join(DENOISERS)}")
+        cls = DENOISERS[arch]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
+    missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing key {missing[0]!r}")
+    return cls(**{key: _value(hints[key], value, f"{where}.{key}") for key, value in data.items()})
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` checked against a field's type hint (sections built recursively)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{where} must not be null")
+    sections = [t for t in options if dataclasses.is_dataclass(t)]
+    if len(sections) > 1:  # the denoiser union
+        return _build(object, value, where)
+    if sections:
+        return _build(sections[0], value, where)
+    for kind in options:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, dict) and isinstance(value, origin):
+            return value
+        if origin is list and isinstance(value, list):
+            item = typing.get_args(kind)[0]
+            return [_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options if t is not type(None))
+    raise ValueError(f"{where} must be {names}, got {type(value).__name__} {value!r:.40}")
