@@ -10,7 +10,7 @@ from bpy.app.handlers import persistent
 from .armature import create_canonical_armature
 from .canonical import SMPL22_BUILTIN
 from .keying import assign_action, remove_partial_actions
-from .properties import preferences, target_armature
+from .properties import generate_request, preferences, target_armature
 from .session import Session, Settings
 
 _session: Session | None = None
@@ -72,10 +72,9 @@ class MOTION_OT_generate(bpy.types.Operator):
     def execute(self, context):
         props = context.scene.motion_mamba
         if props.randomise_seed:
-            props.seed = random.randrange(2**31 - 1)
-        settings = Settings(props.prompt, props.seconds, props.seed, props.guidance, props.steps, props.samples,
-                            props.preset, props.root_motion, props.keep_timing, props.nla_strip,
-                            props.foot_lock)  # fmt: skip
+            props.seed = random.randint(0, props.bl_rna.properties["seed"].hard_max)  # the backend's range
+        settings = Settings(generate_request(props), props.preset, props.root_motion, props.keep_timing,
+                            props.nla_strip, props.foot_lock)  # fmt: skip
         try:
             session(context).generate(settings, target_armature(context))
         except (ValueError, TypeError, ConnectionError) as exc:  # UnmappableArmatureError is a ValueError

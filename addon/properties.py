@@ -19,33 +19,46 @@ def _is_armature(_self, obj) -> bool:
     return obj.type == "ARMATURE"
 
 
+DEFAULTS = wire.GenerateRequest.defaults()  # the request's optional fields: the panel starts from these
+INT_MAX = 2**31 - 1  # Blender's int properties are 32-bit
+
+
 def _seconds(limits: wire.Limits) -> FloatProperty:
-    return FloatProperty(name="Duration", description="Length of the motion in seconds", default=4.0,
+    return FloatProperty(name="Duration", description="Length of the motion in seconds", default=DEFAULTS["seconds"],
                          min=limits.min_seconds, max=limits.max_seconds, subtype="TIME_ABSOLUTE",
                          unit="TIME_ABSOLUTE")  # fmt: skip
 
 
+def _seed(limits: wire.Limits) -> IntProperty:
+    return IntProperty(name="Seed", description="Same prompt + seed + settings give the same motion",
+                       default=DEFAULTS["seed"], min=0, max=min(limits.max_seed, INT_MAX))  # fmt: skip
+
+
+def _guidance(limits: wire.Limits) -> FloatProperty:
+    return FloatProperty(name="Guidance", description="Classifier-free guidance: how closely to follow the prompt",
+                         default=DEFAULTS["guidance"], min=0.0, max=limits.max_guidance)  # fmt: skip
+
+
 def _steps(limits: wire.Limits) -> IntProperty:
-    return IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=50, min=1,
-                       max=limits.max_steps)  # fmt: skip
+    return IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=DEFAULTS["steps"],
+                       min=1, max=min(limits.max_steps, INT_MAX))  # fmt: skip
 
 
 def _samples(limits: wire.Limits) -> IntProperty:
-    return IntProperty(name="Samples", description="Variations to generate (one Action each)", default=1, min=1,
-                       max=limits.max_samples)  # fmt: skip
+    return IntProperty(name="Samples", description="Variations to generate (one Action each)",
+                       default=DEFAULTS["samples"], min=1, max=min(limits.max_samples, INT_MAX))  # fmt: skip
 
 
-RANGED = {"seconds": _seconds, "steps": _steps, "samples": _samples}  # settings whose range the backend sets
+# the request's optional fields, whose ranges the backend sets (announced in hello)
+RANGED = {"seconds": _seconds, "seed": _seed, "guidance": _guidance, "steps": _steps, "samples": _samples}
 
 
 class MotionSettings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'")
     seconds: _seconds(wire.DEFAULT_LIMITS)
-    seed: IntProperty(name="Seed", description="Same prompt + seed + settings give the same motion", default=0,
-                      min=0, max=2**31 - 1)  # fmt: skip
+    seed: _seed(wire.DEFAULT_LIMITS)
     randomise_seed: BoolProperty(name="Randomise", description="Pick a new seed for every generation", default=True)
-    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance: how closely to follow the prompt",
-                            default=2.5, min=0.0, max=30.0)  # fmt: skip
+    guidance: _guidance(wire.DEFAULT_LIMITS)
     steps: _steps(wire.DEFAULT_LIMITS)
     samples: _samples(wire.DEFAULT_LIMITS)
     target: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature,
@@ -100,6 +113,11 @@ def preferences(context):
     return type("Defaults", (), {"endpoint": endpoint, "python": "", "project": "", "arguments": "", "keys_dir": ""})
 
 
+def generate_request(props) -> wire.GenerateRequest:
+    """The request the panel's settings ask for (its fields read from the settings of the same names)."""
+    return wire.GenerateRequest(props.prompt, **{name: getattr(props, name) for name in DEFAULTS})
+
+
 def target_armature(context):
     """The armature to animate: the chosen one, else the active object if it is an armature."""
     target = context.scene.motion_mamba.target
@@ -113,7 +131,7 @@ _applied: wire.Limits | None = None  # the limits the ranged settings were last 
 
 
 def apply_limits(limits: wire.Limits) -> None:
-    """Give the duration, steps and samples settings the ranges a backend announced (values outside are clamped)."""
+    """Give the request's settings the ranges a backend announced (values outside are clamped)."""
     global _applied
     if limits != _applied:
         for name, define in RANGED.items():

@@ -1,15 +1,14 @@
 """The add-on's runtime: one backend connection, the running generation, and the timer that polls them.
 
-Nothing here blocks: requests are sent without waiting and `Session.tick()` (run by bpy.app.timers, or by a
-test directly) handles whatever replies have arrived, keying frames into new Actions as they stream in.
+Nothing here blocks: a request is sent without waiting and `Session.tick()` (run by bpy.app.timers, or by a
+test directly) polls the client, which drives the request's handle (``addon.client.Generation``); each tick
+keys at most one streamed chunk into the new Actions, so keys appear as they arrive.
 """
 
 from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import bpy
 import numpy as np
 
-from . import wire
+from . import client, wire
 from .canonical import SMPL22_BUILTIN, CanonicalSkeleton
 from .keying import ActionKeyer, remove_partial_actions
 from .retarget import BoneMap, Retargeter, TargetRig, map_bones, natural_name
@@ -27,45 +26,29 @@ HELLO_INTERVAL = 3.0  # seconds between hellos while idle (how the status line n
 HELLO_TIMEOUT = 7.0  # no hello reply for this long: the backend is reported unreachable
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """What one Generate asks for."""
+    """What one Generate asks for: the request sent to the backend, and how its motion is put on the rig."""
 
-    prompt: str
-    seconds: float = 4.0
-    seed: int = 0
-    guidance: float = 2.5
-    steps: int = 50
-    samples: int = 1
+    request: wire.GenerateRequest
     preset: str = "AUTO"
     root_motion: bool = True
     keep_timing: bool = False  # key the source frames (fractional scene frames) instead of whole frames
     nla_strip: bool = False  # place the result as an NLA strip at the current frame, not as the active action
     foot_lock: bool = True  # feet planted in the motion stay planted
 
-    def check(self) -> None:
-        """Raise ValueError with a message for the UI when a field cannot be sent."""
-        if not self.prompt.strip():
-            raise ValueError("Type a prompt first (describe the motion, e.g. 'a person walks forward').")
-
 
 @dataclass
 class Job:
-    """One generate request and the Actions it is filling (one per sample)."""
+    """One running generation: its request's handle and the Actions it is filling (one per sample)."""
 
-    request_id: str
+    generation: client.Generation
     settings: Settings
     target: str  # object name
     bone_map: BoneMap
+    pending: deque[wire.Message] = field(default_factory=deque)  # frames received, not keyed yet
     retargeters: dict[int, Retargeter] = field(default_factory=dict)
     keyers: dict[int, ActionKeyer] = field(default_factory=dict)
-    step: int = 0
-    total: int = 0
-    frames: int = 0
-
-    @property
-    def progress(self) -> float:
-        return self.step / self.total if self.total else 0.0
 
 
 class Session:
@@ -80,19 +63,19 @@ class Session:
         curve = None
         if keys_dir:
             try:
-                curve = wire.CurveKeys.from_dir(keys_dir)
+                curve = client.CurveKeys.from_dir(keys_dir)
             except (OSError, ValueError) as exc:
                 self.error = f"Could not load the remote backend keys from {keys_dir}: {exc}"
-        self.client = wire.MotionClient(endpoint, timeout=timeout, curve=curve)
+        self.client = client.MotionClient(endpoint, timeout=timeout, curve=curve)
         self.server: dict | None = None
         self.skeleton: CanonicalSkeleton | None = None
         self.job: Job | None = None
         self.result = ""  # the last success
         self.backend_process: subprocess.Popen | None = None
-        self.backend_log = Path(tempfile.gettempdir()) / "motion_mamba_backend.log"
+        self.backend_log: Path | None = None  # where the local backend logs (set when it starts)
+        self.backend_output = ""  # the end of its output, read once it has exited
         self._hello_sent = 0.0
         self._hello_heard = 0.0
-        self._backlog: deque[wire.Message] = deque()  # replies polled but not handled yet (see tick)
         self._send_hello()
 
     # -- connection ---------------------------------------------------------------------------------------
@@ -100,23 +83,36 @@ class Session:
         self._hello_sent = time.monotonic()
         try:  # a zero timeout only sends: the reply is picked up by tick(), unless it is already here
             reply = self.client.hello(timeout=0.0)
-        except (TimeoutError, wire.ServerError, ConnectionError):
+        except (TimeoutError, client.ServerError, ConnectionError):
             return
-        self.handle(wire.Message(reply))
+        self._hello(wire.Message(reply))
+
+    def _hello(self, message: wire.Message) -> None:
+        """Take the server's announcement (the client has already taken its limits)."""
+        try:
+            self.skeleton = CanonicalSkeleton.from_json(message["skeleton"])
+        except (ValueError, TypeError) as exc:
+            self.error = f"The backend at {self.endpoint} announced an unusable skeleton: {exc}"
+            return
+        self.server = message.header
+        self._hello_heard = time.monotonic()
 
     @property
     def connected(self) -> bool:
         return self.server is not None and time.monotonic() - self._hello_heard < self.hello_timeout
 
     def describe(self) -> str:
-        """One status line: the backend, its model and device, or why there is none."""
+        """The status: the backend, its model and device, or why there is none (with the last lines a local
+        backend wrote when it exited)."""
         if self.connected:
             model = self.server.get("model", {})
             name = (model.get("name") or model.get("model") or "model") if isinstance(model, dict) else str(model)
             return f"Backend: {name} on {self.server['device']} ({self.endpoint})"
         process = self.backend_process
         if process is not None and process.poll() is not None:
-            return f"The local backend exited (code {process.returncode}); its output: {self.backend_log}"
+            if not self.backend_output:
+                self.backend_output = client.backend_output(self.backend_log, lines=3) or "(no output)"
+            return f"The local backend exited (code {process.returncode}): {self.backend_output}"
         if time.monotonic() - self._hello_sent < self.hello_timeout and self._hello_heard == 0.0:
             return f"Connecting to {self.endpoint}..."
         return f"No backend at {self.endpoint}: start it (Start local backend) or check the address"
@@ -130,7 +126,10 @@ class Session:
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, settings: Settings, target) -> Job:
         """Validate and send a generate request for armature object `target`; raise ValueError for the UI."""
-        settings.check()
+        try:
+            settings.request.check(self.client.limits)
+        except wire.WireError as exc:
+            raise ValueError(f"Cannot generate: {exc}") from None
         if self.job is not None:
             raise ValueError("A generation is already running: wait for it or press Cancel.")
         if target is None or getattr(target, "type", None) != "ARMATURE":
@@ -139,10 +138,10 @@ class Session:
             raise ValueError(self.describe())
         bone_map = map_bones([b.name for b in target.data.bones], settings.preset)
         bone_map.require(target.name, [b.name for b in target.data.bones])  # UnmappableArmatureError
-        request_id = self.client.submit(settings.prompt, settings.seconds, settings.seed, settings.guidance,
-                                        settings.steps, settings.samples)  # fmt: skip
+        pending: deque[wire.Message] = deque()  # filled by client.poll() (tick), keyed one chunk a tick
+        generation = self.client.start(settings.request, on_frames=lambda _gen, message: pending.append(message))
         bpy.ops.ed.undo_push(message="Before motion generation")  # so one undo removes what follows
-        self.job = Job(request_id, settings, target.name, bone_map)
+        self.job = Job(generation, settings, target.name, bone_map, pending)
         self.error = self.result = ""
         return self.job
 
@@ -164,7 +163,7 @@ class Session:
 
     def _tell_server_cancel(self) -> None:
         try:
-            self.client.cancel(self.job.request_id)
+            self.job.generation.cancel()
         except (ConnectionError, ValueError):
             pass  # the backend is gone: nothing to stop there
 
@@ -184,8 +183,8 @@ class Session:
         return Retargeter(self.skeleton or SMPL22_BUILTIN, TargetRig.from_armature(obj), job.bone_map,
                           job.settings.root_motion, foot_lock=job.settings.foot_lock)
 
-    def _frames(self, message: wire.Message) -> None:
-        job = self.job
+    def _frames(self, job: Job, message: wire.Message) -> None:
+        """Key one streamed chunk of frames."""
         obj = bpy.data.objects.get(job.target)
         if obj is None or obj.type != "ARMATURE":
             raise ValueError(f"the target armature '{job.target}' is gone")
@@ -197,10 +196,9 @@ class Session:
                 raise ValueError(f"sample {sample} started at frame {message['start']}, not 0")
             job.retargeters[sample] = self._retargeter(job, obj)
             fps = float(self.server.get("fps", 20.0))
-            options = job.settings
+            options, request = job.settings, job.settings.request
             settings = {
-                "prompt": options.prompt, "seed": options.seed + sample, "seconds": options.seconds,
-                "guidance": options.guidance, "steps": options.steps, "sample": sample,
+                **request.to_header(), "seed": request.seed + sample, "sample": sample,
                 "preset": job.bone_map.preset, "root_motion": options.root_motion, "fps": fps,
                 "device": str(self.server.get("device", "")), "keep_timing": options.keep_timing,
                 "foot_lock": options.foot_lock,
@@ -214,11 +212,11 @@ class Session:
                              f"expected {keyer.received})")  # fmt: skip
         keyer.append(job.retargeters[sample](root, rotations))
 
-    def _done(self, message: wire.Message) -> None:
-        job = self.job
-        got = [job.keyers[s].received if s in job.keyers else 0 for s in range(job.settings.samples)]
-        if got != [message["frames"]] * job.settings.samples:
-            raise ValueError(f"the backend announced {message['frames']} frames per sample but sent {got}")
+    def _done(self, job: Job) -> None:
+        """Finish the Actions of a request whose whole motion has arrived and been keyed."""
+        samples = len(job.generation.motion.rotations)
+        if samples != job.settings.request.samples:
+            raise ValueError(f"asked for {job.settings.request.samples} samples, the backend sent {samples}")
         for keyer in job.keyers.values():
             keyer.finish()
         self.job = None
@@ -228,64 +226,52 @@ class Session:
         names = ", ".join(k.action_name for k in job.keyers.values())
         keyed = max(k.keyed for k in job.keyers.values())
         self.result = f"Created {names} ({keyed} frames at {scene.render.fps / scene.render.fps_base:g} fps)"
-        bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.prompt)}")
+        bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.request.prompt)}")
 
-    def handle(self, message: wire.Message) -> None:
-        """Apply one reply to the connection state or the running job."""
-        if message.type == "hello":
-            try:
-                limits = wire.Limits.from_json(message["limits"])
-                self.skeleton = CanonicalSkeleton.from_json(message["skeleton"])
-            except (ValueError, TypeError) as exc:
-                self.error = f"The backend at {self.endpoint} announced an unusable skeleton or limits: {exc}"
-                return
-            self.server = self.client.server = message.header
-            self.client.limits = limits
-            self._hello_heard = time.monotonic()
-            return
-        if message.type != "error":
-            self._hello_heard = time.monotonic()  # the server is alive (client-side failures are errors)
-        job = self.job
-        if job is None or message.id != job.request_id:
-            return  # a reply to a cancelled or old request
+    def _advance(self, job: Job) -> None:
+        """One step of the running job, from its handle's state: fail on an error, else key one pending chunk,
+        else finish once the motion is whole."""
+        generation = job.generation
         try:
-            if message.type == "progress":
-                job.step, job.total = message["step"], message["total"]
-            elif message.type == "frames":
-                self._frames(message)
-            elif message.type == "done":
-                self._done(message)
-            elif message.type == "error":
-                self._fail(f"Backend error ({message['code']}): {message['message']}")
-                if message["code"] in ("timeout", "disconnected"):
+            if generation.error is not None:
+                self._fail(f"Backend error ({generation.error.code}): {generation.error.message}")
+                if generation.error.code in ("timeout", "disconnected"):
                     self.server = None
+            elif job.pending:
+                self._frames(job, job.pending.popleft())
+            elif generation.motion is not None:
+                self._done(job)
         except (ValueError, TypeError, KeyError) as exc:  # KeyingStopped is a ValueError
             self.cancel()
             self.error = f"Generation failed, nothing was kept: {exc}"
 
     def tick(self) -> float:
-        """Handle arrived messages, keying at most one chunk of frames (the panel and viewport redraw between
-        two ticks, so keys appear as they stream); returns the seconds until the next tick."""
-        self._backlog.extend(self.client.poll())
-        while self._backlog:
-            message = self._backlog.popleft()
-            self.handle(message)
-            if message.type == "frames":
-                break
+        """Poll the backend and advance the running job by one step (keying at most one chunk of frames: the
+        panel and viewport redraw between two ticks, so keys appear as they stream); returns the seconds until
+        the next tick."""
+        for message in self.client.poll():  # drives the job's handle
+            if message.type == "hello":
+                self._hello(message)
+            elif message.type != "error":  # the server is alive (client-side failures are errors)
+                self._hello_heard = time.monotonic()
+        if self.job is not None:
+            self._advance(self.job)
         if self.job is None and time.monotonic() - self._hello_sent > HELLO_INTERVAL:
             if not self.connected:
                 self.client.connect()  # a fresh socket: unanswered hellos must not pile up in its queue
             self._send_hello()
-        return 0.01 if self._backlog else 0.05 if self.job is not None else 0.5
+        return 0.5 if self.job is None else 0.01 if self.job.pending else 0.05
 
     # -- local backend ------------------------------------------------------------------------------------
-    def start_backend(self, python: str, project: str, arguments: str = "") -> None:
-        """Run `python -m backend.serve --bind <endpoint> [arguments]` in `project`, output to `backend_log`."""
+    def start_backend(self, python: str, project: str, arguments: str = "", log_file: str | Path = "") -> None:
+        """Run `python -m backend.serve --bind <endpoint> [arguments]` in `project` (``addon.client.start_backend``),
+        logging to `log_file` (default: backend.log in the user's cache folder, capped, a link there not followed)."""
         if self.backend_process is not None and self.backend_process.poll() is None:
             raise ValueError("The local backend is already running.")
-        command = [python or sys.executable, "-m", "backend.serve", "--bind", self.endpoint, *shlex.split(arguments)]
-        with open(self.backend_log, "wb") as log:
-            self.backend_process = subprocess.Popen(command, cwd=project or None, stdout=log, stderr=subprocess.STDOUT)
+        log = Path(log_file) if log_file else client.cache_dir() / "backend.log"
+        self.backend_process = client.start_backend(self.endpoint, python, project, tuple(shlex.split(arguments)),
+                                                    log)  # fmt: skip
+        self.backend_log, self.backend_output = log, ""
         self._hello_heard = 0.0
         self._send_hello()
 

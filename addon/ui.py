@@ -97,11 +97,14 @@ class MOTION_PT_panel(bpy.types.Panel):
         else:
             row = layout.row(align=True)
             keyed = max((k.keyed for k in job.keyers.values()), default=0)
+            generation = job.generation
             if keyed:
                 text = f"Keyed {keyed} frames..."
+            elif generation.total:
+                text = f"Step {generation.step}/{generation.total}"
             else:
-                text = f"Step {job.step}/{job.total}" if job.total else "Waiting for the backend..."
-            row.progress(factor=job.progress, type="BAR", text=text)
+                text = "Waiting for the backend..."
+            row.progress(factor=generation.progress, type="BAR", text=text)
             row.operator("motion_mamba.cancel", text="", icon="CANCEL")
 
         if session is not None and session.error:
@@ -109,8 +112,10 @@ class MOTION_PT_panel(bpy.types.Panel):
         elif session is not None and session.result:
             layout.label(text=session.result, icon="CHECKMARK")
         status = layout.box()
-        status.label(text=session.describe() if session is not None else "Backend: not connected yet",
-                     icon="LINKED" if session is not None and session.connected else "UNLINKED")
+        text = session.describe() if session is not None else "Backend: not connected yet"
+        icon = "LINKED" if session is not None and session.connected else "UNLINKED"
+        for i, line in enumerate(ln for paragraph in text.splitlines() for ln in textwrap.wrap(paragraph, 56)):
+            status.label(text=line, icon=icon if i == 0 else "BLANK1")  # a local backend's last output, wrapped
         row = status.row(align=True)
         row.operator("motion_mamba.start_backend", icon="CONSOLE")
         row.operator("motion_mamba.stop_backend", text="", icon="X")

@@ -94,7 +94,7 @@ def main() -> None:
     def generate(steps: int) -> str:
         bpy.context.scene.motion_mamba.steps = steps  # looked up again: an undo frees the scene's data
         assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
-        return session.job.request_id
+        return session.job.generation.id
 
     def record(rnd: int, phase: str, **extra) -> None:
         for _ in range(20):  # late replies to the undone request must not bring anything back
@@ -119,7 +119,7 @@ def main() -> None:
 
         # denoising: progress has arrived, no frames yet
         rid = generate(1000)
-        tick_until(lambda: session.job.step > 0)
+        tick_until(lambda: session.job.generation.step > 0)
         keyed_before = sum(k.keyed for k in session.job.keyers.values())
         bpy.ops.ed.undo()
         record(rnd, "denoising", server=server_outcome(session.client, rid), keyed_before=keyed_before)

@@ -23,6 +23,8 @@ zmq = pytest.importorskip("zmq")
 import addon  # noqa: E402
 from addon import operators, wire  # noqa: E402
 from addon.canonical import SMPL22_BUILTIN  # noqa: E402
+from addon.client import Generation, cache_dir  # noqa: E402
+from addon.properties import generate_request  # noqa: E402
 from addon.retarget import map_bones  # noqa: E402
 from addon.session import Job, Session, Settings  # noqa: E402
 
@@ -67,7 +69,8 @@ def test_register_unregister_twice():
 
 
 DRAW_SCRIPT = """
-import json, os, sys, traceback
+import json, os, subprocess, sys, tempfile, traceback
+from pathlib import Path
 sys.path.insert(0, {root!r})
 import bpy
 import numpy as np
@@ -78,7 +81,9 @@ from addon.armature import build_armature, canonical_bones, create_canonical_arm
 from addon.canonical import SMPL22_BUILTIN
 from addon.keying import ActionKeyer
 from addon.retarget import RetargetResult, map_bones
+from addon.client import Generation
 from addon.session import Job, Session, Settings
+from addon.wire import GenerateRequest
 from addon.ui import MOTION_PT_panel, MOTION_UL_history
 
 bpy.ops.wm.read_factory_settings(use_empty=False)
@@ -103,8 +108,18 @@ def draw(menu, context):
         flags, _ = MOTION_UL_history.filter_items(FakeList(), context, bpy.data, "actions")
         items = [a.name for a, f in zip(bpy.data.actions, flags) if f]
         states.append("error")
-        operators._session.job = Job("id", Settings("walk"), rig.name, map_bones(SMPL22_BUILTIN.names))
-        operators._session.job.step, operators._session.job.total = 3, 10
+        log = Path(tempfile.mkdtemp()) / "backend.log"  # a local backend that exited with an error
+        log.with_suffix(".err").write_text("Traceback (most recent call last):\\nRuntimeError: no checkpoint at x\\n")
+        operators._session.backend_log = log
+        operators._session.backend_process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        operators._session.backend_process.wait()
+        MOTION_PT_panel.draw(menu, context)  # its exit code and last output in the status box
+        exited = operators._session.describe()
+        operators._session.backend_process = None
+        states.append("exited")
+        walk = GenerateRequest("walk")
+        generation = Generation("id", walk, operators._session.client, step=3, total=10)
+        operators._session.job = Job(generation, Settings(walk), rig.name, map_bones(SMPL22_BUILTIN.names))
         MOTION_PT_panel.draw(menu, context)  # a running generation: progress bar + cancel
         states.append("running")
         keyer = ActionKeyer(rig, "walk (seed 2)")
@@ -126,7 +141,8 @@ def draw(menu, context):
         context.scene.motion_mamba.target = partial
         MOTION_PT_panel.draw(menu, context)
         states.append("warned")
-        result = {{"states": states, "items": items, "warnings": [w for ws in ui._warnings_cache.values() for w in ws]}}
+        warnings = [w for ws in ui._warnings_cache.values() for w in ws]
+        result = {{"states": states, "items": items, "exited": exited, "warnings": warnings}}
     except Exception:
         result = {{"states": states, "error": traceback.format_exc()}}
     print("RESULT " + json.dumps(result), flush=True)
@@ -149,7 +165,9 @@ def test_panel_draws_in_every_state(tmp_path):
     assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(line[len("RESULT ") :])
     assert "error" not in result, result.get("error")
-    assert result["states"] == ["empty", "error", "running", "keying", "unmappable", "warned"]
+    assert result["states"] == ["empty", "error", "exited", "running", "keying", "unmappable", "warned"]
+    assert result["exited"].splitlines() == ["The local backend exited (code 3): Traceback (most recent call last):",
+                                             "RuntimeError: no checkpoint at x"]
     assert any(w.startswith("21/22 joints mapped: no bone for left_foot") for w in result["warnings"])
     assert "walk (seed 1)" in result["items"]  # the history list drew the generated action
 
@@ -176,7 +194,7 @@ def test_bad_input_changes_nothing(fresh, monkeypatch):
         return session.error
 
     settings.prompt = "   "
-    assert "Type a prompt" in generate()
+    assert "prompt is empty" in generate()
     settings.prompt = "a person walks forward"
     assert "No target armature" in generate()
 
@@ -259,7 +277,7 @@ GARBAGE = {
                             "out of order"),
     "short motion": (lambda rid: [frames(rid, good_chunk()),
                                   wire.encode({"type": "done", "id": rid, "frames": 80, "timings": {}})],
-                     "announced 80 frames"),
+                     "announced 80"),
     "unparseable header": (lambda rid: [[b"{not json", b""]], "no reply"),
     "unknown field": (lambda rid: [wire.encode({"type": "progress", "id": rid, "step": 1, "total": 2,
                                                 "junk": 1})], "unreadable reply"),
@@ -319,12 +337,48 @@ def test_limits_announced_in_hello_set_the_panel_ranges(fresh, monkeypatch):
 
 def test_local_backend_that_fails_to_start_is_reported(tmp_path):
     session = Session("tcp://127.0.0.1:9", hello_timeout=0.2)
-    session.backend_log = tmp_path / "backend.log"
-    session.start_backend(BACKEND_PYTHON, str(ROOT), "--no-such-option")
+    session.start_backend(BACKEND_PYTHON, str(ROOT), "--no-such-option", log_file=tmp_path / "backend.log")
     session.backend_process.wait(timeout=120)
-    assert session.describe().startswith("The local backend exited (code 2); its output: ")
-    assert "unrecognized arguments: --no-such-option" in session.backend_log.read_text()
+    status = session.describe()
+    print(status)
+    assert status.startswith("The local backend exited (code 2): ")
+    assert status.splitlines()[-1].endswith("unrecognized arguments: --no-such-option")  # the end of its output
     session.close()
+
+
+def test_local_backend_logs_in_the_cache_folder_and_follows_no_planted_link(fresh, tmp_path, monkeypatch):
+    """'Start local backend' logs to backend.log in the user's cache folder (0700), not to a fixed name in the
+    shared temporary folder; a symbolic link planted where its output goes is refused, not followed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(operators, "preferences", lambda _context: type("Prefs", (), {
+        "endpoint": "tcp://127.0.0.1:9", "keys_dir": "", "python": BACKEND_PYTHON, "project": str(ROOT),
+        "arguments": "--no-such-option"}))  # fmt: skip
+    assert bpy.ops.motion_mamba.start_backend() == {"FINISHED"}
+    session = operators.current_session()
+    session.backend_process.wait(timeout=120)
+    folder = tmp_path / "cache" / "motion_mamba"
+    assert session.backend_log == folder / "backend.log" == cache_dir() / "backend.log"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert "unrecognized arguments: --no-such-option" in session.describe()
+
+    victim = tmp_path / "victim"
+    (folder / "backend.err").unlink()
+    (folder / "backend.err").symlink_to(victim)
+    with pytest.raises(RuntimeError, match="Could not start the backend"):
+        bpy.ops.motion_mamba.start_backend()
+    assert not victim.exists() and session.backend_process.returncode == 2  # nothing written, nothing started
+
+
+def test_panel_settings_start_from_the_requests_defaults(fresh):
+    """The panel restates no default: its settings start as a request with only a prompt, and the backend's
+    limits bound them."""
+    props = fresh.scene.motion_mamba
+    props.prompt = "a person waves"
+    assert generate_request(props) == wire.GenerateRequest("a person waves")
+    rna = props.bl_rna.properties
+    assert {name: rna[name].default for name in wire.GenerateRequest.defaults()} == wire.GenerateRequest.defaults()
+    limits = wire.DEFAULT_LIMITS
+    assert (rna["seed"].hard_max, rna["guidance"].hard_max) == (limits.max_seed, limits.max_guidance)
 
 
 def test_history_apply_and_delete(fresh):
@@ -380,8 +434,9 @@ def test_panel_options_reach_the_retargeter(fresh, foot_lock, root_motion):
     rig = bpy.context.scene.motion_mamba.target
     session = Session("tcp://127.0.0.1:9", hello_timeout=0.0)
     try:
-        settings = Settings("walk", foot_lock=foot_lock, root_motion=root_motion)
-        job = Job("id", settings, rig.name, map_bones([b.name for b in rig.data.bones]))
+        settings = Settings(wire.GenerateRequest("walk"), foot_lock=foot_lock, root_motion=root_motion)
+        generation = Generation("id", settings.request, session.client)
+        job = Job(generation, settings, rig.name, map_bones([b.name for b in rig.data.bones]))
         retargeter = session._retargeter(job, rig)
         assert (retargeter.foot_lock, retargeter.root_motion) == (foot_lock and root_motion, root_motion)
     finally:

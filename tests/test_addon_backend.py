@@ -97,22 +97,16 @@ def run_until(condition, seconds: float, each=None) -> None:
         time.sleep(0.01)
 
 
-def pump(session: Session, until, seconds: float, each=None) -> list:
-    """Hand the session its replies one at a time (what a timer tick does in a loop), checking ``until`` and
-    calling ``each`` after every one: the tiny model can send a whole motion between two ticks, and this sees
-    every state in between. Returns the replies not handled yet."""
+def pump(session: Session, until, seconds: float, each=None) -> None:
+    """Tick the session (a tick keys at most one chunk) until ``until()``, calling ``each`` after every tick: the
+    tiny model can send a whole motion between two timer ticks, and this sees every keying state in between."""
     deadline = time.monotonic() + seconds
-    while True:
+    while not until():
         assert time.monotonic() < deadline, f"timed out; status: {session.describe()}"
-        messages = session.client.poll(timeout=0.05)
-        while messages:
-            if until():
-                return messages
-            session.handle(messages.pop(0))
-            if each is not None:
-                each()
-        if until():
-            return []
+        session.tick()
+        if each is not None:
+            each()
+        time.sleep(0.002)
 
 
 def generated() -> list:
@@ -163,15 +157,13 @@ def test_cancel_leaves_no_half_action(scene):
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
     with pytest.raises(RuntimeError, match="already running"):
         bpy.ops.motion_mamba.generate()
-    late = pump(session, lambda: session.job is not None and session.job.keyers, 180)
+    pump(session, lambda: session.job is not None and session.job.keyers, 180)
     assert 0 < session.job.keyers[0].received < 40
     assert bpy.ops.motion_mamba.cancel() == {"FINISHED"}
     assert generated() == [] and rig.animation_data.action.name == "users own"
     assert not rig.animation_data.action.use_fake_user
     assert session.error == "Cancelled"
-    for message in late:  # the rest of the cancelled request's replies are ignored
-        session.handle(message)
-    for _ in range(100):
+    for _ in range(100):  # the rest of the cancelled request's replies are ignored
         addon._timer()
         time.sleep(0.01)
     assert generated() == [] and session.job is None
@@ -233,8 +225,8 @@ def test_streamed_keys_appear_tick_by_tick(scene, monkeypatch):
     session, _rig = scene
     bpy.context.scene.motion_mamba.seconds = 6.0
     handled: list[str] = []
-    handle = session.handle
-    monkeypatch.setattr(session, "handle", lambda m: (handled.append(m.type), handle(m))[1])
+    key = session._frames
+    monkeypatch.setattr(session, "_frames", lambda job, m: (handled.append(m.type), key(job, m))[1])
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
     per_tick, keyed_while_running = [], []
     deadline = time.monotonic() + 180
@@ -337,7 +329,7 @@ def test_dead_backend_gives_a_clear_status(monkeypatch):
         props = bpy.context.scene.motion_mamba
         props.prompt, props.seconds, props.steps = "a person jumps", 2.0, 50
         assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
-        pump(session, lambda: session.job is not None and session.job.total > 0, 120)  # working on it
+        pump(session, lambda: session.job is not None and session.job.generation.total > 0, 120)  # working on it
         process.kill()
         start = time.monotonic()
         run_until(lambda: session.job is None, 30)
@@ -352,8 +344,10 @@ def test_dead_backend_gives_a_clear_status(monkeypatch):
         addon.unregister()
 
 
-def test_start_local_backend_from_the_addon():
-    """What the 'Start local backend' button runs: backend.serve as a subprocess the session owns."""
+def test_start_local_backend_from_the_addon(tmp_path, monkeypatch):
+    """What the 'Start local backend' button runs: backend.serve as a subprocess the session owns, logging in the
+    user's cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -366,6 +360,8 @@ def test_start_local_backend_from_the_addon():
             session.tick()
             time.sleep(0.05)
         assert session.describe() == f"Backend: tiny on cpu (tcp://127.0.0.1:{port})"
+        assert session.backend_log == tmp_path / "motion_mamba" / "backend.log"
+        assert f"serving tiny on tcp://127.0.0.1:{port}" in session.backend_log.read_text()
         process = session.backend_process
     finally:
         session.stop_backend()
