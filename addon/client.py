@@ -455,15 +455,25 @@ def cache_dir() -> Path:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = base / "motion_mamba"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if sys.platform != "win32":
+        folder.chmod(0o700)  # also when it existed with looser permissions
     return folder
+
+
+def default_log() -> Path:
+    """Where a local backend started by ``start_backend`` logs unless told otherwise."""
+    return cache_dir() / "backend.log"
 
 
 def start_backend(endpoint: str, python: str = "", project: str | Path = "", arguments: tuple[str, ...] = (),
                   log_file: str | Path = "") -> subprocess.Popen:
     """Run ``python -m backend.serve --bind ENDPOINT --log-file LOG [arguments]`` in ``project``. The server
-    logs to LOG (size-capped and rotated; default ``cache_dir()/backend.log``); its errors and crash output go
-    to LOG's ``.err`` sibling, truncated at each start. ``backend_output(LOG)`` reads them back."""
-    log = Path(log_file) if log_file else cache_dir() / "backend.log"
+    logs to LOG (size-capped and rotated; default ``default_log()``; never through a symbolic link); its errors
+    and crash output go to LOG's ``.err`` sibling, truncated at each start. ``backend_output(LOG)`` reads them
+    back."""
+    log = Path(log_file) if log_file else default_log()
+    if log.is_symlink():
+        raise OSError(f"{log} is a symbolic link: the backend's log is not written through one")
     command = [python or sys.executable, "-m", "backend.serve", "--bind", endpoint, "--log-file", str(log),
                *arguments]
     fd = os.open(log.with_suffix(".err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),

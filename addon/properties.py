@@ -31,22 +31,23 @@ def _seconds(limits: wire.Limits) -> FloatProperty:
 
 def _seed(limits: wire.Limits) -> IntProperty:
     return IntProperty(name="Seed", description="Same prompt + seed + settings give the same motion",
-                       default=DEFAULTS["seed"], min=0, max=min(limits.max_seed, INT_MAX))  # fmt: skip
+                       default=DEFAULTS["seed"], min=limits.min_seed, max=min(limits.max_seed, INT_MAX))  # fmt: skip
 
 
 def _guidance(limits: wire.Limits) -> FloatProperty:
     return FloatProperty(name="Guidance", description="Classifier-free guidance: how closely to follow the prompt",
-                         default=DEFAULTS["guidance"], min=0.0, max=limits.max_guidance)  # fmt: skip
+                         default=DEFAULTS["guidance"], min=limits.min_guidance, max=limits.max_guidance)  # fmt: skip
 
 
 def _steps(limits: wire.Limits) -> IntProperty:
     return IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=DEFAULTS["steps"],
-                       min=1, max=min(limits.max_steps, INT_MAX))  # fmt: skip
+                       min=limits.min_steps, max=min(limits.max_steps, INT_MAX))  # fmt: skip
 
 
 def _samples(limits: wire.Limits) -> IntProperty:
     return IntProperty(name="Samples", description="Variations to generate (one Action each)",
-                       default=DEFAULTS["samples"], min=1, max=min(limits.max_samples, INT_MAX))  # fmt: skip
+                       default=DEFAULTS["samples"], min=limits.min_samples,
+                       max=min(limits.max_samples, INT_MAX))  # fmt: skip
 
 
 # the request's optional fields, whose ranges the backend sets (announced in hello)

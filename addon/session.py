@@ -268,7 +268,7 @@ class Session:
         logging to `log_file` (default: backend.log in the user's cache folder, capped, a link there not followed)."""
         if self.backend_process is not None and self.backend_process.poll() is None:
             raise ValueError("The local backend is already running.")
-        log = Path(log_file) if log_file else client.cache_dir() / "backend.log"
+        log = Path(log_file) if log_file else client.default_log()
         self.backend_process = client.start_backend(self.endpoint, python, project, tuple(shlex.split(arguments)),
                                                     log)  # fmt: skip
         self.backend_log, self.backend_output = log, ""

@@ -65,9 +65,13 @@ class Limits:
     max_prompt_chars: int = 1000
     min_seconds: float = 0.5
     max_seconds: float = 120.0  # the server announces its model's own maximum
+    min_samples: int = 1
     max_samples: int = 8
+    min_steps: int = 1
     max_steps: int = 1000
+    min_guidance: float = 0.0
     max_guidance: float = 30.0
+    min_seed: int = 0
     max_seed: int = 2**31 - 1
     max_message_bytes: int = 4 * 2**20  # one whole message, all its frames together
     max_queue: int = 32
@@ -151,10 +155,8 @@ class GenerateRequest:
         except UnicodeEncodeError as exc:
             raise WireError(f"prompt is not valid Unicode text: a lone surrogate at character {exc.start}") from None
         _check_range("seconds", self.seconds, limits.min_seconds, limits.max_seconds)
-        _check_range("seed", self.seed, 0, limits.max_seed)
-        _check_range("guidance", self.guidance, 0.0, limits.max_guidance)
-        _check_range("steps", self.steps, 1, limits.max_steps)
-        _check_range("samples", self.samples, 1, limits.max_samples)
+        for name in ("seed", "guidance", "steps", "samples"):
+            _check_range(name, getattr(self, name), getattr(limits, f"min_{name}"), getattr(limits, f"max_{name}"))
         cost = self.cost(limits.fps)
         if cost > limits.max_cost:
             raise WireError(f"the request costs {cost} frame-steps ({self.frames(limits.fps)} frames x "

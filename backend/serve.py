@@ -563,6 +563,8 @@ def setup_logging(log_file: str | None) -> None:
     gets errors only)."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file:
+        if Path(log_file).is_symlink():
+            raise ValueError(f"the log file {log_file} is a symbolic link: not writing through it")
         Path(log_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         handlers[0].setLevel(logging.ERROR)
         handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_BYTES, backupCount=LOG_FILES,
@@ -601,7 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", default=None, help=f"also log here, rotated at {LOG_BYTES} bytes, "
                         f"{LOG_FILES} old files kept (the add-on's local backend logs to its cache folder)")
     args = parser.parse_args(argv)
-    setup_logging(args.log_file)
+    try:
+        setup_logging(args.log_file)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         check_bind(args.bind, args.keys)  # before spending time on the model
     except PermissionError as exc:

@@ -23,7 +23,7 @@ zmq = pytest.importorskip("zmq")
 import addon  # noqa: E402
 from addon import operators, wire  # noqa: E402
 from addon.canonical import SMPL22_BUILTIN  # noqa: E402
-from addon.client import Generation, cache_dir  # noqa: E402
+from addon.client import Generation, default_log  # noqa: E402
 from addon.properties import generate_request  # noqa: E402
 from addon.retarget import map_bones  # noqa: E402
 from addon.session import Job, Session, Settings  # noqa: E402
@@ -353,11 +353,13 @@ def test_local_backend_logs_in_the_cache_folder_and_follows_no_planted_link(fres
     monkeypatch.setattr(operators, "preferences", lambda _context: type("Prefs", (), {
         "endpoint": "tcp://127.0.0.1:9", "keys_dir": "", "python": BACKEND_PYTHON, "project": str(ROOT),
         "arguments": "--no-such-option"}))  # fmt: skip
+    folder = tmp_path / "cache" / "motion_mamba"
+    folder.mkdir(parents=True)
+    folder.chmod(0o755)  # made by someone else, readable by all: tightened
     assert bpy.ops.motion_mamba.start_backend() == {"FINISHED"}
     session = operators.current_session()
     session.backend_process.wait(timeout=120)
-    folder = tmp_path / "cache" / "motion_mamba"
-    assert session.backend_log == folder / "backend.log" == cache_dir() / "backend.log"
+    assert session.backend_log == folder / "backend.log" == default_log()
     assert folder.stat().st_mode & 0o777 == 0o700
     assert "unrecognized arguments: --no-such-option" in session.describe()
 
@@ -367,6 +369,12 @@ def test_local_backend_logs_in_the_cache_folder_and_follows_no_planted_link(fres
     with pytest.raises(RuntimeError, match="Could not start the backend"):
         bpy.ops.motion_mamba.start_backend()
     assert not victim.exists() and session.backend_process.returncode == 2  # nothing written, nothing started
+    (folder / "backend.err").unlink()
+    (folder / "backend.log").unlink(missing_ok=True)
+    (folder / "backend.log").symlink_to(victim)  # the log itself
+    with pytest.raises(RuntimeError, match="Could not start the backend"):
+        bpy.ops.motion_mamba.start_backend()
+    assert not victim.exists()
 
 
 def test_panel_settings_start_from_the_requests_defaults(fresh):

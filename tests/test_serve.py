@@ -695,6 +695,15 @@ def test_d10_a_port_in_use_is_a_clear_error():
     assert "Traceback" not in proc.stderr
 
 
+def test_d5_a_log_file_that_is_a_symbolic_link_is_refused(tmp_path):
+    victim, log = tmp_path / "victim", tmp_path / "backend.log"
+    log.symlink_to(victim)
+    proc = subprocess.run([sys.executable, "-m", "backend.serve", "--config", "tiny", "--log-file", str(log)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "is a symbolic link" in proc.stderr, proc.stderr
+    assert not victim.exists() and "Traceback" not in proc.stderr
+
+
 def test_d12_hello_names_no_absolute_path(server):
     shipped = pipeline.MotionPipeline.from_checkpoint(device="cpu")
     with running(shipped) as srv, MotionClient(srv.endpoint, timeout=20) as c:
