@@ -150,6 +150,11 @@ def load_map(name_or_file: str | Path) -> JointMap:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"joint map {path}: not valid JSON ({exc})") from None
+    if "extends" in data:  # another shipped map, with these fields (and these target joints) replaced
+        base = load_map(str(data["extends"]))
+        joints = {**base.joints, **data.get("joints", {})}
+        data = {"units_per_metre": base.units_per_metre, "up_axis": base.up_axis, "ignore": base.ignore,
+                "tpose": base.tpose, "skeleton": base.skeleton.name, **data, "joints": joints}
     return JointMap.from_json(data, str(path))
 
 
@@ -234,8 +239,8 @@ def choose_map(clip: Clip) -> JointMap:
         if not jmap.source_joints <= present:
             continue
         try:
-            reference = reference_points(src, jmap)
-            problems = geometry_problems(reference.numpy(), jmap.skeleton)
+            reference = _reference(src, jmap)
+            problems = geometry_problems((reference / jmap.units_per_metre).numpy(), jmap.skeleton)
             if not problems:
                 _rest_alignment(reference, jmap)
                 return jmap
@@ -360,9 +365,13 @@ def _rest_alignment(reference: torch.Tensor, jmap: JointMap) -> torch.Tensor:
 def reference_points(clip: Clip, jmap: JointMap) -> torch.Tensor:
     """The map's target joints (J, 3) in the source's T-pose (metres, Y up): the T-pose world rotations over the
     clip's own bone vectors at its first frame (offsets or channels)."""
-    src = as_source(clip)
+    return _reference(as_source(clip), jmap) / jmap.units_per_metre
+
+
+def _reference(src: SourceMotion, jmap: JointMap) -> torch.Tensor:
+    """:func:`reference_points` in the source's units."""
     ref_world = torch.from_numpy(reference_rotations(src, jmap))
-    trans = src.local_transforms()[0][0] / jmap.units_per_metre
+    trans = src.local_transforms()[0][0]
     points = [trans[0]]
     for j, p in enumerate(src.parents[1:], start=1):  # one root, parents before children
         points.append(points[p] + qrot(ref_world[p], trans[j]))
@@ -385,7 +394,7 @@ def retarget_rotations(bvh: Clip, jmap: JointMap, fps: float | None = None) -> t
     positions, rotations = _source_motion(bvh, jmap, fps)
     index = {n: i for i, n in enumerate(bvh.joint_names)}
     ref_world = torch.from_numpy(reference_rotations(bvh, jmap))
-    reference = reference_points(bvh, jmap)
+    reference = _reference(bvh, jmap)
     carrier = [index[spec if isinstance(spec, str) else spec["between"][0]]
                for spec in (jmap.joints[n] for n in skeleton.joint_names)]
     offset = qmul(qinv(ref_world[carrier]), _rest_alignment(reference, jmap))  # C_j
