@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from backend.data.captions import caption_lines, label_key, make_captions
 from backend.data.catalog import DEDUP_PREFERENCE, DEDUP_REASON, LICENSES, clip_captions, clip_spec, load_texts
-from backend.data.readers import clip_kind, context_member, read_clip
+from backend.data.readers import clip_kind, context_member, drop_calibration_frame, read_clip
 from backend.data.retarget import (
     Clip,
     JointMap,
@@ -149,8 +149,10 @@ def _prepare_clip(item: Item) -> ClipResult:
     """Read, retarget and featurise one clip, write its .npy files; never raises."""
     clip_id, member, kind, data, context, source = item
     try:
-        motion, notes = read_clip(member, kind, data, context)
+        motion = read_clip(member, kind, data, context)
         jmap = _WORKER_MAP or choose_map(motion)
+        motion, dropped = drop_calibration_frame(motion, jmap)
+        notes = [f"dropped the first {dropped} frames: a calibration T-pose and the blend out of it"] if dropped else []
         features, canonical = clip_features(motion, jmap)
         joints = features_to_positions(features)
         if not (np.isfinite(features).all() and np.isfinite(joints).all()):
