@@ -85,6 +85,8 @@ def clip_spec(member: str) -> ClipSpec:
     if folder and match:
         trial = f"{int(match[1]):02d}_{int(match[2]):02d}"
         return ClipSpec(f"{folder}_{trial}", folder, trial=trial, known_layout=True)
+    if folder:
+        return ClipSpec(stem, folder)  # not a CMU trial name: a labelled clip in that folder
     return ClipSpec(stem, "bandai-namco" if "bandai-namco" in member.lower() else path.parts[0] if len(
         path.parts) > 1 else "labelled")
 
