@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("prepare", help="several folders/archives of clips (BVH, ASF/AMC, DeepMimic) -> one "
                        "HumanML3D-layout dataset")
-    m.add_argument("paths", nargs="+", metavar="SOURCE... OUT", help="source folders or .tar.xz/.tar.gz/.zip "
-                   "archives, then the output dataset folder (its parent must exist)")
+    m.add_argument("paths", nargs="+", metavar="PATH", help="SOURCE [SOURCE ...] OUT: source folders or "
+                   ".tar.xz/.tar.gz/.zip archives, then the output dataset folder (its parent must exist)")
     p = sub.add_parser("prepare-bvh", help="one BVH folder/archive -> HumanML3D-layout dataset")
     p.add_argument("source", help="folder or .tar.xz/.tar.gz/.zip of .bvh files (with label .json beside them)")
     p.add_argument("out", help="output dataset folder (its parent must exist)")
