@@ -103,7 +103,8 @@ def load_texts(files: dict[str, bytes]) -> Texts:
         elif name == "kitml_cmu_captions.json":
             for trial, entry in json.loads(data).items():
                 s, t = trial.split("_")
-                captions = [a["text"].strip() for a in entry.get("annotations", []) if a.get("text", "").strip()]
+                captions = [" ".join(a["text"].replace("#", " ").split()) for a in entry.get("annotations", [])
+                            if a.get("text", "").strip()]  # one line, no '#' (HumanML3D's field separator)
                 texts.kit[f"{int(s):02d}_{int(t):02d}"] = list(dict.fromkeys(captions))
     return texts
 
