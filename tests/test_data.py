@@ -75,7 +75,7 @@ def _ids(root: Path, split: str) -> list[str]:
 def test_prepare_layout_and_counts(prepared) -> None:
     root, info = prepared
     assert info == json.loads((root / "dataset.json").read_text())
-    assert info["counts"]["bvh_files"] == len(CLIPS) and info["counts"]["prepared"] == len(CLIPS)
+    assert info["counts"]["clip_files"] == len(CLIPS) and info["counts"]["prepared"] == len(CLIPS)
     assert info["failures"] == [] and info["counts"]["failed"] == 0
     assert info["fps"] == 20 and info["feature_dim"] == 263
     assert info["skeleton"]["joint_names"] == list(SMPL22.joint_names)
@@ -235,7 +235,7 @@ def test_bad_arguments(bandai_subset, tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty.tar.gz"
     with tarfile.open(empty, "w:gz"):
         pass
-    with pytest.raises(ValueError, match=r"holds no \.bvh files"):
+    with pytest.raises(ValueError, match=r"holds no motion clips"):
         prepare_bvh(empty, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     with pytest.raises(ValueError, match=r"output parent folder .* does not exist"):
@@ -270,7 +270,7 @@ def test_zip_source_with_labels_file_and_cli(bandai_subset, tmp_path: Path, caps
             "--labels", str(tmp_path / "labels.json"), "--map", "bandai_namco", "--workers", "1"]
     assert cli(args) == 0
     out = capsys.readouterr().out
-    assert "prepared 2 of 2 clips (0 failed)" in out and "round trip max error" in out
+    assert "prepared 2 of 2 clips (0 failed, 0 skipped)" in out and "round trip max error" in out
     assert sorted(_ids(tmp_path / "out", "all")) == sorted(clips)
     assert cli(args) == 2  # OUT exists now
     assert cli([*args, "--force"]) == 0
@@ -335,7 +335,7 @@ def test_previews(prepared, tmp_path: Path, capsys) -> None:
 def test_prepare_whole_archive(bandai_archive: Path, tmp_path: Path) -> None:
     info = prepare_bvh(bandai_archive, tmp_path / "bandai", progress=False)
     counts = info["counts"]
-    assert counts["bvh_files"] == 2766 and counts["prepared"] + counts["failed"] == 2766
+    assert counts["clip_files"] == 2766 and counts["prepared"] + counts["failed"] == 2766
     assert counts["failed"] == len(info["failures"]) <= 5  # only the known features round-trip cases, by name
     assert info["checks"]["roundtrip_max_error_m"] < 0.01
     assert sum(counts["splits"].values()) == counts["prepared"]

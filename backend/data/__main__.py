@@ -1,4 +1,4 @@
-"""Command line: ``python -m backend.data {prepare-bvh,preview} ...`` (``--help`` on each)."""
+"""Command line: ``python -m backend.data {prepare,prepare-bvh,preview} ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -13,21 +13,31 @@ from PIL import Image
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from backend.data.prepare import prepare_bvh
+    from backend.data.prepare import prepare
 
     start = time.perf_counter()
-    info = prepare_bvh(args.source, args.out, labels=args.labels, joint_map=args.map, workers=args.workers,
-                       force=args.force)
+    sources = [args.source] if args.command == "prepare-bvh" else args.paths[:-1]
+    out = args.out if args.command == "prepare-bvh" else args.paths[-1]
+    if not sources:
+        raise ValueError("give one or more sources, then the output folder")
+    info = prepare(sources, out, labels=args.labels, joint_map=args.map, workers=args.workers, force=args.force)
     counts = info["counts"]
-    print(f"prepared {counts['prepared']} of {counts['bvh_files']} clips ({counts['failed']} failed) into {args.out} "
-          f"in {time.perf_counter() - start:.1f} s with {info['workers']} worker(s)")
+    print(f"prepared {counts['prepared']} of {counts['clip_files']} clips ({counts['failed']} failed, "
+          f"{counts['skipped']} skipped) into {out} in {time.perf_counter() - start:.1f} s with "
+          f"{info['workers']} worker(s)")
     print(f"{counts['frames']} frames at {info['fps']:g} fps ({counts['hours']} h); splits: "
           + ", ".join(f"{k} {v}" for k, v in counts["splits"].items()))
     print(f"held-out (content, style) pairs: {len(info['splits']['test_unseen_pairs'])}; "
           f"features->positions round trip max error {info['checks']['roundtrip_max_error_m']:.2e} m")
+    for name, c in info["sources"].items():
+        print(f"  {name:14s} {c['prepared']:5d} prepared of {c['clip_files']:5d} ({c['failed']} failed, "
+              f"{c['skipped']} skipped), {c['frames'] / info['fps'] / 60:.1f} min; "
+              + ", ".join(f"{k} {v}" for k, v in sorted(c["splits"].items())))
     print(f"license: {info['license']}")
     for failure in info["failures"]:
         print(f"  failed: {failure['member']}: {failure['error']}")
+    for skip in info["skipped"]:
+        print(f"  skipped: {skip['member']}: {skip['reason']}")
 
 
 def _load_positions(target: Path, clip_id: str | None) -> tuple[np.ndarray, str]:
@@ -84,14 +94,21 @@ def _preview(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare-bvh", help="BVH folder/archive -> HumanML3D-layout dataset")
+    m = sub.add_parser("prepare", help="several folders/archives of clips (BVH, ASF/AMC, DeepMimic) -> one "
+                       "HumanML3D-layout dataset")
+    m.add_argument("paths", nargs="+", metavar="PATH", help="SOURCE [SOURCE ...] OUT: source folders or "
+                   ".tar.xz/.tar.gz/.zip archives, then the output dataset folder (its parent must exist)")
+    p = sub.add_parser("prepare-bvh", help="one BVH folder/archive -> HumanML3D-layout dataset")
     p.add_argument("source", help="folder or .tar.xz/.tar.gz/.zip of .bvh files (with label .json beside them)")
     p.add_argument("out", help="output dataset folder (its parent must exist)")
-    p.add_argument("--labels", help="JSON {clip_id: {content, style}} (default: the .json beside each .bvh)")
-    p.add_argument("--map", help="joint map name or JSON file (default: the shipped map that fits each skeleton)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=_prepare)
+    for q in (m, p):
+        q.add_argument("--labels", help="JSON {clip_id: {content, style}} for clips without a known layout "
+                       "(default: the .json beside each clip)")
+        q.add_argument("--map", help="joint map name or JSON file for every clip (default: the shipped map that "
+                       "fits each skeleton by bone names and rest geometry)")
+        q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+        q.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        q.set_defaults(func=_prepare)
     v = sub.add_parser("preview", help="stick-figure .gif animation or .png contact sheet of a clip")
     v.add_argument("target", help="dataset folder, or a .npy of positions (T, J, 3) or features (T, D)")
     v.add_argument("ids", nargs="*", metavar="ID", help="clip id(s) when target is a dataset folder; several ids "

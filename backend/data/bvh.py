@@ -48,6 +48,7 @@ class Bvh:
     channels: tuple[tuple[str, ...], ...]  # per joint, e.g. ("Xposition", ..., "Zrotation", "Xrotation", ...)
     motion: np.ndarray  # (T, sum of channels) float64
     frame_time: float
+    end_sites: tuple[tuple[int, tuple[float, float, float]], ...] = ()  # (joint, OFFSET) of each End Site
 
     @property
     def fps(self) -> float:
@@ -147,6 +148,7 @@ def parse_bvh(text: str, name: str = "<bvh>") -> Bvh:
     offsets: list[list[float]] = []
     channels: list[tuple[str, ...]] = []
     stack: list[int] = []  # joint index per open brace; -2 marks an End Site block
+    end_sites: list[tuple[int, tuple[float, float, float]]] = []
     pending: int | None = None
     i = 1
     try:
@@ -178,6 +180,8 @@ def parse_bvh(text: str, name: str = "<bvh>") -> Bvh:
                 values = [float(v) for v in tokens[i + 1 : i + 4]]
                 if stack[-1] >= 0:
                     offsets[stack[-1]] = values
+                else:
+                    end_sites.append((next(s for s in reversed(stack) if s >= 0), (values[0], values[1], values[2])))
                 i += 4
             elif tok == "CHANNELS":
                 count = int(tokens[i + 1])
@@ -217,7 +221,7 @@ def parse_bvh(text: str, name: str = "<bvh>") -> Bvh:
     if not np.isfinite(values).all():
         raise BvhError(f"{name}: motion data holds NaN or infinite values")
     return Bvh(tuple(names), tuple(parents), np.asarray(offsets, dtype=np.float64), tuple(channels),
-               values.reshape(frames, width), frame_time)
+               values.reshape(frames, width), frame_time, tuple(end_sites))
 
 
 def read_bvh(path: str | Path) -> Bvh:

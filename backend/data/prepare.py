@@ -1,17 +1,22 @@
-"""Prepare a folder or archive of labelled BVH clips as a dataset in HumanML3D's layout.
+"""Prepare one or several folders or archives of motion clips as one dataset in HumanML3D's layout.
 
-Pipeline per clip: BVH -> ``retarget_rotations`` (joint map) to SMPL22 rotations over its rest pose, twist
-included, 20 fps, metres, Y up -> ``backend.motion.canonicalize_rotations`` (positions = their forward kinematics,
-placed on the floor facing +Z) -> ``positions_to_features`` with those rotations in the rotation channels ->
-``new_joint_vecs/ID.npy`` (T-1, 263); ``new_joints/ID.npy`` = ``features_to_positions(features)`` (T-1, 22, 3).
-Then captions (``texts/ID.txt``), deterministic splits, ``Mean.npy``/``Std.npy`` over the train split, and
-``dataset.json``.
+Pipeline per clip: read (BVH, ASF/AMC or DeepMimic JSON: ``backend.data.readers``) -> joint map (``--map``, else
+chosen by bone names and rest geometry: ``backend.data.retarget.choose_map``) -> ``retarget_rotations`` to SMPL22
+rotations over its rest pose, twist included, 20 fps, metres, Y up -> ``backend.motion.canonicalize_rotations``
+(positions = their forward kinematics, placed on the floor facing +Z) -> ``positions_to_features`` with those
+rotations in the rotation channels -> ``new_joint_vecs/ID.npy`` (T-1, 263); ``new_joints/ID.npy`` =
+``features_to_positions(features)`` (T-1, 22, 3). Then captions (``texts/ID.txt``), deterministic splits,
+``Mean.npy``/``Std.npy`` over the train split, and ``dataset.json`` (per clip: source, license, caption provenance,
+joint map and what it dropped).
 
-Sources: a folder (searched recursively), or a .tar/.tar.gz/.tgz/.tar.xz/.tar.bz2/.zip archive read in one
-streaming pass (never unpacked to disk). Labels: ``--labels FILE.json`` ({id: {"content": ..., "style": ...}}),
-else a ``.json`` beside each ``.bvh`` ({"content": N, "style": M}, names or indices into the nearest
-``cfg/content_label.txt`` / ``cfg/style_label.txt``, the Bandai-Namco layout). A clip that fails (parse error,
-unknown skeleton, no labels, ...) is reported by name on stderr and in dataset.json, and skipped.
+Sources: folders (searched recursively), or .tar/.tar.gz/.tgz/.tar.xz/.tar.bz2/.zip archives read in one
+streaming pass each (never unpacked to disk). Clips of a known layout (the more-mocap archive's folders:
+``backend.data.catalog``) get their id, captions, license and held-out status from it; duplicate CMU trials are kept
+once. Other clips need labels: ``--labels FILE.json`` ({id: {"content": ..., "style": ...}}), else a ``.json``
+beside each clip ({"content": N, "style": M}, names or indices into the nearest ``cfg/content_label.txt`` /
+``cfg/style_label.txt``, the Bandai-Namco layout). A clip that fails (parse error, unknown skeleton, no labels, ...)
+is reported by name on stderr and in dataset.json (``failures``); one left out on purpose (a duplicate trial, a
+calibration take, a skeleton file) is listed with its reason (``skipped``).
 The dataset is built in a temporary sibling folder and moved into place at the end, so a reader of OUT never
 sees a half-written dataset.
 """
@@ -39,13 +44,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backend.data.bvh import Bvh, parse_bvh
 from backend.data.captions import caption_lines, label_key, make_captions
-from backend.data.retarget import JointMap, find_map, load_map, retarget_rotations, unmapped_joints
-from backend.data.splits import RULES, held_out_pairs, make_splits
+from backend.data.catalog import DEDUP_PREFERENCE, DEDUP_REASON, LICENSES, clip_captions, clip_spec, load_texts
+from backend.data.readers import clip_kind, context_member, drop_calibration_frame, read_clip
+from backend.data.retarget import (
+    Clip,
+    JointMap,
+    choose_map,
+    load_map,
+    mapping_report,
+    retarget_rotations,
+    unmapped_joints,
+)
+from backend.data.splits import RULES, held_out_pairs, make_splits, take_splits
 from backend.motion import canonicalize_rotations, features_to_positions, positions_to_features
 from backend.skeleton import SMPL22
 
+WANTED_SUFFIXES = (".bvh", ".amc", ".asf", ".json", ".txt", ".csv")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
 CAPTIONS_PER_CLIP = 4
 SPLIT_NAMES = ("train", "val", "test", "test_unseen_pairs")
@@ -66,6 +81,9 @@ class ClipResult:
     joint_map: str = ""
     unmapped: tuple[str, ...] = ()
     roundtrip_error_m: float = 0.0  # max |features_to_positions(features) - canonical positions|
+    source: int = 0  # index of the source it came from
+    mapping: dict[str, Any] | None = None  # backend.data.retarget.mapping_report without the shared "mapped"
+    notes: tuple[str, ...] = ()  # what reading changed (e.g. a dropped calibration frame)
 
 
 def _is_archive(path: Path) -> bool:
@@ -73,11 +91,12 @@ def _is_archive(path: Path) -> bool:
 
 
 def iter_source(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(relative member path, bytes) for every .bvh, .json, .txt and LICENSE file of a folder or archive."""
+    """(relative member path, bytes) for every clip (.bvh, .amc, DeepMimic .txt), text and skeleton file
+    (.json, .txt, .csv, .asf) and LICENSE file of a folder or archive."""
 
     def wanted(name: str) -> bool:
         name = name.lower()
-        return name.endswith((".bvh", ".json", ".txt")) or PurePosixPath(name).name.startswith("license")
+        return name.endswith(WANTED_SUFFIXES) or PurePosixPath(name).name.startswith("license")
 
     if source.is_dir():
         for path in sorted(source.rglob("*")):
@@ -103,10 +122,6 @@ def iter_source(source: Path) -> Iterator[tuple[str, bytes]]:
             raise ValueError(f"{source}: not a readable tar archive ({exc})") from None
 
 
-def _clip_id(member: str) -> str:
-    return PurePosixPath(member).stem
-
-
 _WORKER_MAP: JointMap | None = None
 _WORKER_OUT: Path | None = None
 
@@ -117,7 +132,7 @@ def _init_worker(jmap: JointMap | None, out: Path) -> None:
     torch.set_num_threads(1)  # one process per core; torch's own threads only contend for it
 
 
-def clip_features(bvh: Bvh, jmap: JointMap) -> tuple[np.ndarray, np.ndarray]:
+def clip_features(bvh: Clip, jmap: JointMap) -> tuple[np.ndarray, np.ndarray]:
     """One parsed clip's features (T-1, D) and canonical joint positions (T, J, 3), float64 (the module
     docstring's pipeline). Raises ValueError for a clip that does not fit the map or is too short."""
     root, rotations = retarget_rotations(bvh, jmap)
@@ -127,14 +142,18 @@ def clip_features(bvh: Bvh, jmap: JointMap) -> tuple[np.ndarray, np.ndarray]:
     return positions_to_features(canonical, jmap.skeleton, rotations=rotations), canonical
 
 
-def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
-    """Parse, retarget and featurise one clip, write its .npy files; never raises."""
-    member, data = item
-    clip_id = _clip_id(member)
+Item = tuple[str, str, str, bytes, bytes | None, int]  # clip id, member, kind, data, context, source index
+
+
+def _prepare_clip(item: Item) -> ClipResult:
+    """Read, retarget and featurise one clip, write its .npy files; never raises."""
+    clip_id, member, kind, data, context, source = item
     try:
-        bvh = parse_bvh(data.decode("utf-8", errors="replace"), name=member)
-        jmap = _WORKER_MAP or find_map(bvh.joint_names)
-        features, canonical = clip_features(bvh, jmap)
+        motion = read_clip(member, kind, data, context)
+        jmap = _WORKER_MAP or choose_map(motion)
+        motion, dropped = drop_calibration_frame(motion, jmap)
+        notes = [f"dropped the first {dropped} frames: a calibration T-pose and the blend out of it"] if dropped else []
+        features, canonical = clip_features(motion, jmap)
         joints = features_to_positions(features)
         if not (np.isfinite(features).all() and np.isfinite(joints).all()):
             raise ValueError("features are not finite")
@@ -145,16 +164,18 @@ def _prepare_clip(item: tuple[str, bytes]) -> ClipResult:
         assert _WORKER_OUT is not None
         np.save(_WORKER_OUT / "new_joint_vecs" / f"{clip_id}.npy", features.astype(np.float32))
         np.save(_WORKER_OUT / "new_joints" / f"{clip_id}.npy", joints.astype(np.float32))
+        report = mapping_report(motion, jmap, "--map" if _WORKER_MAP else "bone names and rest geometry")
+        del report["mapped"]  # the same for every clip of a map: dataset.json lists it once per map
         return ClipResult(
-            clip_id, member, frames=features.shape[0], source_frames=bvh.num_frames, source_fps=round(bvh.fps, 3),
-            joint_map=jmap.name, unmapped=tuple(unmapped_joints(bvh, jmap)),
-            roundtrip_error_m=roundtrip,
+            clip_id, member, frames=features.shape[0], source_frames=motion.num_frames,
+            source_fps=round(motion.fps, 3), joint_map=jmap.name, unmapped=tuple(unmapped_joints(motion, jmap)),
+            roundtrip_error_m=roundtrip, source=source, mapping=report, notes=tuple(notes),
         )
     except Exception as exc:  # reported by name and skipped, never silently
         message = str(exc).removeprefix(f"{member}: ")  # the failure is listed under its member name anyway
         if not isinstance(exc, ValueError):
             message = f"{type(exc).__name__}: {message}"
-        return ClipResult(clip_id, member, error=message)
+        return ClipResult(clip_id, member, error=message, source=source)
 
 
 def _label_names(files: dict[str, bytes], member: str, kind: str) -> list[str] | None:
@@ -198,7 +219,7 @@ def _load_labels_file(path: Path | None) -> dict[str, tuple[str, str]]:
         raise ValueError(f"labels file {path}: expected {expected} ({exc!r})") from None
 
 
-def _license(files: dict[str, bytes]) -> str:
+def _labelled_license(files: dict[str, bytes]) -> str:
     found = set()
     for member, data in files.items():
         if PurePosixPath(member).name.upper().startswith("LICENSE"):
@@ -220,11 +241,16 @@ def compute_normalizer(features: list[np.ndarray], num_joints: int) -> tuple[np.
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def _check_paths(source: Path, out: Path, force: bool) -> None:
-    if not source.exists():
-        raise ValueError(f"source {source} does not exist")
-    if not (source.is_dir() or _is_archive(source)):
-        raise ValueError(f"source {source}: expected a folder or one of {', '.join(ARCHIVE_SUFFIXES)}")
+def _check_paths(sources: list[Path], out: Path, force: bool) -> None:
+    if not sources:
+        raise ValueError("give at least one source folder or archive")
+    for source in sources:
+        if not source.exists():
+            raise ValueError(f"source {source} does not exist")
+        if not (source.is_dir() or _is_archive(source)):
+            raise ValueError(f"source {source}: expected a folder or one of {', '.join(ARCHIVE_SUFFIXES)}")
+    if len({s.resolve() for s in sources}) < len(sources):
+        raise ValueError("the same source is given twice")
     if not out.parent.is_dir():
         raise ValueError(f"output parent folder {out.parent} does not exist; create it first")
     if out.exists() and any(out.iterdir()) and not force:
@@ -240,14 +266,28 @@ def prepare_bvh(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Prepare SOURCE into OUT (see the module docstring); returns the dataset.json content.
+    """Prepare one SOURCE into OUT: :func:`prepare` with a single source (the ``prepare-bvh`` command)."""
+    return prepare([source], out, labels=labels, joint_map=joint_map, workers=workers, force=force,
+                   progress=progress)
 
-    Raises ValueError for unusable arguments (missing source, missing OUT parent, an empty source, a bad map or
-    labels file) before writing anything; single clips that fail are listed, not raised.
+
+def prepare(
+    sources: list[str | Path],
+    out: str | Path,
+    labels: str | Path | None = None,
+    joint_map: str | Path | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare SOURCES into one dataset OUT (see the module docstring); returns the dataset.json content.
+
+    Raises ValueError for unusable arguments (missing source, missing OUT parent, a source without clips, a bad map
+    or labels file) before writing anything; single clips that fail are listed, not raised.
     """
     start = time.perf_counter()
-    source, out = Path(source), Path(out)
-    _check_paths(source, out, force)
+    paths, out = [Path(s) for s in sources], Path(out)
+    _check_paths(paths, out, force)
     jmap = load_map(joint_map) if joint_map is not None else None
     label_overrides = _load_labels_file(Path(labels) if labels is not None else None)
     workers = max(1, workers or os.cpu_count() or 1)
@@ -257,66 +297,120 @@ def prepare_bvh(
     try:
         for sub in ("new_joint_vecs", "new_joints", "texts"):
             (tmp / sub).mkdir()
-        files: dict[str, bytes] = {}
+        files: list[dict[str, bytes]] = [{} for _ in paths]
         seen: Counter[str] = Counter()
+        unread: list[ClipResult] = []  # clips whose skeleton file is missing: they never reach a worker
+        clip_count = [0] * len(paths)
 
-        def bvh_items() -> Iterator[tuple[str, bytes]]:
-            for member, data in iter_source(source):
-                if member.lower().endswith(".bvh"):
-                    seen[_clip_id(member)] += 1
-                    yield member, data
-                else:
-                    files[member] = data
+        def items() -> Iterator[Item]:
+            for k, source in enumerate(paths):
+                deferred = []
+                for member, data in iter_source(source):
+                    kind = clip_kind(member, data[:400])
+                    if kind is None:
+                        files[k][member] = data
+                        continue
+                    clip_count[k] += 1
+                    clip_id = clip_spec(member).clip_id
+                    seen[clip_id] += 1
+                    if kind == "bvh":
+                        yield clip_id, member, kind, data, None, k
+                    else:  # needs its skeleton file, which may come later in the stream
+                        deferred.append((clip_id, member, kind, data))
+                if clip_count[k] == 0:
+                    raise ValueError(f"source {source} holds no motion clips (.bvh, .amc, DeepMimic .txt)")
+                for clip_id, member, kind, data in deferred:
+                    try:
+                        context = context_member(member, kind, files[k])
+                    except ValueError as exc:
+                        unread.append(ClipResult(clip_id, member, error=str(exc), source=k))
+                        continue
+                    yield clip_id, member, kind, data, files[k][context] if context else None, k
 
         results: list[ClipResult] = []
-        bar = tqdm(desc="prepare-bvh", unit="clip", disable=not progress, file=sys.stderr)
+        bar = tqdm(desc="prepare", unit="clip", disable=not progress, file=sys.stderr)
         if workers == 1:
             previous = torch.get_num_threads()
             _init_worker(jmap, tmp)
             try:
-                for item in bvh_items():
+                for item in items():
                     results.append(_prepare_clip(item))
                     bar.update()
             finally:
                 torch.set_num_threads(previous)
         else:
             with mp.get_context("fork").Pool(workers, _init_worker, (jmap, tmp)) as pool:
-                for result in pool.imap_unordered(_prepare_clip, bvh_items(), chunksize=4):
+                for result in pool.imap_unordered(_prepare_clip, items(), chunksize=4):
                     results.append(result)
                     bar.update()
         bar.close()
-        if not results:
-            raise ValueError(f"source {source} holds no .bvh files")
+        results += unread
+        results.sort(key=lambda r: (r.source, r.member))
+        texts = [load_texts(f) for f in files]
 
-        results.sort(key=lambda r: r.member)
-        duplicates = {c for c, n in seen.items() if n > 1}
-        ok: dict[str, ClipResult] = {}
         failures: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        ok: dict[str, ClipResult] = {}
         pair_of: dict[str, tuple[str, str]] = {}
+        held: dict[str, bool] = {}  # clips of known layouts -> held out by their source
+        manifest: dict[str, dict[str, Any]] = {}
+        kept_trial = _dedup([r for r in results if r.error is None])
+        duplicates = []
         for r in results:
-            error = r.error
-            if error is None and r.clip_id in duplicates:
+            spec = clip_spec(r.member)
+            error, skip = r.error, None
+            if error is None and seen[r.clip_id] > 1:
                 error = f"duplicate clip id {r.clip_id!r} (several files share this name)"
-            if error is None:
+            if error is None and spec.trial is not None and kept_trial[spec.trial] != r.clip_id:
+                skip = f"duplicate of CMU trial {spec.trial}: kept {kept_trial[spec.trial]} (see duplicates.why)"
+            if error is None and skip is None:
                 try:
-                    content, style = label_overrides.get(r.clip_id) or _sidecar_label(files, r.member)
-                    captions = make_captions(r.clip_id, content, style, CAPTIONS_PER_CLIP)
+                    if spec.known_layout:
+                        captions, origin = clip_captions(spec, texts[r.source], CAPTIONS_PER_CLIP)
+                        license_ = LICENSES[spec.source]
+                    else:
+                        content, style = label_overrides.get(r.clip_id) or _sidecar_label(files[r.source], r.member)
+                        captions = make_captions(r.clip_id, content, style, CAPTIONS_PER_CLIP)
+                        origin = f"templates from labels (content {content!r}, style {style!r})"
+                        license_ = _labelled_license(files[r.source])
                 except ValueError as exc:
-                    error = str(exc)
-            if error is not None:
-                failures[r.member] = error
+                    if spec.known_layout:
+                        skip = str(exc)
+                    else:
+                        error = str(exc)
+            if error is not None or skip is not None:
+                (failures if error is not None else skipped)[r.member] = error if error is not None else skip
                 for sub in ("new_joint_vecs", "new_joints"):
                     (tmp / sub / f"{r.clip_id}.npy").unlink(missing_ok=True)
                 continue
             (tmp / "texts" / f"{r.clip_id}.txt").write_text(caption_lines(captions), encoding="utf-8")
             ok[r.clip_id] = r
-            pair_of[r.clip_id] = (label_key(content), label_key(style))
+            if spec.known_layout:
+                held[r.clip_id] = spec.held_out
+            else:
+                pair_of[r.clip_id] = (label_key(content), label_key(style))
+            manifest[r.clip_id] = {
+                "member": r.member, "input": paths[r.source].name, "source": spec.source, "license": license_,
+                "captions_from": origin, "joint_map": r.joint_map, "chosen_by": (r.mapping or {}).get("chosen_by"),
+                "dropped_joints": (r.mapping or {}).get("dropped", {}), "notes": list(r.notes),
+                "source_frames": r.source_frames, "source_fps": r.source_fps, "frames": r.frames,
+            }
+        for trial, kept in sorted(kept_trial.items()):
+            copies = [r.clip_id for r in results if clip_spec(r.member).trial == trial and r.error is None]
+            if len(copies) > 1:
+                duplicates.append({"trial": trial, "kept": kept, "dropped": [c for c in copies if c != kept]})
         for member, error in failures.items():
-            print(f"prepare-bvh: skipped {member}: {error}", file=sys.stderr)
+            print(f"prepare: failed {member}: {error}", file=sys.stderr)
         if not ok:
-            raise ValueError(f"no clip of {source} could be prepared; first error: {next(iter(failures.values()))}")
+            first = next(iter({**failures, **skipped}.values()), "no clips")
+            raise ValueError(f"no clip of {', '.join(map(str, paths))} could be prepared; first error: {first}")
 
         splits = make_splits(pair_of)
+        for name, ids in take_splits(held).items():
+            splits[name] = sorted(splits[name] + ids)
+        for name in SPLIT_NAMES:
+            for clip_id in splits[name]:
+                manifest[clip_id]["split"] = name
         for name in SPLIT_NAMES:
             (tmp / f"{name}.txt").write_text("".join(f"{i}\n" for i in splits[name]), encoding="utf-8")
         (tmp / "all.txt").write_text("".join(f"{i}\n" for i in sorted(ok)), encoding="utf-8")
@@ -329,6 +423,8 @@ def prepare_bvh(
 
         frames = sum(r.frames for r in ok.values())
         worst = max(ok.values(), key=lambda r: r.roundtrip_error_m)
+        licenses = sorted({m["license"] for m in manifest.values()})
+        all_files = {m: d for f in files for m, d in f.items()}
         info = {
             "name": out.name,
             "format": "HumanML3D (new_joint_vecs (T, 263) float32, new_joints (T, 22, 3) float32, "
@@ -337,27 +433,30 @@ def prepare_bvh(
             "feature_dim": skeleton.feature_dim,
             "skeleton": skeleton.to_json(),
             "provenance": {
-                "source": source.name,
-                "source_bytes": source.stat().st_size if source.is_file() else None,
-                "source_sha256": _sha256(source) if source.is_file() else None,
-                "joint_maps": sorted({r.joint_map for r in ok.values()}),
+                "inputs": [{"name": p.name, "bytes": p.stat().st_size if p.is_file() else None,
+                            "sha256": _sha256(p) if p.is_file() else None} for p in paths],
+                "joint_maps": {name: load_map(name).joints for name in sorted({r.joint_map for r in ok.values()})}
+                if jmap is None else {jmap.name: jmap.joints},
                 "unmapped_source_joints": sorted({j for r in ok.values() for j in r.unmapped}),
-                "pipeline": "BVH -> backend.data.retarget.retarget_rotations (resample to 20 fps, metres, Y up, "
-                            "SMPL22 rotations over its rest, twist included) -> "
+                "pipeline": "clip (BVH, ASF/AMC, DeepMimic; backend.data.readers) -> joint map (--map, or by bone "
+                            "names and rest geometry) -> backend.data.retarget.retarget_rotations (resample to "
+                            "20 fps, metres, Y up, SMPL22 rotations over its rest, twist included) -> "
                             "backend.motion.canonicalize_rotations -> positions_to_features with the rotations; "
                             "new_joints = features_to_positions(features)",
                 "rotation_channels": "local (SMPL22 parent-relative rotations over the rest pose, twist included;"
                                      " see backend.motion.rotation_channels)",
-                "captions": f"{CAPTIONS_PER_CLIP} per clip from backend/data/caption_templates.json, "
-                            "seeded by clip id",
+                "captions": f"{CAPTIONS_PER_CLIP} per clip: labelled clips from backend/data/caption_templates.json "
+                            "seeded by clip id; CMU trials from KIT-ML captions, completed from the CMU description; "
+                            "class-named clips from backend/data/class_captions.json (clips[ID].captions_from)",
                 "normalizer": "Mean/Std over the train split; Std averaged within each feature group (HumanML3D)",
             },
-            "license": _license(files),
-            "attribution": _attribution(files),
+            "license": licenses[0] if len(licenses) == 1 else "; ".join(licenses),
+            "attribution": _attribution(all_files, {m["source"] for m in manifest.values()}),
             "counts": {
-                "bvh_files": len(results),
+                "clip_files": len(results),
                 "prepared": len(ok),
                 "failed": len(failures),
+                "skipped": len(skipped),
                 "frames": frames,
                 "hours": round(frames / skeleton.fps / 3600, 3),
                 "source_frames": sum(r.source_frames for r in ok.values()),
@@ -366,6 +465,7 @@ def prepare_bvh(
                 "styles": dict(sorted(Counter(s for _, s in pair_of.values()).items())),
                 "pairs": len(set(pair_of.values())),
             },
+            "sources": _source_counts(manifest, results, failures, skipped),
             "splits": {"rules": RULES, "test_unseen_pairs": held_out_pairs(pair_of, splits)},
             "checks": {
                 "roundtrip_max_error_m": worst.roundtrip_error_m,
@@ -373,6 +473,9 @@ def prepare_bvh(
                 "roundtrip_tolerance_m": ROUNDTRIP_TOLERANCE_M,
             },
             "failures": [{"member": m, "error": e} for m, e in failures.items()],
+            "skipped": [{"member": m, "reason": e} for m, e in skipped.items()],
+            "duplicates": {"why": DEDUP_REASON, "trials": duplicates},
+            "clips": manifest,
             "seconds": round(time.perf_counter() - start, 1),
             "workers": workers,
         }
@@ -384,11 +487,52 @@ def prepare_bvh(
         raise
 
 
-def _attribution(files: dict[str, bytes]) -> str:
+def _dedup(results: list[ClipResult]) -> dict[str, str]:
+    """CMU trial -> the clip id kept among the prepared copies (:data:`DEDUP_PREFERENCE`)."""
+    kept: dict[str, tuple[int, str]] = {}
+    for r in results:
+        spec = clip_spec(r.member)
+        if spec.trial is None:
+            continue
+        rank = (DEDUP_PREFERENCE.index(spec.source), r.clip_id)
+        if spec.trial not in kept or rank < kept[spec.trial]:
+            kept[spec.trial] = rank
+    return {trial: clip_id for trial, (_, clip_id) in kept.items()}
+
+
+def _source_counts(manifest: dict[str, dict[str, Any]], results: list[ClipResult], failures: dict[str, str],
+                   skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per source: clip files, prepared, failed, skipped, frames, and prepared clips per split."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        entry = out.setdefault(clip_spec(r.member).source, {"clip_files": 0, "prepared": 0, "failed": 0,
+                                                            "skipped": 0, "frames": 0, "splits": {}})
+        entry["clip_files"] += 1
+        entry["failed"] += r.member in failures
+        entry["skipped"] += r.member in skipped
+    for m in manifest.values():
+        entry = out[m["source"]]
+        entry["prepared"] += 1
+        entry["frames"] += m["frames"]
+        entry["splits"][m.get("split", "?")] = entry["splits"].get(m.get("split", "?"), 0) + 1
+        entry["license"] = m["license"]
+    return dict(sorted(out.items()))
+
+
+def _attribution(files: dict[str, bytes], sources: set[str]) -> str:
+    parts = []
     if any("Bandai-Namco-Research-Motiondataset" in m for m in files):
-        return ("Bandai-Namco-Research-Motiondataset-1 and -2, (c) 2022 Bandai Namco Research Inc., CC BY-NC 4.0; "
-                "non-commercial use only, and so is any model trained on it")
-    return "see the source's own license and attribution terms"
+        parts.append("Bandai-Namco-Research-Motiondataset-1 and -2, (c) 2022 Bandai Namco Research Inc., CC BY-NC "
+                     "4.0; non-commercial use only, and so is any model trained on it")
+    if sources & {"cmu-cc3", "cmu-daz", "cmu-deepmimic", "cmu-dance"}:
+        parts.append("The data used in this project was obtained from mocap.cs.cmu.edu. The database was created "
+                     "with funding from NSF EIA-0196217.")
+    if "hdm05" in sources:
+        parts.append("M. Mueller, T. Roeder, M. Clausen, B. Eberhardt, B. Krueger, A. Weber: Documentation Mocap "
+                     "Database HDM05, Universitaet Bonn, CG-2007-2 (research use; no commercial rights)")
+    if "deepmimic" in sources:
+        parts.append("DeepMimic (Peng et al. 2018) example motions, MIT-licensed repository")
+    return " | ".join(parts) or "see the source's own license and attribution terms"
 
 
 def _sha256(path: Path) -> str:

@@ -1,11 +1,19 @@
-"""Retarget any BVH skeleton onto a canonical skeleton (SMPL22) through a joint-name map.
+"""Retarget any source skeleton (BVH, ASF/AMC, DeepMimic: ``backend.data.source_motion``) onto a canonical
+skeleton (SMPL22) through a joint-name map.
 
 Maps are JSON files, all kept in ``backend/data/maps/`` (one per source skeleton). A map gives, for every joint
 of the target skeleton, either the name of a source joint or ``{"between": [A, B], "t": f}`` (a point a fraction
 ``f`` of the way from source joint A to B: how a missing joint, e.g. a third spine joint, is made). It also
 states the source units (``units_per_metre``), the up axis ("Y" or "Z"), which source joints it ``ignore``s
-on purpose (any other unmapped source joint is reported by :func:`unmapped_joints`, never dropped silently), and
-optionally ``tpose``: the source's standing T-pose, see below.
+on purpose (a list of names, or ``{reason: [names or fnmatch patterns]}``; any other unmapped source joint is
+reported by :func:`unmapped_joints`, never dropped silently), and optionally ``tpose``: the source's standing
+T-pose, see below.
+
+Choosing a map (:func:`choose_map`): every shipped map whose source joints all exist in the clip is a candidate by
+bone names; a candidate must also pass the rest-geometry check (:func:`geometry_problems`: in its T-pose the legs
+hang below the hips, the head is above the pelvis, the left arm reaches out to +X and the right to -X, the feet
+point forward, the standing height is a human's) and fit the canonical rest (every bone within 45 degrees). The
+first that passes is used, and :func:`mapping_report` says what was mapped, what was dropped and why.
 
 :func:`retarget` gives world joint positions; :func:`retarget_rotations` (what data preparation uses) gives the
 canonical skeleton's rotations, twist included, with positions their forward kinematics. Both are in metres,
@@ -29,6 +37,7 @@ orientation, and a map without ``tpose`` says the source's zero pose is its T-po
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +47,7 @@ import numpy as np
 import torch
 
 from backend.data.bvh import Bvh, resample, world_transforms
+from backend.data.source_motion import SourceMotion
 from backend.motion import leg_scale
 from backend.quaternion import matrix_to_quat, qinv, qmul, qnormalize, qrot, quat_to_matrix
 from backend.skeleton import SKELETONS, Skeleton
@@ -54,7 +64,7 @@ class JointMap:
     joints: dict[str, Any]  # target joint name -> source joint name | {"between": [a, b], "t": f}
     units_per_metre: float
     up_axis: str
-    ignore: tuple[str, ...]
+    ignore: dict[str, tuple[str, ...]]  # reason -> source joint names or fnmatch patterns the map drops on purpose
     source: str  # where the map was loaded from
     tpose: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # source joint -> world axes of its X, Y, Z
 
@@ -67,7 +77,7 @@ class JointMap:
             jmap = cls(
                 name=str(data["name"]), skeleton=skeleton, joints=joints,
                 units_per_metre=float(data.get("units_per_metre", 1.0)), up_axis=str(data.get("up_axis", "Y")),
-                ignore=tuple(data.get("ignore", ())), source=source,
+                ignore=_ignore_groups(data.get("ignore", ())), source=source,
                 tpose={str(k): tuple(v) for k, v in data.get("tpose", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -95,6 +105,18 @@ class JointMap:
         for spec in self.joints.values():
             names.update([spec] if isinstance(spec, str) else spec["between"])
         return names
+
+
+    def ignored_because(self, joint: str) -> str | None:
+        """Why the map drops ``joint`` on purpose, or None."""
+        return next((reason for reason, patterns in self.ignore.items()
+                     if any(fnmatch.fnmatchcase(joint, p) for p in patterns)), None)
+
+
+def _ignore_groups(raw: Any) -> dict[str, tuple[str, ...]]:
+    if isinstance(raw, dict):
+        return {str(reason): tuple(str(n) for n in names) for reason, names in raw.items()}
+    return {"ignored by the map": tuple(str(n) for n in raw)} if raw else {}
 
 
 _AXIS = {f"{sign}{name}": sgn * np.eye(3)[k] for k, name in enumerate("XYZ") for sign, sgn in (("+", 1), ("-", -1))}
@@ -128,6 +150,11 @@ def load_map(name_or_file: str | Path) -> JointMap:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"joint map {path}: not valid JSON ({exc})") from None
+    if "extends" in data:  # another shipped map, with these fields (and these target joints) replaced
+        base = load_map(str(data["extends"]))
+        joints = {**base.joints, **data.get("joints", {})}
+        data = {"units_per_metre": base.units_per_metre, "up_axis": base.up_axis, "ignore": base.ignore,
+                "tpose": base.tpose, "skeleton": base.skeleton.name, **data, "joints": joints}
     return JointMap.from_json(data, str(path))
 
 
@@ -145,14 +172,90 @@ def find_map(joint_names: tuple[str, ...] | list[str]) -> JointMap:
     )
 
 
-def unmapped_joints(bvh: Bvh, jmap: JointMap) -> list[str]:
-    """Source joints the map neither reads nor explicitly ignores."""
-    used = jmap.source_joints | set(jmap.ignore)
-    return [n for n in bvh.joint_names if n not in used]
+Clip = Bvh | SourceMotion
 
 
-def _source_motion(bvh: Bvh, jmap: JointMap, fps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def as_source(clip: Clip) -> SourceMotion:
+    """A parsed clip as :class:`SourceMotion` (BVH End Sites become tips)."""
+    return clip if isinstance(clip, SourceMotion) else SourceMotion.from_bvh(clip)
+
+
+def unmapped_joints(clip: Clip, jmap: JointMap) -> list[str]:
+    """Source joints the map neither reads nor explicitly ignores (tips are end points, not joints)."""
+    tips = set(clip.tips) if isinstance(clip, SourceMotion) else set()
+    return [n for n in clip.joint_names
+            if n not in jmap.source_joints and n not in tips and jmap.ignored_because(n) is None]
+
+
+def mapping_report(clip: Clip, jmap: JointMap, chosen_by: str) -> dict[str, Any]:
+    """What a clip's map reads and drops: {map, chosen_by, mapped: {target: source}, dropped: {reason: [joints]}}."""
+    src = as_source(clip)
+    dropped: dict[str, list[str]] = {}
+    for name in src.joint_names:
+        if name in jmap.source_joints or name in src.tips:
+            continue
+        reason = jmap.ignored_because(name) or f"no counterpart in map {jmap.name!r} (not read, not ignored)"
+        dropped.setdefault(reason, []).append(name)
+    mapped = {t: spec if isinstance(spec, str) else f"{spec['t']:g} of {spec['between'][0]} -> {spec['between'][1]}"
+              for t, spec in jmap.joints.items()}
+    return {"map": jmap.name, "chosen_by": chosen_by, "mapped": mapped, "dropped": dropped}
+
+
+HEIGHT_RANGE_M = (1.2, 2.3)  # floor to head joint of a standing adult in its T-pose, before any scaling
+
+
+def geometry_problems(reference: np.ndarray, skeleton: Skeleton) -> list[str]:
+    """What is not human about target joint positions (J, 3) in a map's T-pose (metres, Y up, facing +Z)."""
+    p = dict(zip(skeleton.joint_names, np.asarray(reference)))
+    problems = []
+    for side in ("left", "right"):
+        hip, knee, ankle = (p[f"{side}_{n}"][1] for n in ("hip", "knee", "ankle"))
+        if not hip > knee > ankle:
+            problems.append(f"the {side} leg does not hang below the hip (hip, knee, ankle heights "
+                            f"{hip:.2f}, {knee:.2f}, {ankle:.2f} m)")
+        if not p[f"{side}_foot"][2] > p[f"{side}_ankle"][2]:
+            problems.append(f"the {side} foot does not point forward (+Z)")
+    if not p["head"][1] > p["neck"][1] > p["pelvis"][1]:
+        problems.append("the head is not above the neck and the neck not above the pelvis")
+    for side, sign in (("left", 1), ("right", -1)):
+        xs = [sign * p[f"{side}_{n}"][0] for n in ("collar", "shoulder", "elbow", "wrist")]
+        if not xs[1] < xs[2] < xs[3]:
+            problems.append(f"the {side} arm does not reach out to {'+' if sign > 0 else '-'}X")
+    height = p["head"][1] - min(p["left_ankle"][1], p["right_ankle"][1])
+    if not HEIGHT_RANGE_M[0] <= height <= HEIGHT_RANGE_M[1]:
+        problems.append(f"standing height {height:.2f} m (ankle to head joint) is outside {HEIGHT_RANGE_M} m: "
+                        "wrong units_per_metre?")
+    return problems
+
+
+def choose_map(clip: Clip) -> JointMap:
+    """The first shipped map that fits the clip by bone names AND rest geometry (module docstring); ValueError
+    saying why each candidate was refused when none fits."""
+    src = as_source(clip)
+    present = set(src.joint_names)
+    refused = []
+    for name in available_maps():
+        jmap = load_map(name)
+        if not jmap.source_joints <= present:
+            continue
+        try:
+            reference = _reference(src, jmap)
+            problems = geometry_problems((reference / jmap.units_per_metre).numpy(), jmap.skeleton)
+            if not problems:
+                _rest_alignment(reference, jmap)
+                return jmap
+            refused.append(f"{name}: {'; '.join(problems)}")
+        except ValueError as exc:
+            refused.append(f"{name}: {exc}")
+    if refused:
+        raise ValueError(f"the bone names fit {len(refused)} map(s) but the rest geometry does not: "
+                         + " | ".join(refused))
+    return find_map(src.joint_names)  # raises, naming the joints
+
+
+def _source_motion(clip: Clip, jmap: JointMap, fps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Resampled world positions (T, Js, 3) in metres and world rotations (T, Js, 4) of the source joints, Y up."""
+    bvh = as_source(clip)
     missing = sorted(jmap.source_joints - set(bvh.joint_names))
     if missing:
         raise ValueError(f"skeleton does not fit joint map {jmap.name!r}: missing source joints {missing}")
@@ -169,7 +272,7 @@ def _to_y_up(jmap: JointMap) -> torch.Tensor:
     return torch.tensor([1.0, 0.0, 0.0, 0.0] if jmap.up_axis == "Y" else [half, -half, 0.0, 0.0], dtype=torch.float64)
 
 
-def _target_points(points: torch.Tensor, bvh: Bvh, jmap: JointMap) -> torch.Tensor:
+def _target_points(points: torch.Tensor, bvh: Clip, jmap: JointMap) -> torch.Tensor:
     """The map's target joints (..., J, 3) from source joint positions (..., Js, 3)."""
     index = {n: i for i, n in enumerate(bvh.joint_names)}
     columns = []
@@ -183,20 +286,28 @@ def _target_points(points: torch.Tensor, bvh: Bvh, jmap: JointMap) -> torch.Tens
     return torch.stack(columns, dim=-2)
 
 
-def retarget(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> np.ndarray:
+def retarget(bvh: Clip, jmap: JointMap, fps: float | None = None) -> np.ndarray:
     """World positions (T, J, 3) of the map's target joints: metres, Y up, resampled to ``fps`` (default:
-    the target skeleton's). Raises ValueError when the BVH lacks joints the map needs."""
-    return _target_points(_source_motion(bvh, jmap, fps)[0], bvh, jmap).numpy()
+    the target skeleton's). Raises ValueError when the clip lacks joints the map needs."""
+    src = as_source(bvh)
+    return _target_points(_source_motion(src, jmap, fps)[0], src, jmap).numpy()
 
 
-def reference_rotations(bvh: Bvh, jmap: JointMap) -> np.ndarray:
-    """World rotations (Js, 4) w, x, y, z of the source joints in the map's standing T-pose (Y up, facing +Z)."""
-    unknown = sorted(set(jmap.tpose) - set(bvh.joint_names))
+def reference_rotations(bvh: Clip, jmap: JointMap) -> np.ndarray:
+    """World rotations (Js, 4) w, x, y, z of the source joints in the map's standing T-pose (Y up, facing +Z);
+    a tip turns with its joint."""
+    src = as_source(bvh)
+    unknown = sorted(set(jmap.tpose) - set(src.joint_names))
     if unknown:
         raise ValueError(f"joint map {jmap.name!r}: tpose names joints the skeleton lacks: {unknown}")
     zero = quat_to_matrix(_to_y_up(jmap)).numpy()  # a joint's zero-pose orientation, seen Y up
-    matrices = np.stack([_axes_matrix(jmap.tpose[n]) if n in jmap.tpose else zero for n in bvh.joint_names])
-    return matrix_to_quat(torch.from_numpy(matrices)).numpy()
+    matrices: list[np.ndarray] = []
+    for name, parent in zip(src.joint_names, src.parents):
+        if name in src.tips:
+            matrices.append(matrices[parent])
+        else:
+            matrices.append(_axes_matrix(jmap.tpose[name]) if name in jmap.tpose else zero)
+    return matrix_to_quat(torch.from_numpy(np.stack(matrices))).numpy()
 
 
 def _frame(main: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
@@ -240,6 +351,9 @@ def _rest_alignment(reference: torch.Tensor, jmap: JointMap) -> torch.Tensor:
                 raise ValueError(f"joint {name!r} of {skeleton.name!r}: expected one middle, one left and one "
                                  "right child to align its rest")
             (m,), (left,), (right,) = main, sides["left"], sides["right"]
+            if torch.linalg.norm(bones[left] - bones[right]) < 1e-6:
+                raise ValueError(f"joint map {jmap.name!r}: the left and right children of {name!r} fall on the "
+                                 "same source point (no left-right line to align its rest)")
             source = _frame(bones[m], bones[left] - bones[right])
             canonical = _frame(rest[m], rest[left] - rest[right])
             align.append(matrix_to_quat(source @ canonical.T))
@@ -248,7 +362,23 @@ def _rest_alignment(reference: torch.Tensor, jmap: JointMap) -> torch.Tensor:
     return torch.stack(align)
 
 
-def retarget_rotations(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def reference_points(clip: Clip, jmap: JointMap) -> torch.Tensor:
+    """The map's target joints (J, 3) in the source's T-pose (metres, Y up): the T-pose world rotations over the
+    clip's own bone vectors at its first frame (offsets or channels)."""
+    return _reference(as_source(clip), jmap) / jmap.units_per_metre
+
+
+def _reference(src: SourceMotion, jmap: JointMap) -> torch.Tensor:
+    """:func:`reference_points` in the source's units."""
+    ref_world = torch.from_numpy(reference_rotations(src, jmap))
+    trans = src.local_transforms()[0][0]
+    points = [trans[0]]
+    for j, p in enumerate(src.parents[1:], start=1):  # one root, parents before children
+        points.append(points[p] + qrot(ref_world[p], trans[j]))
+    return _target_points(torch.stack(points), src, jmap)
+
+
+def retarget_rotations(bvh: Clip, jmap: JointMap, fps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Root translation (T, 3) and local rotations (T, J, 4) w, x, y, z of the map's canonical skeleton over its
     rest pose, twist included (module docstring): metres, Y up, resampled to ``fps`` (default: the skeleton's).
 
@@ -260,15 +390,11 @@ def retarget_rotations(bvh: Bvh, jmap: JointMap, fps: float | None = None) -> tu
     skeleton = jmap.skeleton
     if skeleton.rest_offsets is None:
         raise ValueError(f"skeleton {skeleton.name!r} has no rest pose to retarget rotations onto")
+    bvh = as_source(bvh)
     positions, rotations = _source_motion(bvh, jmap, fps)
     index = {n: i for i, n in enumerate(bvh.joint_names)}
-    # the reference pose: the T-pose world rotations over this file's own bone vectors (offsets or channels)
     ref_world = torch.from_numpy(reference_rotations(bvh, jmap))
-    trans = bvh.local_transforms()[0][0]
-    ref_points = [trans[0]]
-    for j, p in enumerate(bvh.parents[1:], start=1):  # one root, parents before children
-        ref_points.append(ref_points[p] + qrot(ref_world[p], trans[j]))
-    reference = _target_points(torch.stack(ref_points), bvh, jmap)
+    reference = _reference(bvh, jmap)
     carrier = [index[spec if isinstance(spec, str) else spec["between"][0]]
                for spec in (jmap.joints[n] for n in skeleton.joint_names)]
     offset = qmul(qinv(ref_world[carrier]), _rest_alignment(reference, jmap))  # C_j

@@ -27,6 +27,10 @@ RULES = [
     f"test if u < {TEST_FRACTION}, val if u < {TEST_FRACTION + VAL_FRACTION:.2f}, else train. Pairs with fewer than "
     f"{MIN_TAKES_FOR_TEST} takes stay wholly in train, and every pair keeps at least one take in train.",
     "Clips without (content, style) labels go to train.",
+    f"Clips of sources without (content, style) labels (CMU trials, HDM05, DeepMimic): test if the source holds "
+    f"the take back (HDM05's test/ performers, never seen in train), else by u as above: test (whole CMU trials, "
+    f"each kept once, never seen in train) if u < {TEST_FRACTION}, val if u < {TEST_FRACTION + VAL_FRACTION:.2f}, "
+    "else train.",
 ]
 __doc__ += "\n".join(f"\n- {r}" for r in RULES)
 
@@ -81,3 +85,14 @@ def held_out_pairs(clips: dict[str, tuple[str, str] | None], splits: dict[str, l
     """The (content, style) pairs of test_unseen_pairs, sorted."""
     pairs = {(label_key(clips[i][0]), label_key(clips[i][1])) for i in splits["test_unseen_pairs"]}
     return [list(p) for p in sorted(pairs)]
+
+
+def take_splits(clips: dict[str, bool]) -> dict[str, list[str]]:
+    """Split clips of a source without (content, style) pairs: ``clips`` maps id -> held out by the source (e.g.
+    HDM05's test performers) -> test; the rest by :data:`RULES` (unseen takes). Sorted id lists per split."""
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": [], "test_unseen_pairs": []}
+    for clip_id, held in clips.items():
+        u = _unit(f"split:{clip_id}")
+        split = "test" if held or u < TEST_FRACTION else "val" if u < TEST_FRACTION + VAL_FRACTION else "train"
+        out[split].append(clip_id)
+    return {k: sorted(v) for k, v in out.items()}
