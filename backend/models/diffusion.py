@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
+
+from backend.config import DiffusionConfig
 
 PREDICTIONS = ("epsilon", "v")
 
@@ -36,8 +39,9 @@ class Diffusion:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float64, (n,)
 
     @classmethod
-    def from_config(cls, config: dict) -> Diffusion:
-        return cls(**config)
+    def from_config(cls, config: DiffusionConfig) -> Diffusion:
+        """From a typed ``diffusion`` section."""
+        return cls(**asdict(config))
 
     def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alphas_cumprod.to(like.device)[t.to(like.device)]

@@ -10,10 +10,12 @@ decode is exactly the concatenation of the streamed windows and its cost is line
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
+from backend.config import ModelConfig
 from backend.models.blocks import HierarchicalTemporalMamba
 
 DOWNSAMPLE = 4  # frames per latent token
@@ -81,9 +83,11 @@ class MotionVAE(nn.Module):
         self.dec_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, feature_dim))
 
     @classmethod
-    def from_config(cls, config: dict) -> MotionVAE:
-        """From a model config (``feature_dim`` and the ``vae`` section)."""
-        return cls(feature_dim=int(config["feature_dim"]), **config["vae"])
+    def from_config(cls, config: ModelConfig) -> MotionVAE:
+        """From a typed model config (its ``feature_dim`` and ``vae`` section)."""
+        if config.vae is None:
+            raise ValueError(f"config {config.name!r} has no vae section")
+        return cls(feature_dim=config.feature_dim, **asdict(config.vae))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) normalised, T a multiple of 4 -> (mu, logvar), each (B, T/4, latent_dim)."""
