@@ -15,12 +15,14 @@ PREDICTIONS = ("epsilon", "v")
 class Diffusion:
     """A discrete-time DDPM schedule (``num_timesteps`` steps) with epsilon- or v-prediction.
 
-    Config keys: ``num_timesteps`` (1000), ``beta_schedule`` ("scaled_linear" | "linear" | "cosine"),
-    ``beta_start`` / ``beta_end`` (0.00085 / 0.012, the latent-diffusion defaults), ``prediction``.
+    Config (``backend.config.DiffusionConfig``, whose defaults these are): ``num_timesteps``, ``beta_schedule``
+    ("scaled_linear" | "linear" | "cosine"), ``beta_start`` / ``beta_end`` (the latent-diffusion values),
+    ``prediction``.
     """
 
-    def __init__(self, num_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
-                 beta_start: float = 0.00085, beta_end: float = 0.012, prediction: str = "epsilon"):
+    def __init__(self, num_timesteps: int = DiffusionConfig.num_timesteps,
+                 beta_schedule: str = DiffusionConfig.beta_schedule, beta_start: float = DiffusionConfig.beta_start,
+                 beta_end: float = DiffusionConfig.beta_end, prediction: str = DiffusionConfig.prediction):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.num_timesteps = int(num_timesteps)

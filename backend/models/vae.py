@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from backend.config import ModelConfig
+from backend.config import ModelConfig, VAEConfig
 from backend.models.blocks import HierarchicalTemporalMamba
 
 DOWNSAMPLE = 4  # frames per latent token
@@ -58,12 +58,14 @@ class _Conv(nn.Module):
 class MotionVAE(nn.Module):
     """KL-regularised VAE with a temporal latent of ``latent_dim`` channels per 4 frames.
 
-    Config keys: ``feature_dim`` (263), ``latent_dim``, ``width``, ``layers`` (Mamba layers per resolution),
-    ``d_state``, ``expand``, ``window`` (latent tokens decoded per window), ``context`` (extra tokens each side).
+    Config (``backend.config.VAEConfig``, whose defaults these are): ``feature_dim``, ``latent_dim``, ``width``,
+    ``layers`` (Mamba layers per resolution), ``d_state``, ``expand``, ``window`` (latent tokens decoded per
+    window), ``context`` (extra tokens each side).
     """
 
-    def __init__(self, feature_dim: int = 263, latent_dim: int = 8, width: int = 128, layers: int = 1,
-                 d_state: int = 16, expand: float = 2, window: int = 8, context: int = 2):
+    def __init__(self, feature_dim: int = ModelConfig.feature_dim, latent_dim: int = VAEConfig.latent_dim,
+                 width: int = VAEConfig.width, layers: int = VAEConfig.layers, d_state: int = VAEConfig.d_state,
+                 expand: float = VAEConfig.expand, window: int = VAEConfig.window, context: int = VAEConfig.context):
         super().__init__()
         if window < 1 or context < 0:
             raise ValueError(f"window must be >= 1 and context >= 0, got {window}, {context}")
