@@ -61,6 +61,15 @@ def action_fcurves(action):
     return list(action.fcurves)
 
 
+def generation_settings(request, sample: int, preset: str, root_motion: bool, fps: float, **extra) -> dict:
+    """What a generated Action's GENERATION_PROPERTY holds: the fields of ``request`` (an
+    ``addon.wire.GenerateRequest``) for its sample ``sample`` (seed ``request.seed + sample``), the bone-map
+    preset, root motion, the source frame rate, and ``extra``."""
+    fields = {k: v for k, v in request.to_header().items() if k != "samples"}
+    return {**fields, "seed": request.seed + sample, "sample": sample, "preset": preset, "root_motion": root_motion,
+            "fps": fps, **extra}  # fmt: skip
+
+
 def slerp(q0: np.ndarray, q1: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Spherical interpolation of unit quaternions (..., 4) at fractions `u` (broadcast over the leading axes);
     the shorter arc is taken."""

@@ -1,7 +1,9 @@
 """Model and training configs as typed sections: every key of a config is known, typed and checked.
 
     config = ModelConfig.from_dict(read_config_file("tiny"))   # ValueError naming any unknown or mistyped key
-    Diffusion(**asdict(config.diffusion))
+    Diffusion.from_config(config.diffusion)
+
+Each default is written here once: the models and training read these sections, not the dicts.
 
 ``read_config_file`` and ``load_config`` (backend.checkpoint) check every config they read this way; the
 dict stays the on-disk form (JSON, ``"base"`` inheritance, what training records in a run folder).
@@ -147,6 +149,11 @@ class ModelConfig:
         """The typed config; ValueError naming the first unknown, missing or mistyped key (``source``: where
         the dict came from, for the message)."""
         return _build(cls, data, source)
+
+
+def denoiser_config(data: dict[str, Any], source: str = "denoiser") -> MotionMambaConfig | MLDTransformerConfig:
+    """A ``denoiser`` section typed by its ``arch``; ValueError naming an unknown, missing or mistyped key."""
+    return _build(object, data, source)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from backend import metrics
 from backend.checkpoint import load_config, save_json
+from backend.config import ModelConfig
 from backend.models.evaluator import Evaluator, EvaluatorTask, load_evaluator
 from backend.pipeline import MotionPipeline, resolve_device
 from backend.train import seed_everything
@@ -280,7 +281,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     evaluator = load_evaluator(args.evaluator, device)
     evaluator_config = load_config(args.evaluator)
-    max_frames = int(evaluator_config["train"]["evaluator"]["max_frames"])
+    max_frames = ModelConfig.from_dict(evaluator_config, str(args.evaluator)).train.evaluator.max_frames
     mean, std = (a.astype(np.float32) for a in load_normalizer(args.data))
     test_set = MotionDataset(args.data, args.split, max_frames=max_frames, unit=4)
     n_clips = len(test_set) if args.max_clips is None else min(args.max_clips, len(test_set))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ class MotionPipeline:
         self.vae = vae.to(device).eval()
         self.denoiser = denoiser.to(device).eval()
         self.text_encoder = text_encoder.to(device).eval()
-        self.diffusion = Diffusion(**asdict(typed.diffusion))
+        self.diffusion = Diffusion.from_config(typed.diffusion)
         self.latent_scale = typed.latent_scale or 1.0
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
         self.fps = typed.fps
@@ -111,11 +111,11 @@ class MotionPipeline:
 
     @classmethod
     def _build(cls, config: dict, source: str) -> MotionPipeline:
-        text = ModelConfig.from_dict(config, source).text_encoder
-        encoder = TextEncoder(text.path, max_length=text.max_length)
-        vae = MotionVAE.from_config(config)
-        denoiser = build_denoiser(config["denoiser"], vae.latent_dim, encoder.dim)
-        d = int(config["feature_dim"])
+        typed = ModelConfig.from_dict(config, source)
+        encoder = TextEncoder(typed.text_encoder.path, max_length=typed.text_encoder.max_length)
+        vae = MotionVAE.from_config(typed)
+        denoiser = build_denoiser(typed.denoiser, vae.latent_dim, encoder.dim)
+        d = typed.feature_dim
         return cls(config, vae, denoiser, encoder, np.zeros(d, np.float32), np.ones(d, np.float32),
                    torch.device("cpu"), source)
 

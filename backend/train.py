@@ -7,7 +7,8 @@ exactly where the last checkpoint stopped: model, optimiser, scheduler, step, th
 numpy and Python on every rank, and the data order (a pure function of seed and step).
 
 A task is a class registered in ``TASKS`` ("name" -> "module:Class", imported on first use) with:
-  ``__init__(self, config: dict, args: argparse.Namespace, device: torch.device)``
+  ``__init__(self, config: dict, args: argparse.Namespace, device: torch.device)`` (``config`` is the
+  on-disk form the task completes and saves; it reads its values typed: ``ModelConfig.from_dict(config)``)
   ``model``: the nn.Module to optimise; ``dataset``: a sized, indexable dataset of items;
   ``loss(self, model, items: list) -> dict[str, Tensor]`` (key "loss" is optimised; ``model`` is the
   possibly DDP-wrapped ``self.model``: call it, not ``self.model``, so gradients are synchronised);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib
 import io
 import math
@@ -47,6 +49,7 @@ from backend.checkpoint import (
     save_state,
     save_weights,
 )
+from backend.config import ModelConfig
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -70,18 +73,19 @@ class VAETask:
 
     def __init__(self, config: dict, args: argparse.Namespace, device: torch.device):
         self.config, self.device = config, device
-        self.train_cfg = config["train"]["vae"]
         self.data = Path(args.data)
         from backend.data.dataset import load_normalizer as dataset_normalizer
 
         self.mean, self.std = dataset_normalizer(self.data)
         config["feature_dim"] = int(self.mean.shape[0])
-        self.dataset = _dataset(self.data, int(self.train_cfg["max_frames"]))
-        self.model = MotionVAE.from_config(config).to(device)
+        typed = ModelConfig.from_dict(config)
+        self.stage = typed.train.vae
+        self.dataset = _dataset(self.data, self.stage.max_frames)
+        self.model = MotionVAE.from_config(typed).to(device)
 
     def loss(self, model: nn.Module, items: list[dict]) -> dict[str, torch.Tensor]:
         x = crop_to_common_length(items).to(self.device)
-        return model(x, kl_weight=float(self.train_cfg.get("kl_weight", 1e-4)))
+        return model(x, kl_weight=self.stage.kl_weight)
 
     def export(self, folder: Path, step: int) -> None:
         save_weights(folder / "vae.safetensors", self.model, {"step": str(step)})
@@ -106,31 +110,31 @@ class DenoiserTask:
 
     def __init__(self, config: dict, args: argparse.Namespace, device: torch.device):
         self.device = device
-        self.train_cfg = config["train"]["denoiser"]
-        vae_dir = args.vae or self.train_cfg.get("vae")
+        vae_dir = args.vae or ModelConfig.from_dict(config).train.denoiser.vae
         if not vae_dir:
             raise ValueError("the denoiser needs a trained VAE: pass --vae RUN_DIR (a `backend.train vae` run)")
         vae_config = load_config(vae_dir)
         if vae_config.get("kind") not in ("vae", "pipeline"):
             raise ValueError(f"{vae_dir} holds no VAE (kind {vae_config.get('kind')!r})")
         self.vae_dir = Path(vae_dir)
-        self.train_cfg["vae"] = str(self.vae_dir.resolve())  # recorded: --resume needs no --vae
+        config["train"]["denoiser"]["vae"] = str(self.vae_dir.resolve())  # recorded: --resume needs no --vae
         config["vae"], config["feature_dim"] = vae_config["vae"], vae_config["feature_dim"]
         if args.text_encoder:
             config["text_encoder"] = {**config.get("text_encoder", {}), "path": str(Path(args.text_encoder))}
         self.config = config
-        self.vae = MotionVAE.from_config(config)
+        typed = ModelConfig.from_dict(config)
+        self.stage = typed.train.denoiser
+        self.vae = MotionVAE.from_config(typed)
         load_weights(self.vae, self.vae_dir / "vae.safetensors")
         self.vae.to(device).eval().requires_grad_(False)
         self.mean, self.std = load_normalizer(self.vae_dir)
-        text_cfg = config.get("text_encoder", {})
-        self.text = TextEncoder(text_cfg.get("path"), int(text_cfg.get("max_length", 32)), cache=True).to(device)
-        self.diffusion = Diffusion.from_config(config["diffusion"])
+        self.text = TextEncoder(typed.text_encoder.path, typed.text_encoder.max_length, cache=True).to(device)
+        self.diffusion = Diffusion.from_config(typed.diffusion)
         self.dataset = _dataset(args.data, None)
-        self.model = build_denoiser(config["denoiser"], self.vae.latent_dim, self.text.dim).to(device)
+        self.model = build_denoiser(typed.denoiser, self.vae.latent_dim, self.text.dim).to(device)
         self._index = {clip_id: i for i, clip_id in enumerate(self.dataset.ids)}
         self._latents: dict[str, torch.Tensor] = {}
-        self.latent_scale = float(config["latent_scale"]) if "latent_scale" in config else None
+        self.latent_scale = typed.latent_scale
 
     @torch.no_grad()
     def _latent(self, clip_id: str) -> torch.Tensor:
@@ -153,7 +157,7 @@ class DenoiserTask:
         if self.latent_scale is None:
             self.latent_scale = self._measure_scale()
             self.config["latent_scale"] = self.latent_scale
-        max_tokens = max(1, int(self.train_cfg["max_frames"]) // DOWNSAMPLE)
+        max_tokens = max(1, self.stage.max_frames // DOWNSAMPLE)
         crops = []
         for item in items:
             z = self._latent(item["id"])
@@ -166,7 +170,7 @@ class DenoiserTask:
         mask = (torch.arange(x0.shape[1])[None] < lengths[:, None]).to(self.device)
         text = self.text([item["caption"] for item in items])
         b = x0.shape[0]
-        drop = (torch.rand(b) < float(self.train_cfg.get("cond_drop", 0.1))).to(self.device)
+        drop = (torch.rand(b) < self.stage.cond_drop).to(self.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (b,)).to(self.device)
         noise = torch.randn(x0.shape).to(self.device)
         xt = self.diffusion.add_noise(x0, noise, t)
@@ -340,24 +344,26 @@ def train(kind: str, data: str | Path, out: str | Path, config: str | Path | Non
         if not (out / TRAIN_STATE).is_file():
             raise FileNotFoundError(f"--resume: {out} has no {TRAIN_STATE} to resume from")
         state = load_state(out / TRAIN_STATE)
-        cfg = state["config"]
+        cfg, source = state["config"], str(out / TRAIN_STATE)
     else:
-        cfg = read_config_file(config or "default")
-    if kind not in cfg.get("train", {}):
-        raise ValueError(f"config {cfg.get('name')!r} has no train.{kind} section (batch_size, lr, steps, ...)")
+        cfg, source = read_config_file(config or "default"), str(config or "default")
+    typed = ModelConfig.from_dict(cfg, source)  # ValueError naming an unknown or mistyped key, in any section
+    tcfg = getattr(typed.train, kind, None)
+    if tcfg is None:
+        raise ValueError(f"config {typed.name!r} has no train.{kind} section (batch_size, lr, steps, ...)")
     if steps is not None:
-        cfg["train"][kind]["steps"] = int(steps)
-    tcfg = cfg["train"][kind]
-    seed = int(cfg["train"].get("seed", 0))
+        cfg["train"][kind]["steps"] = int(steps)  # the run's config records it
+        tcfg = dataclasses.replace(tcfg, steps=int(steps))
+    seed = typed.train.seed
     seed_everything(seed + rank)
     task = get_task(kind)(cfg, args, dev)
     model = task.model
     ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tcfg["lr"]),
-                                  weight_decay=float(tcfg.get("weight_decay", 0.0)))
-    total = int(tcfg["steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, int(tcfg.get("warmup", 0)), int(tcfg.get("schedule_steps", total))))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                                  weight_decay=tcfg.weight_decay)
+    total = tcfg.steps
+    horizon = total if tcfg.schedule_steps is None else tcfg.schedule_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg.warmup, horizon))
     history: list[dict] = []
     step = 0
     if state is not None:
@@ -371,10 +377,10 @@ def train(kind: str, data: str | Path, out: str | Path, config: str | Path | Non
         set_rng_state(state["rng"][rank])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    batch_size, n = int(tcfg["batch_size"]), len(task.dataset)
+    batch_size, n = tcfg.batch_size, len(task.dataset)
     if n == 0:
         raise ValueError(f"dataset {data} has no training clips")
-    save_every = int(tcfg.get("save_every", 1000))
+    save_every = tcfg.save_every
     use_bf16 = dev.type == "cuda"
 
     def save() -> None:
@@ -404,7 +410,7 @@ def train(kind: str, data: str | Path, out: str | Path, config: str | Path | Non
             losses = task.loss(ddp_model, items)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.get("grad_clip", 1.0)))
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         optimizer.step()
         scheduler.step()
         step, ran = step + 1, ran + 1

@@ -144,6 +144,11 @@ def test_denoiser_factory_registry():
         DENOISERS.pop("test_linear")
 
 
+def test_a_denoiser_dict_is_read_into_its_typed_section():
+    with pytest.raises(ValueError, match=r"denoiser: unknown key 'grups'"):  # once silently ignored
+        build_denoiser({**UNET, "grups": 2}, 4, 12)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_diffusion_target_inverts(prediction):
     diff = Diffusion(prediction=prediction)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from backend import generate
-from backend.checkpoint import load_config, load_state, read_config_file
+from backend.checkpoint import load_config, load_state, read_config_file, save_state
 from backend.models.text_encoder import TextEncoder
 from backend.pipeline import MotionPipeline
 from backend.train import batch_indices, main, train
@@ -293,6 +293,38 @@ def test_train_bad_input(dataset, tmp_path, capsys):
         train("vae", dataset, tmp_path / "r", config=bare)
     assert main(["denoiser", "--data", str(dataset), "--out", str(tmp_path / "r"), "--config", "tiny"]) == 2
     assert "--vae RUN_DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("section", "key"), [
+    ((), "fsp"), (("vae",), "widht"), (("denoiser",), "grups"), (("diffusion",), "schedule"),
+    (("text_encoder",), "lenght"), (("train",), "sead"), (("train", "vae"), "epochs"),
+    (("train", "denoiser"), "dropp"), (("evaluator",), "tempature"), (("evaluator", "text_encoder"), "pth"),
+])  # fmt: skip
+def test_training_rejects_an_unknown_key_in_any_section_by_name(dataset, trained, tmp_path, section, key):
+    """A config file, and a run's recorded config when resuming, with a misspelt key: a ValueError naming it
+    before anything is trained (a resumed run used to ignore it)."""
+
+    def misspell(config: dict) -> dict:
+        config["evaluator"] = {"hidden": 8, "embed_dim": 8, "text_encoder": {}}  # tiny has no evaluator section
+        node = config
+        for name in section:
+            node = node[name]
+        node[key] = 1
+        return config
+
+    where = r"\.".join(section)
+    message = rf"{where}: unknown key '{key}'" if section else rf"unknown key '{key}'"
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(misspell(read_config_file("tiny"))))
+    with pytest.raises(ValueError, match=message):
+        train("vae", dataset, tmp_path / "fresh", config=path, progress=False)
+    state = load_state(trained["vae_dir"] / "train_state.pt")
+    state["config"] = misspell(state["config"])
+    save_state(tmp_path / "run" / "train_state.pt", state)
+    with pytest.raises(ValueError, match=message):
+        train("vae", dataset, tmp_path / "run", resume=True, progress=False)
+    assert not (tmp_path / "fresh").exists() and sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "train_state.pt"]  # nothing written
 
 
 def make_clip_folder(folder) -> None:

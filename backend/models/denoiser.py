@@ -9,9 +9,10 @@ Registering another architecture (e.g. the evaluation's MLD-style transformer)::
 
     @register_denoiser("mld_transformer")
     class TransformerDenoiser(nn.Module):
-        def __init__(self, config: dict, latent_dim: int, text_dim: int): ...
+        def __init__(self, config: MLDTransformerConfig, latent_dim: int, text_dim: int): ...
 
-in ``backend/models/transformer_denoiser.py``; ``build_denoiser`` imports that module on first use.
+in ``backend/models/transformer_denoiser.py``; ``build_denoiser`` imports that module on first use. An
+architecture's config is its typed section in ``backend.config`` (an unknown one gets the dict as given).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from backend.config import DENOISERS as SECTIONS
+from backend.config import MotionMambaConfig, denoiser_config
 from backend.models.blocks import BidirectionalSpatialMamba, HierarchicalTemporalMamba
 
 DENOISERS: dict[str, type[nn.Module]] = {}
@@ -40,13 +44,16 @@ def register_denoiser(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
     return wrap
 
 
-def build_denoiser(config: dict, latent_dim: int, text_dim: int) -> nn.Module:
-    """Build the denoiser named by ``config["arch"]`` (ValueError for an unknown one)."""
-    arch = config.get("arch")
+def build_denoiser(config: Any, latent_dim: int, text_dim: int) -> nn.Module:
+    """Build the denoiser named by the ``arch`` of ``config``, a typed ``denoiser`` section or its dict (read
+    into the section, so defaults are filled and unknown keys rejected); ValueError for an unknown arch."""
+    arch = config.get("arch") if isinstance(config, dict) else config.arch
     if arch not in DENOISERS and arch in _LAZY_MODULES:
         importlib.import_module(_LAZY_MODULES[arch])
     if arch not in DENOISERS:
         raise ValueError(f"unknown denoiser arch {arch!r}; known: {sorted(set(DENOISERS) | set(_LAZY_MODULES))}")
+    if isinstance(config, dict) and arch in SECTIONS:
+        config = denoiser_config(config)
     return DENOISERS[arch](config, latent_dim, text_dim)
 
 
@@ -154,17 +161,16 @@ class MotionMambaUNet(nn.Module):
     adds the attention mixer; decoder levels upsample, take the encoder's skip connection and run their HTM
     on the reversed sequence (the encoder scans forwards), so every token sees the whole motion.
     Conditioning: sinusoidal timestep MLP + projected pooled text -> FiLM at every level; text tokens feed
-    the bottleneck's cross-attention. Config keys: ``dims``, ``scans``, ``groups`` (BSM groups), ``heads``,
-    ``d_state``, ``expand``.
+    the bottleneck's cross-attention. Config (``backend.config.MotionMambaConfig``): ``dims``, ``scans``,
+    ``groups`` (BSM groups), ``heads``, ``d_state``, ``expand``.
     """
 
-    def __init__(self, config: dict, latent_dim: int, text_dim: int):
+    def __init__(self, config: MotionMambaConfig, latent_dim: int, text_dim: int):
         super().__init__()
-        dims, scans = list(config["dims"]), list(config["scans"])
+        dims, scans = list(config.dims), list(config.scans)
         if len(dims) != len(scans) or len(dims) < 1:
             raise ValueError(f"dims {dims} and scans {scans} must be equally long (>= 1 level)")
-        groups, heads = int(config.get("groups", 8)), int(config.get("heads", 4))
-        d_state, expand = int(config.get("d_state", 16)), float(config.get("expand", 2))
+        groups, heads, d_state, expand = config.groups, config.heads, config.d_state, config.expand
         d_cond = dims[-1]
         self.time_dim = dims[0]
         self.time_mlp = nn.Sequential(nn.Linear(dims[0], d_cond), nn.SiLU(), nn.Linear(d_cond, d_cond))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
+
+from backend.config import DiffusionConfig
 
 PREDICTIONS = ("epsilon", "v")
 
@@ -12,12 +15,14 @@ PREDICTIONS = ("epsilon", "v")
 class Diffusion:
     """A discrete-time DDPM schedule (``num_timesteps`` steps) with epsilon- or v-prediction.
 
-    Config keys: ``num_timesteps`` (1000), ``beta_schedule`` ("scaled_linear" | "linear" | "cosine"),
-    ``beta_start`` / ``beta_end`` (0.00085 / 0.012, the latent-diffusion defaults), ``prediction``.
+    Config (``backend.config.DiffusionConfig``, whose defaults these are): ``num_timesteps``, ``beta_schedule``
+    ("scaled_linear" | "linear" | "cosine"), ``beta_start`` / ``beta_end`` (the latent-diffusion values),
+    ``prediction``.
     """
 
-    def __init__(self, num_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
-                 beta_start: float = 0.00085, beta_end: float = 0.012, prediction: str = "epsilon"):
+    def __init__(self, num_timesteps: int = DiffusionConfig.num_timesteps,
+                 beta_schedule: str = DiffusionConfig.beta_schedule, beta_start: float = DiffusionConfig.beta_start,
+                 beta_end: float = DiffusionConfig.beta_end, prediction: str = DiffusionConfig.prediction):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.num_timesteps = int(num_timesteps)
@@ -36,8 +41,9 @@ class Diffusion:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float64, (n,)
 
     @classmethod
-    def from_config(cls, config: dict) -> Diffusion:
-        return cls(**config)
+    def from_config(cls, config: DiffusionConfig) -> Diffusion:
+        """From a typed ``diffusion`` section."""
+        return cls(**asdict(config))
 
     def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alphas_cumprod.to(like.device)[t.to(like.device)]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from backend.checkpoint import load_config, load_weights, save_json, save_weights
+from backend.config import EvaluatorConfig, ModelConfig
 from backend.models.transformer_denoiser import positional_encoding
 
 WEIGHTS = "evaluator.safetensors"
@@ -97,23 +98,20 @@ class MotionEncoder(nn.Module):
 
 class Evaluator(nn.Module):
     """Motion and text encoders into one ``embed_dim`` space; the frozen sentence encoder is loaded beside them
-    (it is not part of the saved weights). Config keys: ``feature_dim``, ``hidden``, ``embed_dim``, ``layers``
-    (motion transformer layers), ``text_layers``, ``heads``, ``temperature``, ``negative_filter``,
-    ``text_encoder`` ({"path", "max_length"})."""
+    (it is not part of the saved weights). Config: ``backend.config.EvaluatorConfig`` (``feature_dim`` set)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: EvaluatorConfig):
         super().__init__()
         from backend.models.text_encoder import TextEncoder
 
-        text_cfg = config.get("text_encoder") or {}
-        self.config = dict(config)
-        self.text_encoder = TextEncoder(text_cfg.get("path"), max_length=int(text_cfg.get("max_length", 32)))
+        if config.feature_dim is None:
+            raise ValueError("the evaluator config has no feature_dim (training sets it from the data)")
+        self.text_encoder = TextEncoder(config.text_encoder.path, max_length=config.text_encoder.max_length)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        hidden, embed_dim, heads = int(config["hidden"]), int(config["embed_dim"]), int(config.get("heads", 4))
-        self.motion = MotionEncoder(int(config["feature_dim"]), hidden, embed_dim, int(config.get("layers", 2)), heads)
-        self.text = SequenceEncoder(self.text_encoder.dim, hidden, embed_dim, int(config.get("text_layers", 1)), heads)
-        self.temperature = float(config.get("temperature", 0.1))
-        self.negative_filter = float(config.get("negative_filter", 0.8))
+        hidden, embed_dim, heads = config.hidden, config.embed_dim, config.heads
+        self.motion = MotionEncoder(config.feature_dim, hidden, embed_dim, config.layers, heads)
+        self.text = SequenceEncoder(self.text_encoder.dim, hidden, embed_dim, config.text_layers, heads)
+        self.temperature, self.negative_filter = config.temperature, config.negative_filter
 
     def state_dict(self, *args, **kwargs):  # the frozen sentence encoder is not ours to save
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("text_encoder.")}
@@ -181,7 +179,7 @@ def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> Ev
             f"{folder} is a {config.get('kind')!r} run, not an evaluator "
             f"(python -m backend.train evaluator --config evaluator ...)"
         )
-    model = Evaluator(config["evaluator"])
+    model = Evaluator(ModelConfig.from_dict(config, str(folder)).evaluator)
     load_weights(model, Path(folder) / WEIGHTS)
     return model.to(device).eval()
 
@@ -240,12 +238,12 @@ class EvaluatorTask:
         from backend.data.dataset import MotionDataset, load_normalizer
 
         self.config, self.device = config, device
-        self.train_cfg = config["train"]["evaluator"]
         mean, std = load_normalizer(args.data)
         config["evaluator"]["feature_dim"] = int(np.asarray(mean).shape[0])
-        self.model = Evaluator(config["evaluator"]).to(device)
+        typed = ModelConfig.from_dict(config)
+        self.model = Evaluator(typed.evaluator).to(device)
         self.model.set_normalizer(mean, std)
-        max_frames = int(self.train_cfg["max_frames"])
+        max_frames = typed.train.evaluator.max_frames
         self.dataset = MotionDataset(args.data, "train", max_frames=max_frames, unit=UNIT)
         self.val = MotionDataset(args.data, "val", max_frames=max_frames, unit=UNIT)
         if len(self.val) < 2:

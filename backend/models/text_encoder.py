@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from backend.config import TextEncoderConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -40,7 +42,8 @@ class TextEncoder(nn.Module):
     Batches of captions give each caption's embedding to float tolerance of encoding it alone.
     """
 
-    def __init__(self, path: str | Path | None = None, max_length: int = 32, cache: bool = False):
+    def __init__(self, path: str | Path | None = None, max_length: int = TextEncoderConfig.max_length,
+                 cache: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from backend.config import MLDTransformerConfig
 from backend.models.denoiser import TextCondition, register_denoiser, timestep_embedding
 
 
@@ -40,14 +41,14 @@ class TransformerDenoiser(nn.Module):
     """MLD's skip transformer: ``layers`` (odd) pre-norm encoder layers, the first (layers-1)/2 feeding the last
     (layers-1)/2 through skip connections (concatenate + linear), one in the middle.
 
-    Config keys: ``d_model``, ``layers`` (odd), ``heads``, ``ff_dim`` (4 * d_model), ``dropout`` (0.1).
+    Config (``backend.config.MLDTransformerConfig``): ``d_model``, ``layers`` (odd), ``heads``, ``ff_dim``
+    (None: 4 * d_model), ``dropout``.
     """
 
-    def __init__(self, config: dict, latent_dim: int, text_dim: int):
+    def __init__(self, config: MLDTransformerConfig, latent_dim: int, text_dim: int):
         super().__init__()
-        d_model, layers = int(config["d_model"]), int(config["layers"])
-        heads, dropout = int(config.get("heads", 4)), float(config.get("dropout", 0.1))
-        ff_dim = int(config.get("ff_dim", 4 * d_model))
+        d_model, layers, heads, dropout = config.d_model, config.layers, config.heads, config.dropout
+        ff_dim = 4 * d_model if config.ff_dim is None else config.ff_dim
         if layers < 1 or layers % 2 == 0:
             raise ValueError(f"mld_transformer: layers must be odd and >= 1, got {layers}")
         if d_model % heads or d_model % 2:

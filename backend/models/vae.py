@@ -10,10 +10,12 @@ decode is exactly the concatenation of the streamed windows and its cost is line
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
+from backend.config import ModelConfig, VAEConfig
 from backend.models.blocks import HierarchicalTemporalMamba
 
 DOWNSAMPLE = 4  # frames per latent token
@@ -56,12 +58,14 @@ class _Conv(nn.Module):
 class MotionVAE(nn.Module):
     """KL-regularised VAE with a temporal latent of ``latent_dim`` channels per 4 frames.
 
-    Config keys: ``feature_dim`` (263), ``latent_dim``, ``width``, ``layers`` (Mamba layers per resolution),
-    ``d_state``, ``expand``, ``window`` (latent tokens decoded per window), ``context`` (extra tokens each side).
+    Config (``backend.config.VAEConfig``, whose defaults these are): ``feature_dim``, ``latent_dim``, ``width``,
+    ``layers`` (Mamba layers per resolution), ``d_state``, ``expand``, ``window`` (latent tokens decoded per
+    window), ``context`` (extra tokens each side).
     """
 
-    def __init__(self, feature_dim: int = 263, latent_dim: int = 8, width: int = 128, layers: int = 1,
-                 d_state: int = 16, expand: float = 2, window: int = 8, context: int = 2):
+    def __init__(self, feature_dim: int = ModelConfig.feature_dim, latent_dim: int = VAEConfig.latent_dim,
+                 width: int = VAEConfig.width, layers: int = VAEConfig.layers, d_state: int = VAEConfig.d_state,
+                 expand: float = VAEConfig.expand, window: int = VAEConfig.window, context: int = VAEConfig.context):
         super().__init__()
         if window < 1 or context < 0:
             raise ValueError(f"window must be >= 1 and context >= 0, got {window}, {context}")
@@ -81,9 +85,11 @@ class MotionVAE(nn.Module):
         self.dec_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, feature_dim))
 
     @classmethod
-    def from_config(cls, config: dict) -> MotionVAE:
-        """From a model config (``feature_dim`` and the ``vae`` section)."""
-        return cls(feature_dim=int(config["feature_dim"]), **config["vae"])
+    def from_config(cls, config: ModelConfig) -> MotionVAE:
+        """From a typed model config (its ``feature_dim`` and ``vae`` section)."""
+        if config.vae is None:
+            raise ValueError(f"config {config.name!r} has no vae section")
+        return cls(feature_dim=config.feature_dim, **asdict(config.vae))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) normalised, T a multiple of 4 -> (mu, logvar), each (B, T/4, latent_dim)."""
