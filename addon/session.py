@@ -19,7 +19,7 @@ import numpy as np
 
 from . import client, wire
 from .canonical import SMPL22_BUILTIN, CanonicalSkeleton
-from .keying import ActionKeyer, remove_partial_actions
+from .keying import ActionKeyer, generation_settings, remove_partial_actions
 from .retarget import BoneMap, Retargeter, TargetRig, map_bones, natural_name
 
 HELLO_INTERVAL = 3.0  # seconds between hellos while idle (how the status line notices a backend come and go)
@@ -197,12 +197,9 @@ class Session:
             job.retargeters[sample] = self._retargeter(job, obj)
             fps = float(self.server.get("fps", 20.0))
             options, request = job.settings, job.settings.request
-            settings = {
-                **request.to_header(), "seed": request.seed + sample, "sample": sample,
-                "preset": job.bone_map.preset, "root_motion": options.root_motion, "fps": fps,
-                "device": str(self.server.get("device", "")), "keep_timing": options.keep_timing,
-                "foot_lock": options.foot_lock,
-            }  # fmt: skip
+            settings = generation_settings(request, sample, job.bone_map.preset, options.root_motion, fps,
+                                           device=str(self.server.get("device", "")),
+                                           keep_timing=options.keep_timing, foot_lock=options.foot_lock)  # fmt: skip
             place = "NONE" if sample else "NLA" if options.nla_strip else "ACTIVE"
             keyer = job.keyers[sample] = ActionKeyer.for_generation(
                 obj, bpy.context.scene, settings, fps, place=place, keep_timing=options.keep_timing
