@@ -11,7 +11,9 @@ split, and every method produces a motion of that clip's length for that caption
   broken at random), cropped to the length.
 The same evaluator embeds them all. Per repeat: FID against the real clips' embeddings of a separate reference
 pass, R-precision top-1/2/3 (batches of 32), MM-Dist, Diversity (300 pairs, fewer if the split is smaller);
-MultiModality from ``--mm-samples`` samples of ``--mm-prompts`` prompts (``--mm-pairs`` pairs). Each metric is
+MultiModality from ``--mm-samples`` samples of ``--mm-prompts`` prompts (``--mm-pairs`` pairs); and, on the joint
+positions recovered from the features, the mean jerk (m/s^3; nearer the real row's is better) and GMD's foot skate
+ratio (see ``backend.metrics``), each the mean over the clips. Each metric is
 reported as mean ± 95% CI over the repeats, plus AITS: seconds per sentence at batch 1 after a warm-up, timed
 on the device named in the report. Writes the JSON report and a markdown table beside it (``.md``).
 """
@@ -36,13 +38,15 @@ from backend import metrics
 from backend.checkpoint import load_config, save_json
 from backend.config import ModelConfig
 from backend.models.evaluator import Evaluator, EvaluatorTask, load_evaluator
+from backend.motion import features_to_positions
 from backend.pipeline import MotionPipeline, resolve_device
+from backend.skeleton import skeleton_for_dim
 from backend.train import seed_everything
 
 __all__ = ["EvaluatorTask", "evaluate", "format_table", "main"]  # backend.train runs EvaluatorTask from here
 
 GUO = {"mm_prompts": 100, "mm_samples": 30, "mm_pairs": 10, "diversity_pairs": 300, "r_batch": 32}
-METRICS = ("R@1", "R@2", "R@3", "FID", "MM-Dist", "Diversity", "MultiModality")
+METRICS = ("R@1", "R@2", "R@3", "FID", "MM-Dist", "Diversity", "MultiModality", "Jerk", "Foot skate")
 HEADERS = {
     "R@1": "R-prec. top-1 ↑",
     "R@2": "top-2 ↑",
@@ -51,6 +55,8 @@ HEADERS = {
     "MM-Dist": "MM-Dist ↓",
     "Diversity": "Diversity →",
     "MultiModality": "MModality ↑",
+    "Jerk": "Jerk (m/s³) →",
+    "Foot skate": "Foot skate ↓",
 }
 
 
@@ -254,7 +260,6 @@ def format_table(report: dict) -> str:
 
 def write_previews(out: Path, name: str, items: list[Item], motions: list[np.ndarray]) -> None:
     """Stick-figure contact sheets ``<out>_previews/<k>_<name>.png`` of the first repeat's motions."""
-    from backend.motion import features_to_positions
     from backend.preview import render_preview
 
     folder = out.with_name(out.stem + "_previews")
@@ -319,6 +324,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         evaluator, [it.features for it in draw_items(test_set, mean, std, args.seed + 999_999, n_clips)]
     )
     values: dict[str, dict[str, list[float]]] = {m.name: defaultdict(list) for m in methods}
+    skeleton = skeleton_for_dim(mean.shape[-1])
+    feet = (skeleton.foot_left[-1], skeleton.foot_right[-1])  # the joints below the ankles, as GMD's skate ratio
     for r in tqdm(range(args.repeats), desc="repeats", unit="repeat"):
         seed = args.seed + 1000 * r
         items = draw_items(test_set, mean, std, seed, n_clips)
@@ -339,6 +346,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             v["FID"].append(metrics.frechet_distance(reference, emb))
             v["MM-Dist"].append(metrics.mm_dist(text, emb))
             v["Diversity"].append(metrics.diversity(emb, pairs=div_pairs, rng=rng))
+            joints = [features_to_positions(m) for m in motions]
+            v["Jerk"].append(float(np.mean([metrics.jerk(p, skeleton.fps) for p in joints])))
+            v["Foot skate"].append(float(np.mean([metrics.foot_skate_ratio(p, feet, skeleton.fps) for p in joints])))
             if method.samples is not None and args.mm_prompts > 0:
                 mm = np.stack(
                     [
@@ -360,6 +370,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         if method.name in timers and args.aits_prompts > 0:
             row["aits_s"] = aits(timers[method.name], timing_items, device)
         rows.append(row)
+    if len(rows) > 1:
+        real_jerk = rows[0]["metrics"]["Jerk"]["mean"]
+        ratios = ", ".join(f"{r['name']} {r['metrics']['Jerk']['mean'] / real_jerk:.2f}" for r in rows[1:])
+        notes.append(f"Jerk / the real row's: {ratios}.")
     report = {
         "split": args.split,
         "data": str(args.data),

@@ -1,5 +1,6 @@
 """The text-to-motion metrics of Guo et al. 2022 ("Generating Diverse and Natural 3D Human Motions from Text"),
-computed on evaluator embeddings, as MLD, MDM, T2M-GPT, MoMask and Motion Mamba report them.
+computed on evaluator embeddings, as MLD, MDM, T2M-GPT, MoMask and Motion Mamba report them; and two
+quality metrics the eye notices, computed on joint positions: :func:`jerk` and :func:`foot_skate_ratio`.
 
 All functions take numpy arrays (or anything ``np.asarray`` reads, e.g. CPU torch tensors), compute in float64,
 and raise ``ValueError`` on empty, non-finite or mismatched input. Randomness comes from a ``np.random.Generator``.
@@ -12,9 +13,11 @@ import numpy as np
 __all__ = [
     "diversity",
     "euclidean_distances",
+    "foot_skate_ratio",
     "frechet_distance",
     "frechet_distance_from_stats",
     "gaussian_stats",
+    "jerk",
     "mean_ci",
     "mm_dist",
     "multimodality",
@@ -154,3 +157,62 @@ def mean_ci(values) -> tuple[float, float]:
     if not np.isfinite(v).all():
         raise ValueError("mean_ci: values contain NaN or infinity")
     return float(v.mean()), float(1.96 * v.std() / np.sqrt(v.size))
+
+
+# Foot skate thresholds of Guided Motion Diffusion (Karunratanakul et al., ICCV 2023), also used by OmniControl.
+SKATE_HEIGHT_M = 0.05  # a foot lower than this (above the floor y = 0) touches the ground
+SKATE_SPEED_M_S = 0.5  # a touching foot moving horizontally faster than this skates (2.5 cm per frame at 20 fps)
+SKATE_WINDOW_S = 0.25  # ... and also on average over a centred window this long (GMD: 5 frames at 20 fps)
+
+
+def _positions(positions, name: str, min_frames: int) -> np.ndarray:
+    """``positions`` as a finite float64 (T, J, 3) array with T >= min_frames, or ValueError."""
+    p = np.asarray(positions, dtype=np.float64)
+    if p.ndim != 3 or p.shape[1] == 0 or p.shape[2] != 3:
+        raise ValueError(f"{name}: expected joint positions of shape (T, J, 3), got {p.shape}")
+    if p.shape[0] < min_frames:
+        raise ValueError(f"{name}: needs at least {min_frames} frames, got {p.shape[0]}")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{name}: positions contain NaN or infinity")
+    return p
+
+
+def _fps(fps: float, name: str) -> float:
+    if not (np.isfinite(fps) and fps > 0):
+        raise ValueError(f"{name}: fps must be positive, got {fps}")
+    return float(fps)
+
+
+def jerk(positions, fps: float) -> float:
+    """Mean jerk of a motion, in m/s^3: the magnitude of the third time derivative of every joint's position
+    (T, J, 3) in metres, by the third finite difference p[t+3] - 3 p[t+2] + 3 p[t+1] - p[t] times fps^3
+    (exact for cubic paths), averaged over the T - 3 frames and the J joints. T >= 4."""
+    p = _positions(positions, "jerk", min_frames=4)
+    third = np.diff(p, n=3, axis=0) * _fps(fps, "jerk") ** 3
+    return float(np.linalg.norm(third, axis=-1).mean())
+
+
+def foot_skate_ratio(positions, feet: tuple[int, ...], fps: float) -> float:
+    """Foot skate ratio of Guided Motion Diffusion (Karunratanakul et al. 2023, "Guided Motion Diffusion for
+    Controllable Human Motion Synthesis", ICCV; its ``calculate_skating_ratio``, reused by OmniControl): the
+    fraction of the T - 1 frame steps in which some foot skates.
+
+    Positions (T, J, 3) are in metres, Y up, floor at y = 0 (HumanML3D's placement); ``feet`` are the foot
+    joints' indices (SMPL22: 10 and 11, the feet below the ankles, as GMD). A foot skates in the step t -> t+1
+    when it touches the ground at both ends (height < ``SKATE_HEIGHT_M``) and its horizontal (XZ) speed exceeds
+    ``SKATE_SPEED_M_S`` both in that step and averaged over a centred window of ``SKATE_WINDOW_S`` (an odd
+    number of steps, zero-padded at the clip's ends as GMD's ``uniform_filter1d(mode="constant")``). T >= 2."""
+    p = _positions(positions, "foot_skate_ratio", min_frames=2)
+    fps = _fps(fps, "foot_skate_ratio")
+    if len(feet) == 0 or not all(0 <= f < p.shape[1] for f in feet):
+        raise ValueError(f"foot_skate_ratio: foot joints {tuple(feet)} not in 0..{p.shape[1] - 1}")
+    foot = p[:, list(feet), :]  # (T, F, 3)
+    speed = np.linalg.norm(np.diff(foot[..., [0, 2]], axis=0), axis=-1) * fps  # (T-1, F)
+    window = round(SKATE_WINDOW_S * fps) | 1
+    padded = np.pad(speed, ((window // 2 + 1, window // 2), (0, 0)))  # one more zero in front for the cumsum
+    total = np.cumsum(padded, axis=0)
+    average = (total[window:] - total[:-window]) / window  # (T-1, F): mean over the window centred on each step
+    low = foot[..., 1] < SKATE_HEIGHT_M
+    contact = low[:-1] & low[1:]
+    skating = contact & (speed > SKATE_SPEED_M_S) & (average > SKATE_SPEED_M_S)
+    return float(skating.any(axis=1).mean())

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend import evaluate
+from backend import evaluate, metrics
 from backend.models.evaluator import MotionEncoder, load_evaluator
+from backend.motion import features_to_positions
 from backend.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,22 @@ def _args(mini_dataset: Path, runs: dict[str, Path], out: Path, *extra: str) -> 
     ]
 
 
+def _real_quality(data: Path, evaluator: Path, repeats: int) -> tuple[float, float]:
+    """Jerk and foot skate ratio of the real test clips, as the report's real row should hold them: per repeat
+    the mean over the clips drawn with that repeat's seed, then the mean over the repeats."""
+    from backend.data.dataset import MotionDataset, load_normalizer
+
+    max_frames = json.loads((evaluator / "config.json").read_text())["train"]["evaluator"]["max_frames"]
+    mean, std = (a.astype(np.float32) for a in load_normalizer(data))
+    test_set = MotionDataset(data, "test", max_frames=max_frames, unit=4)
+    jerks, skates = [], []
+    for r in range(repeats):
+        joints = [features_to_positions(it.features) for it in evaluate.draw_items(test_set, mean, std, 1000 * r)]
+        jerks.append(np.mean([metrics.jerk(p, 20.0) for p in joints]))
+        skates.append(np.mean([metrics.foot_skate_ratio(p, (10, 11), 20.0) for p in joints]))
+    return float(np.mean(jerks)), float(np.mean(skates))
+
+
 def test_trained_evaluator_reports_held_out_retrieval(runs):
     config = json.loads((runs["evaluator"] / "config.json").read_text())
     assert config["kind"] == "evaluator"
@@ -163,12 +180,22 @@ def test_evaluation_report_has_every_metric_with_a_ci(mini_dataset, runs, tmp_pa
     fid_real = rows["real"]["metrics"]["FID"]["mean"]
     assert fid_real < 0.1 * min(rows[n]["metrics"]["FID"]["mean"] for n in ("motion_mamba", "mld_transformer"))
     assert report["device"].startswith("cpu")
+    # The motion-quality columns: the real row holds the real clips' own jerk and skate (recomputed here), and
+    # generators trained for 4 steps put out motion far jerkier than real
+    for name, row in rows.items():
+        assert row["metrics"]["Jerk"]["mean"] > 0.0 and 0.0 <= row["metrics"]["Foot skate"]["mean"] <= 1.0, name
+    real_jerk, real_skate = _real_quality(mini_dataset, runs["evaluator"], repeats=2)
+    assert rows["real"]["metrics"]["Jerk"]["mean"] == pytest.approx(real_jerk, rel=1e-5)
+    assert rows["real"]["metrics"]["Foot skate"]["mean"] == pytest.approx(real_skate, abs=1e-9)
+    assert min(rows[n]["metrics"]["Jerk"]["mean"] for n in ("motion_mamba", "mld_transformer")) > 2 * real_jerk
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"][0]["metrics"]["FID"] == rows["real"]["metrics"]["FID"]
     previews = sorted(p.name for p in (tmp_path / "report_previews").iterdir())
     assert previews == [f"00_{name}.png" for name in sorted(rows)]
     table = (tmp_path / "report.md").read_text()
     assert table.startswith("| Method |") and "motion_mamba" in table and "±" in table
+    assert "Jerk (m/s³) →" in table and "Foot skate ↓" in table
+    assert "Jerk / the real row's: motion_mamba " in table
     print(table)
 
 

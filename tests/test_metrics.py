@@ -105,6 +105,88 @@ def test_metrics_accept_torch_tensors():
     assert metrics.mm_dist(x, x) == 0.0
 
 
+# --- jerk and foot skate on hand-made joint paths ----------------------------------------------------------
+
+
+def _path(x, y, z) -> np.ndarray:
+    """One joint's path (T, 1, 3) from three coordinate sequences (numbers are held constant)."""
+    n = max(np.size(c) for c in (x, y, z))
+    return np.stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (n,)) for c in (x, y, z)], -1)[:, None]
+
+
+def test_jerk_of_a_cubic_path_is_six_a_at_any_frame_rate():
+    # p(t) = (a t^3, b t^3, 0): d^3p/dt^3 = (6a, 6b, 0) everywhere, |.| = 6 sqrt(a^2 + b^2) m/s^3
+    a, b = 0.7, -2.4
+    for fps in (20.0, 30.0, 12.5):
+        t = np.arange(50) / fps
+        assert metrics.jerk(_path(a * t**3, b * t**3, 0.0), fps) == pytest.approx(6 * np.hypot(a, b), rel=1e-6)
+
+
+def test_jerk_of_uniformly_accelerated_joints_is_zero_and_ignores_standing_joints():
+    t = np.arange(40) / 20.0
+    moving = _path(1.3 * t, 0.9, 0.5 * 9.81 * t**2)  # constant velocity in x, constant acceleration in z
+    assert metrics.jerk(moving, 20.0) == pytest.approx(0.0, abs=1e-9)
+    cubic = _path(2.0 * t**3, 0.0, 0.0)
+    still = _path(np.zeros_like(t), 1.0, 0.0)
+    two = np.concatenate([cubic, still], axis=1)  # the mean over joints halves the cubic joint's 12 m/s^3
+    assert metrics.jerk(two, 20.0) == pytest.approx(6.0, rel=1e-6)
+
+
+def test_jerk_of_a_sine_matches_its_analytic_third_derivative():
+    # x = A sin(w t): the third derivative's magnitude is A w^3 |cos(w t)|, whose mean over whole periods is
+    # A w^3 * 2 / pi
+    amplitude, w, fps = 0.1, 2 * np.pi * 1.5, 200.0
+    t = np.arange(round(4 / 1.5 * fps) + 3) / fps  # four whole periods of steps, plus the 3 the difference eats
+    got = metrics.jerk(_path(amplitude * np.sin(w * t), 1.0, 0.0), fps)
+    assert got == pytest.approx(amplitude * w**3 * 2 / np.pi, rel=0.01)
+
+
+T_SKATE, FPS = 41, 20.0  # 40 steps of 1/20 s
+
+
+def _foot(speed_m_s, height_m) -> np.ndarray:
+    """A foot moving along x with the given speeds (one number, or one per step) at the given height(s), metres."""
+    steps = np.broadcast_to(np.asarray(speed_m_s, dtype=np.float64), (T_SKATE - 1,)) / FPS
+    return _path(np.concatenate([[0.0], np.cumsum(steps)]), height_m, 0.0)
+
+
+def _feet(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """A (T, 2, 3) 'skeleton' of two feet, joints 0 and 1."""
+    return np.concatenate([left, right], axis=1)
+
+
+def test_a_foot_sliding_on_the_floor_skates_and_a_planted_or_lifted_one_does_not():
+    planted, sliding = _foot(0.0, 0.02), _foot(1.0, 0.02)
+    flying = _foot(1.0, 0.30)  # a swinging foot, well above the 5 cm contact height
+    slow = _foot(0.3, 0.02)  # a shuffle slower than 0.5 m/s is not counted
+    assert metrics.foot_skate_ratio(_feet(planted, planted), (0, 1), FPS) == 0.0
+    assert metrics.foot_skate_ratio(_feet(flying, flying), (0, 1), FPS) == 0.0
+    assert metrics.foot_skate_ratio(_feet(slow, planted), (0, 1), FPS) == 0.0
+    assert metrics.foot_skate_ratio(_feet(sliding, planted), (0, 1), FPS) == 1.0  # either foot counts
+    assert metrics.foot_skate_ratio(_feet(planted, sliding), (0,), FPS) == 0.0  # only the named feet
+
+
+def test_foot_skate_counts_the_steps_that_slide_in_contact():
+    half = _foot(np.r_[np.ones(20), np.zeros(20)], 0.02)  # slides for 20 of 40 steps, then stands
+    assert metrics.foot_skate_ratio(_feet(half, half), (0, 1), FPS) == pytest.approx(0.5)
+    lifting = _foot(1.0, np.r_[np.full(10, 0.02), np.full(31, 0.2)])  # on the floor at both ends of 9 steps
+    assert metrics.foot_skate_ratio(_feet(lifting, lifting), (0, 1), FPS) == pytest.approx(9 / 40)
+    # Heights are above the floor y = 0: the same slide 4 cm up touches the ground, 6 cm up does not
+    low_high = _feet(_foot(1.0, 0.04), _foot(1.0, 0.06))
+    assert metrics.foot_skate_ratio(low_high, (0,), FPS) == 1.0
+    assert metrics.foot_skate_ratio(low_high, (1,), FPS) == 0.0
+
+
+def test_a_one_step_jitter_of_a_planted_foot_is_not_a_skate():
+    # 2 m/s in one step only: fast in that step, but 0.4 m/s averaged over the 5-step window (GMD's filter)
+    jitter = _foot(np.r_[np.zeros(20), 2.0, np.zeros(19)], 0.02)
+    assert metrics.foot_skate_ratio(_feet(jitter, jitter), (0, 1), FPS) == 0.0
+    two = _foot(np.r_[np.zeros(20), 1.2, 1.2, np.zeros(18)], 0.02)  # two fast steps: 0.48 m/s averaged
+    assert metrics.foot_skate_ratio(_feet(two, two), (0, 1), FPS) == 0.0
+    three = _foot(np.r_[np.zeros(20), 1.0, 1.0, 1.0, np.zeros(17)], 0.02)  # three: 0.6 m/s averaged, all count
+    assert metrics.foot_skate_ratio(_feet(three, three), (0, 1), FPS) == pytest.approx(3 / 40)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -124,6 +206,14 @@ def test_metrics_accept_torch_tensors():
         lambda: metrics.multimodality(np.ones((5, 2))),
         lambda: metrics.mean_ci([]),
         lambda: metrics.mean_ci([1.0, float("nan")]),
+        lambda: metrics.jerk(np.zeros((3, 22, 3)), 20.0),
+        lambda: metrics.jerk(np.zeros((10, 22)), 20.0),
+        lambda: metrics.jerk(np.full((10, 22, 3), np.nan), 20.0),
+        lambda: metrics.jerk(np.zeros((10, 22, 3)), 0.0),
+        lambda: metrics.foot_skate_ratio(np.zeros((1, 22, 3)), (10, 11), 20.0),
+        lambda: metrics.foot_skate_ratio(np.zeros((10, 22, 3)), (10, 22), 20.0),
+        lambda: metrics.foot_skate_ratio(np.zeros((10, 22, 3)), (), 20.0),
+        lambda: metrics.foot_skate_ratio(np.zeros((10, 22, 3)), (10, 11), -1.0),
     ],
 )
 def test_bad_input_is_a_value_error(call):
