@@ -329,3 +329,13 @@ def test_coverage_calibration_picks_the_widest_gap():
     assert accuracy == pytest.approx((2 / 3 + 1) / 2) and 0.7 < threshold <= 0.9
     with pytest.raises(ValueError, match="known and unknown"):
         calibrate(np.array([]), np.array([0.3]))
+
+
+def test_coverage_cli_errors_are_clear(tmp_path, capsys):
+    from backend.coverage import main
+
+    assert main([str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a Motion Mamba checkpoint" in capsys.readouterr().err
+    shutil.copy(DEFAULT_WEIGHTS / "config.json", tmp_path / "config.json")
+    assert main([str(tmp_path), "--data", str(tmp_path / "none")]) == 2
+    assert "no split file train.txt" in capsys.readouterr().err
