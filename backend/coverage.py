@@ -7,7 +7,8 @@ A checkpoint folder may hold a caption index beside its weights:
 ``python -m backend.coverage CHECKPOINT_DIR --data DATASET`` builds one for an existing checkpoint (a
 denoiser run writes its own when it saves). The ``known`` threshold is calibrated on held-back captions: the
 ``val`` split's captions that are no training caption word for word (same actions, other paraphrases) against
-``UNKNOWN_CALIBRATION``, actions no data of this project holds.
+``UNKNOWN_CALIBRATION``, actions the Bandai data lacks (a model trained on data that has some of them, e.g.
+more-mocap's jumps, needs its own list: ``CaptionIndex.build(..., unknown=...)``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ META_FILE = "captions.json"
 TEMPLATES = Path(__file__).resolve().parent / "data" / "caption_templates.json"
 CLASS_CAPTIONS = Path(__file__).resolve().parent / "data" / "class_captions.json"
 
-# Prompts for actions that are in no training data of this project (Bandai): the negatives of the calibration.
+# Prompts for actions the Bandai data lacks: the negatives of the calibration.
 UNKNOWN_CALIBRATION = (
     "a person jumps up and down", "someone sits down on a chair", "a man does a cartwheel", "a person swims",
     "someone climbs up a ladder", "a person crawls on hands and knees", "a person lies down on the floor",
@@ -102,18 +103,19 @@ class CaptionIndex:
         self.encoder, self.threshold, self.calibration = encoder, float(threshold), calibration or {}
 
     @classmethod
-    def build(cls, encoder: TextEncoder, data: str | Path) -> CaptionIndex:
+    def build(cls, encoder: TextEncoder, data: str | Path,
+              unknown: tuple[str, ...] = UNKNOWN_CALIBRATION) -> CaptionIndex:
         """Index a prepared dataset's unique training captions; calibrate on its ``val`` captions (those no training
-        caption repeats word for word) against ``UNKNOWN_CALIBRATION``."""
+        caption repeats word for word) against ``unknown``, prompts for actions the data lacks."""
         train = _captions(data, "train")
         val = _captions(data, "val")
         held = [c for c in val if c not in set(train)] or val or train  # tiny datasets: what there is
         index = cls(train, embed(encoder, train), trained_actions(train), encoder.name, 0.0)
         known = index.best(embed(encoder, held))
-        unknown = index.best(embed(encoder, list(UNKNOWN_CALIBRATION)))
-        index.threshold, accuracy = calibrate(known, unknown)
-        index.calibration = {"held_back_known": len(held), "unknown": len(unknown), "accuracy": round(accuracy, 4),
-                             "known_min": round(float(known.min()), 4), "unknown_max": round(float(unknown.max()), 4)}
+        far = index.best(embed(encoder, list(unknown)))
+        index.threshold, accuracy = calibrate(known, far)
+        index.calibration = {"held_back_known": len(held), "unknown": len(far), "accuracy": round(accuracy, 4),
+                             "known_min": round(float(known.min()), 4), "unknown_max": round(float(far.max()), 4)}
         return index
 
     def best(self, queries: torch.Tensor) -> np.ndarray:
