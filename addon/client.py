@@ -114,6 +114,7 @@ class Generation:
     on_done: Callable[[Generation], None] | None = None
     on_error: Callable[[Generation], None] | None = None
     queue: int | None = None  # requests ahead of this one when the server accepted it
+    coverage: dict | None = None  # how close the prompt is to the model's training captions (if it says)
     step: int = 0
     total: int = 0
     motion: GeneratedMotion | None = None
@@ -151,6 +152,7 @@ class Generation:
         """Apply one reply of this request (called by ``poll``)."""
         if message.type == "accepted":
             self.queue = message["queue"]
+            self.coverage = message.get("coverage")
         elif message.type == "progress":
             self.step, self.total = message["step"], message["total"]
             if self.on_progress is not None:

@@ -77,6 +77,8 @@ class MotionSettings(bpy.types.PropertyGroup):
                             description="Place the result as an NLA strip at the current frame; the active action "
                             "stays as it is")  # fmt: skip
     history_index: IntProperty(name="History", default=-1)
+    show_actions: BoolProperty(name="What this model knows", description="List the actions the model was trained on",
+                               default=False)
 
 
 class MotionPreferences(bpy.types.AddonPreferences):

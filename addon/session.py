@@ -51,6 +51,14 @@ class Job:
     keyers: dict[int, ActionKeyer] = field(default_factory=dict)
 
 
+def coverage_notice(prompt: str, coverage: dict) -> str:
+    """The warning for a prompt the model has seen nothing like (``accepted``'s ``coverage``), else ""."""
+    if coverage.get("known", True):
+        return ""
+    closest = "; ".join(f"'{caption}'" for caption, _ in coverage.get("nearest", []))
+    return f"This model has not seen anything like '{prompt}'. Closest it knows: {closest}"
+
+
 class Session:
     """The connection to one backend endpoint and at most one running generation."""
 
@@ -71,6 +79,7 @@ class Session:
         self.skeleton: CanonicalSkeleton | None = None
         self.job: Job | None = None
         self.result = ""  # the last success
+        self.notice = ""  # the last prompt's warning: the model has seen nothing like it
         self.backend_process: subprocess.Popen | None = None
         self.backend_log: Path | None = None  # where the local backend logs (set when it starts)
         self.backend_output = ""  # the end of its output, read once it has exited
@@ -96,6 +105,12 @@ class Session:
             return
         self.server = message.header
         self._hello_heard = time.monotonic()
+
+    @property
+    def actions(self) -> list[str]:
+        """The actions the backend's model was trained on (empty when it does not say)."""
+        actions = (self.server or {}).get("actions")
+        return [str(a) for a in actions] if isinstance(actions, list) else []
 
     @property
     def connected(self) -> bool:
@@ -142,7 +157,7 @@ class Session:
         generation = self.client.start(settings.request, on_frames=lambda _gen, message: pending.append(message))
         bpy.ops.ed.undo_push(message="Before motion generation")  # so one undo removes what follows
         self.job = Job(generation, settings, target.name, bone_map, pending)
-        self.error = self.result = ""
+        self.error = self.result = self.notice = ""
         return self.job
 
     def cancel(self) -> None:
@@ -229,6 +244,8 @@ class Session:
         """One step of the running job, from its handle's state: fail on an error, else key one pending chunk,
         else finish once the motion is whole."""
         generation = job.generation
+        if generation.coverage is not None and not self.notice:
+            self.notice = coverage_notice(job.settings.request.prompt, generation.coverage)
         try:
             if generation.error is not None:
                 self._fail(f"Backend error ({generation.error.code}): {generation.error.message}")

@@ -107,6 +107,16 @@ class MOTION_PT_panel(bpy.types.Panel):
             row.progress(factor=generation.progress, type="BAR", text=text)
             row.operator("motion_mamba.cancel", text="", icon="CANCEL")
 
+        if session is not None and session.notice:
+            for i, line in enumerate(textwrap.wrap(session.notice, 56)):
+                layout.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+        if session is not None and session.actions:
+            box = layout.box()
+            shown = props.show_actions
+            box.prop(props, "show_actions", text=f"What this model knows ({len(session.actions)} actions)",
+                     icon="DISCLOSURE_TRI_DOWN" if shown else "DISCLOSURE_TRI_RIGHT", emboss=False)
+            for action in session.actions if shown else ():
+                box.label(text=action)
         if session is not None and session.error:
             layout.label(text=session.error, icon="ERROR")
         elif session is not None and session.result:

@@ -8,8 +8,8 @@ Framing: every message is a ZeroMQ multipart. Frame 0 is a UTF-8 JSON object (th
 ``dtype`` the header gives. Nothing is ever pickled.
 
 Requests (client -> server)             Replies (server -> client, same ``id``)
-  hello                                   hello {model, device, fps, skeleton, limits, defaults}
-  generate {prompt[, seconds, seed,       accepted {queue}, progress {step, total}*,
+  hello                                   hello {model, device, fps, skeleton, limits, defaults[, actions]}
+  generate {prompt[, seconds, seed,       accepted {queue[, coverage]}, progress {step, total}*,
             guidance, steps, samples]}    frames {sample, start, count, shape, dtype}* + data,
                                           done {frames, timings}
   cancel   (id = the request to stop)     (the generate stream ends with error {code: "cancelled"})
@@ -17,8 +17,10 @@ Requests (client -> server)             Replies (server -> client, same ``id``)
   anything wrong                          error {code, message[, step, cancel_step]}
 
 A ``generate`` request is a ``GenerateRequest``: only ``prompt`` is required, every other field takes the
-default announced in ``hello`` (``defaults``). Every reply is built by ``reply()``/``error_reply()``, which
-validate it against the schema before it is sent.
+default announced in ``hello`` (``defaults``). A model that knows its training captions announces the actions
+it was trained on (``actions``, a list of phrases) and says in ``accepted`` how close the prompt comes to them
+(``coverage``: {known: bool, similarity: number, nearest: [[caption, similarity], ...]}). Every reply is built
+by ``reply()``/``error_reply()``, which validate it against the schema before it is sent.
 
 A ``frames`` data block is float32 (count, 3 + 4 * J): the root translation (metres, Y up) then one local
 rotation quaternion (w, x, y, z) per joint of the skeleton announced in ``hello``.
@@ -175,8 +177,9 @@ _REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
 }
 _REPLIES: dict[str, tuple[dict[str, str], frozenset[str]]] = {
     "hello": ({"model": "object", "device": "str", "fps": "number", "skeleton": "object", "limits": "object",
-               "defaults": "object"}, frozenset({"defaults"})),  # older servers announce no defaults
-    "accepted": ({"queue": "int"}, frozenset()),
+               "defaults": "object", "actions": "list"},
+              frozenset({"defaults", "actions"})),  # older servers: no defaults; models without a caption index
+    "accepted": ({"queue": "int", "coverage": "object"}, frozenset({"coverage"})),
     "progress": ({"step": "int", "total": "int"}, frozenset()),
     "frames": ({"sample": "int", "start": "int", "count": "int", "shape": "list", "dtype": "str"},
                frozenset()),

@@ -6,6 +6,7 @@ A run folder (``python -m backend.train ... --out RUN_DIR``) holds:
   vae.safetensors      the motion VAE
   denoiser.safetensors the denoiser (kind "pipeline" only: the folder is then a complete generation checkpoint)
   Mean.npy, Std.npy    the dataset's feature normaliser
+  captions.safetensors, captions.json   what the model knows: its training captions (``backend.coverage``)
   train_state.pt       everything ``--resume`` needs (one file, so a kill can never mix two steps)
 Each file is written to a temporary name in the same folder, flushed, then renamed over the old one
 (``os.replace``), so a kill at any moment leaves either the old or the new file, never a torn one.

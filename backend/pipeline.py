@@ -25,6 +25,7 @@ from torch import nn
 from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
 from backend.config import ModelConfig
+from backend.coverage import CaptionIndex, Coverage
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -108,6 +109,7 @@ class MotionPipeline:
         # threads gain nothing, and on a busy machine they wait on each other: measured on 2 shared cores,
         # 10 s of motion took 1.3 s with 1 thread and 22-80 s with 2. None leaves torch's setting alone.
         self.cpu_threads = typed.cpu_threads
+        self.captions: CaptionIndex | None = None  # what the model was trained on, when its checkpoint says
 
     @classmethod
     def _build(cls, config: dict, source: str) -> MotionPipeline:
@@ -141,6 +143,7 @@ class MotionPipeline:
         if mean.shape != (pipe.vae.feature_dim,):
             raise ValueError(f"{path}: normaliser has shape {mean.shape}, the VAE expects {pipe.vae.feature_dim}")
         pipe.mean, pipe.std = mean, std
+        pipe.captions = CaptionIndex.load(path)
         return pipe.to(resolve_device(device))
 
     @classmethod
@@ -172,6 +175,15 @@ class MotionPipeline:
             "params": {"vae": _num_params(self.vae), "denoiser": _num_params(self.denoiser),
                        "text_encoder": _num_params(self.text_encoder)},
         }
+
+    def coverage(self, prompt: str, k: int = 3) -> Coverage | None:
+        """How close ``prompt`` comes to the training captions (the ``k`` nearest, and whether it is ``known``);
+        None when the checkpoint carries no caption index."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("coverage needs a non-empty prompt")
+        if self.captions is None:
+            return None
+        return self.captions.query(self.text_encoder, prompt, k)
 
     # --- generation ---------------------------------------------------------------------------------
 

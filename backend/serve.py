@@ -188,6 +188,9 @@ class Server:
         self._hello = {"model": pipe.describe(), "device": str(pipe.device), "fps": float(pipe.fps),
                        "skeleton": _skeleton_json(), "limits": self.limits.to_json(),
                        "defaults": GenerateRequest.defaults()}
+        captions = getattr(pipe, "captions", None)  # what the model was trained on, when its checkpoint says
+        if captions is not None:
+            self._hello["actions"] = list(captions.actions)
         self._context = context or zmq.Context.instance()
         self._auth: ThreadAuthenticator | None = None
         self._router = self._make_router(bind, keys)
@@ -410,7 +413,9 @@ class Server:
         self._pending.append(job)
         if client not in self._turns:
             self._turns.append(client)
-        self._send(client, reply("accepted", rid, queue=ahead))
+        coverage = self.pipe.coverage(job.request.prompt) if getattr(self.pipe, "captions", None) else None
+        extra = {"coverage": coverage.to_wire()} if coverage is not None else {}
+        self._send(client, reply("accepted", rid, queue=ahead, **extra))
 
     def _dispatch(self) -> None:
         """Hand a waiting request to an idle worker: clients take turns (round robin), each giving its oldest;

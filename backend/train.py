@@ -50,6 +50,7 @@ from backend.checkpoint import (
     save_weights,
 )
 from backend.config import ModelConfig
+from backend.coverage import CaptionIndex
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -135,6 +136,7 @@ class DenoiserTask:
         self._index = {clip_id: i for i, clip_id in enumerate(self.dataset.ids)}
         self._latents: dict[str, torch.Tensor] = {}
         self.latent_scale = typed.latent_scale
+        self.data, self.captions = args.data, None
 
     @torch.no_grad()
     def _latent(self, clip_id: str) -> torch.Tensor:
@@ -183,6 +185,9 @@ class DenoiserTask:
         for name in ("vae.safetensors", "Mean.npy", "Std.npy"):  # the folder is a complete checkpoint
             atomic_write(folder / name, (self.vae_dir / name).read_bytes())
         save_weights(folder / "denoiser.safetensors", self.model, {"step": str(step)})
+        if self.captions is None:  # what the model knows: its training captions, indexed once
+            self.captions = CaptionIndex.build(self.text, self.data)
+        self.captions.save(folder)
         save_json(folder / "config.json", {**self.config, "kind": "pipeline", "step": step})
 
     def extra_state(self) -> dict:

@@ -117,6 +117,14 @@ def draw(menu, context):
         exited = operators._session.describe()
         operators._session.backend_process = None
         states.append("exited")
+        operators._session.server = {{"actions": ["walks forward", "waves the right hand"]}}
+        operators._session.notice = "This model has not seen anything like 'a person jumps'. Closest it knows: 'x'"
+        for shown in (False, True):  # the actions box folded, then open
+            context.scene.motion_mamba.show_actions = shown
+            MOTION_PT_panel.draw(menu, context)
+        actions = operators._session.actions
+        operators._session.server, operators._session.notice = None, ""
+        states.append("unknown prompt")
         walk = GenerateRequest("walk")
         generation = Generation("id", walk, operators._session.client, step=3, total=10)
         operators._session.job = Job(generation, Settings(walk), rig.name, map_bones(SMPL22_BUILTIN.names))
@@ -142,7 +150,7 @@ def draw(menu, context):
         MOTION_PT_panel.draw(menu, context)
         states.append("warned")
         warnings = [w for ws in ui._warnings_cache.values() for w in ws]
-        result = {{"states": states, "items": items, "exited": exited, "warnings": warnings}}
+        result = {{"states": states, "items": items, "exited": exited, "warnings": warnings, "actions": actions}}
     except Exception:
         result = {{"states": states, "error": traceback.format_exc()}}
     print("RESULT " + json.dumps(result), flush=True)
@@ -165,7 +173,9 @@ def test_panel_draws_in_every_state(tmp_path):
     assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(line[len("RESULT ") :])
     assert "error" not in result, result.get("error")
-    assert result["states"] == ["empty", "error", "exited", "running", "keying", "unmappable", "warned"]
+    assert result["states"] == ["empty", "error", "exited", "unknown prompt", "running", "keying", "unmappable",
+                                "warned"]
+    assert result["actions"] == ["walks forward", "waves the right hand"]
     assert result["exited"].splitlines() == ["The local backend exited (code 3): Traceback (most recent call last):",
                                              "RuntimeError: no checkpoint at x"]
     assert any(w.startswith("21/22 joints mapped: no bone for left_foot") for w in result["warnings"])

@@ -30,14 +30,14 @@ from addon.session import Session  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_backend() -> tuple[subprocess.Popen, str]:
-    """A tiny-config backend on a free loopback port, once it answers hello."""
+def start_backend(*model: str) -> tuple[subprocess.Popen, str]:
+    """A backend (default: the tiny config's random weights) on a free loopback port, once it answers hello."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     endpoint = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen([BACKEND_PYTHON, "-m", "backend.serve", "--config", "tiny", "--bind", endpoint],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    command = [BACKEND_PYTHON, "-m", "backend.serve", *(model or ("--config", "tiny")), "--bind", endpoint]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     with wire.MotionClient(endpoint) as client:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -367,3 +367,34 @@ def test_start_local_backend_from_the_addon(tmp_path, monkeypatch):
         session.stop_backend()
         session.close()
     assert process.poll() is not None
+
+
+def test_the_panel_says_when_the_model_has_seen_nothing_like_the_prompt(monkeypatch):
+    """The shipped model (it carries a caption index): hello's actions reach the session, an unknown prompt
+    leaves a notice naming the closest training captions (and is still generated), a known one none."""
+    process, endpoint = start_backend("--checkpoint", str(ROOT / "backend" / "weights" / "default"))
+    try:
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        monkeypatch.setenv("MOTION_MAMBA_ENDPOINT", endpoint)
+        addon.register()
+        session = operators.session(bpy.context)
+        run_until(lambda: session.connected, 30)
+        assert "walks forward" in session.actions and "waves the right hand" in session.actions
+        bpy.ops.motion_mamba.create_armature()
+        props = bpy.context.scene.motion_mamba
+        props.seconds, props.steps = 1.0, 2
+        notices = {}
+        for prompt in ("a person jumps up and down twice", "a person walks forward"):
+            props.prompt = prompt
+            assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+            pump(session, lambda: session.job is None, 120)
+            assert not session.error and session.result.startswith("Created"), (session.error, session.result)
+            notices[prompt] = session.notice
+        print(notices)
+        unknown = notices["a person jumps up and down twice"]
+        assert unknown.startswith("This model has not seen anything like 'a person jumps up and down twice'")
+        assert unknown.count("'") >= 8  # the prompt and three closest captions, quoted
+        assert notices["a person walks forward"] == ""
+    finally:
+        addon.unregister()
+        stop_backend(process)

@@ -261,3 +261,81 @@ def test_stop_ends_the_stream_between_steps_without_an_exception(pipe):
     for _, start, _ in pipe.stream("a person walks", seconds=20.0, steps=2, stop=lambda: len(starts) >= 1):
         starts.append(start)
     assert starts == [0] and len(list(pipe.stream("a person walks", seconds=20.0, steps=2))) > 1
+
+
+# What the model knows: prompts written for these tests, none of them a calibration prompt
+# (backend.coverage.UNKNOWN_CALIBRATION) or a training caption word for word.
+KNOWN_PROMPTS = (
+    "a person walks forward", "someone waves their right hand", "a man walks backwards slowly",
+    "a woman runs ahead quickly", "a person raises both arms above the head", "somebody bows politely",
+    "a person kicks with the right leg", "someone waves bye with both hands", "the man punches forward twice",
+    "a person lifts the left arm", "a person walks and turns to the left", "an old man walks forward",
+    "a tired person walks slowly", "someone sprints forward", "a person dances happily",
+)
+UNKNOWN_PROMPTS = (
+    "a person jumps up and down twice", "a person sits down on a chair", "a person does a handstand",
+    "someone climbs a rope", "a person sweeps the floor with a broom", "a woman does yoga on a mat",
+    "a man shovels snow", "a person bends down and ties their shoes", "someone paddles a canoe",
+    "a person skates on ice", "a boy plays hopscotch", "a person falls over backwards",
+    "someone juggles three balls", "a person stirs a pot while cooking", "a person types on a keyboard",
+)
+
+
+def test_coverage_tells_known_prompts_from_unknown_ones(shipped):
+    """The shipped checkpoint's caption index, calibrated on held-back val captions, on prompts it never saw."""
+    index = shipped.captions
+    assert index is not None, "the shipped checkpoint carries no caption index (python -m backend.coverage)"
+    print(f"\nindex: {len(index.captions)} captions, {len(index.actions)} actions, threshold {index.threshold:.4f}, "
+          f"calibration {index.calibration}")
+    results = {p: shipped.coverage(p) for p in KNOWN_PROMPTS + UNKNOWN_PROMPTS}
+    for prompt, c in results.items():
+        print(f"  {'known  ' if c.known else 'unknown'} {c.similarity:.3f}  {prompt!r} -> {c.nearest[0][0]!r}")
+    hits_known = sum(results[p].known for p in KNOWN_PROMPTS) / len(KNOWN_PROMPTS)
+    hits_unknown = sum(not results[p].known for p in UNKNOWN_PROMPTS) / len(UNKNOWN_PROMPTS)
+    print(f"held-out prompts: known {hits_known:.2f}, unknown {hits_unknown:.2f}, balanced accuracy "
+          f"{(hits_known + hits_unknown) / 2:.2f} (calibration: {index.calibration['accuracy']:.2f})")
+    assert (hits_known + hits_unknown) / 2 >= 0.9
+    for prompt in ("a person walks forward", "someone waves their right hand"):
+        assert results[prompt].known, (prompt, results[prompt])
+    for prompt in ("a person jumps up and down twice", "a person sits down on a chair"):
+        assert not results[prompt].known, (prompt, results[prompt])
+
+
+def test_coverage_reply_is_the_nearest_captions_best_first(shipped):
+    c = shipped.coverage("a person waves with the left hand", k=5)
+    sims = [s for _, s in c.nearest]
+    assert len(c.nearest) == 5 and sims == sorted(sims, reverse=True) and c.similarity == sims[0]
+    assert all("left" in caption for caption, _ in c.nearest[:3]), c.nearest
+    assert all(caption in shipped.captions.captions for caption, _ in c.nearest)
+    for caption in shipped.captions.captions[::500]:  # a training caption finds itself (int8 codes: cos ~ 1)
+        found = shipped.coverage(caption, k=1)
+        assert found.nearest[0][0] == caption and abs(found.similarity - 1.0) < 0.01, found
+    wire = c.to_wire()
+    assert wire["known"] is True and wire["nearest"][0][0] == c.nearest[0][0]
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        shipped.coverage("  ")
+
+
+def test_coverage_without_an_index_is_none(pipe):
+    assert pipe.captions is None and pipe.coverage("a person walks forward") is None
+
+
+def test_coverage_calibration_picks_the_widest_gap():
+    from backend.coverage import calibrate
+
+    threshold, accuracy = calibrate(np.array([0.9, 0.95, 0.99]), np.array([0.3, 0.5, 0.7]))
+    assert accuracy == 1.0 and threshold == pytest.approx(0.8)
+    threshold, accuracy = calibrate(np.array([0.9, 0.6, 0.95]), np.array([0.3, 0.5, 0.7]))  # one overlap
+    assert accuracy == pytest.approx((2 / 3 + 1) / 2) and 0.7 < threshold <= 0.9
+    with pytest.raises(ValueError, match="known and unknown"):
+        calibrate(np.array([]), np.array([0.3]))
+
+
+def test_coverage_cli_errors_are_clear(tmp_path, capsys):
+    from backend.coverage import main
+
+    assert main([str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a Motion Mamba checkpoint" in capsys.readouterr().err
+    shutil.copy(DEFAULT_WEIGHTS / "config.json", tmp_path / "config.json")
+    assert main([str(tmp_path), "--data", str(tmp_path / "none")]) == 2
+    assert "no split file train.txt" in capsys.readouterr().err

@@ -781,3 +781,31 @@ def test_start_backend_logs_to_a_private_capped_file_in_the_cache_folder(tmp_pat
     proc = start_backend("tcp://127.0.0.1:*", sys.executable, ROOT, ("--no-such-option",), tmp_path / "b.log")
     assert proc.wait(timeout=60) == 2
     assert "unrecognized arguments: --no-such-option" in backend_output(tmp_path / "b.log")
+
+
+def test_coverage_and_actions_come_from_the_checkpoints_caption_index(client):
+    """With the shipped default's caption index: hello lists its actions, and every accepted reply says how
+    close the prompt is to its training captions. The module's server (no index) sends neither."""
+    from backend.coverage import CaptionIndex
+
+    assert "actions" not in client.hello()
+    plain = client.start("a person sits down on a chair", seconds=0.5, steps=2)
+    plain.result(timeout=60)
+    assert plain.coverage is None
+
+    indexed = pipeline.MotionPipeline.random(config="tiny", device="cpu", seed=0)
+    indexed.captions = CaptionIndex.load(pipeline.DEFAULT_WEIGHTS)
+    assert indexed.captions is not None
+    with running(indexed) as srv, MotionClient(srv.endpoint, timeout=20) as c:
+        assert c.hello()["actions"] == indexed.captions.actions and "waves the right hand" in c.hello()["actions"]
+        rids = {prompt: c.submit(prompt, seconds=0.5, steps=2)
+                for prompt in ("a person sits down on a chair", "someone waves their right hand")}
+        replies = collect_all(c, list(rids.values()))
+        for prompt, rid in rids.items():
+            accepted = next(m for m in replies[rid] if m.type == "accepted")
+            coverage = accepted["coverage"]
+            print(f"\n{prompt!r}: {coverage}")
+            assert coverage == json.loads(json.dumps(indexed.coverage(prompt).to_wire()))
+            assert len(coverage["nearest"]) == 3 and replies[rid][-1].type == "done"
+        assert not replies[rids["a person sits down on a chair"]][0]["coverage"]["known"]
+        assert replies[rids["someone waves their right hand"]][0]["coverage"]["known"]

@@ -354,3 +354,14 @@ def test_text_encoder_clip_folder_uses_the_text_tower(tmp_path):
     batch = enc(["a person walks", "someone waves the right hand"])
     assert batch.tokens.shape[::2] == (2, 32) and batch.pooled.shape == (2, 32)
     assert torch.isfinite(batch.pooled).all()
+
+
+def test_a_denoiser_run_carries_its_caption_index(trained):
+    """What the model knows: the run's training captions (the val clip's are the calibration's known side)."""
+    pipe = MotionPipeline.from_checkpoint(trained["run"], device="cpu")
+    expected = {c for clip in CAPTIONS.values() for c in clip}
+    assert pipe.captions is not None and set(pipe.captions.captions) == expected
+    assert "walks forward" in pipe.captions.actions
+    c = pipe.coverage("someone walks straight ahead", k=2)
+    assert c.known and c.nearest[0][0] == "someone walks straight ahead", c
+    assert not pipe.coverage("a man plays the violin on a stage").known

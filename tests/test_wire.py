@@ -230,3 +230,18 @@ def test_generate_request_defaults_checks_and_header():
         GenerateRequest("walk", seed=1.5).check()
     with pytest.raises(WireError, match="missing field 'prompt'"):
         GenerateRequest.from_header({"seconds": 2.0})
+
+
+def test_accepted_may_carry_coverage_and_hello_actions():
+    from addon.wire import WireError, reply
+
+    coverage = {"known": False, "similarity": 0.37, "nearest": [["a person raises the left hand.", 0.37]]}
+    message = decode(reply("accepted", "r1", queue=0, coverage=coverage), reply=True)
+    assert message["coverage"] == coverage and message.get("coverage") is not None
+    assert decode(reply("accepted", "r1", queue=0), reply=True).get("coverage") is None  # optional
+    with pytest.raises(WireError, match="coverage"):
+        reply("accepted", "r1", queue=0, coverage=[True, 0.3])
+    hello = {"model": {}, "device": "cpu", "fps": 20.0, "skeleton": {}, "limits": {}}
+    assert decode(reply("hello", "h", **hello, actions=["walks forward"]), reply=True)["actions"] == ["walks forward"]
+    with pytest.raises(WireError, match="actions"):
+        reply("hello", "h", **hello, actions="walks forward")
