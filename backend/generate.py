@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{motion.frames} frames ({motion.seconds:.2f} s at {motion.fps} fps) of {args.prompt!r}, seed "
           f"{request.seed}, {request.steps} steps, guidance {request.guidance}: generated in {t2 - t1:.2f} s on "
           f"{info['device']} (model {info['model']}, loaded in {t1 - t0:.2f} s)")
+    coverage = pipe.coverage(args.prompt)
+    if coverage is not None and not coverage.known:
+        closest = "; ".join(f"{caption!r} ({similarity:.2f})" for caption, similarity in coverage.nearest)
+        print(f"note: this model has not seen anything like {args.prompt!r} (similarity {coverage.similarity:.2f});"
+              f" the closest it knows: {closest}")  # fmt: skip
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend import generate
 from backend.checkpoint import read_config_file, save_array, save_json, save_weights
 from backend.models.denoiser import build_denoiser
 from backend.pipeline import DEFAULT_WEIGHTS, Motion, MotionPipeline
@@ -339,3 +340,11 @@ def test_coverage_cli_errors_are_clear(tmp_path, capsys):
     shutil.copy(DEFAULT_WEIGHTS / "config.json", tmp_path / "config.json")
     assert main([str(tmp_path), "--data", str(tmp_path / "none")]) == 2
     assert "no split file train.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt, noted", [("a person jumps up and down twice", True),
+                                           ("a person walks forward", False)])  # fmt: skip
+def test_generate_cli_says_when_the_model_has_not_seen_the_prompt(tmp_path, capsys, prompt, noted):
+    assert generate.main([prompt, "--seconds", "1", "--steps", "2", "--out", str(tmp_path / "m.npz")]) == 0
+    out = capsys.readouterr().out
+    assert ("note: this model has not seen anything like" in out) == noted, out
