@@ -475,14 +475,3 @@ class MotionAssembler:
 
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-
-
-
-
-def __getattr__(name: str) -> Any:
-    """The client lives in ``addon.client``; its names stay importable from here for existing callers."""
-    if name in ("CurveKeys", "MotionClient", "ServerError"):
-        from . import client
-
-        return getattr(client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bpy
 
 import addon
-from addon import operators, wire
+from addon import operators
+from addon.client import MotionClient
 
 RIG, USER, ELBOW = "MotionSkeleton", "users own", "left_elbow"
 
@@ -36,7 +37,7 @@ def tick_until(condition, seconds: float = 120.0) -> None:
         time.sleep(0.005)
 
 
-def server_outcome(client: wire.MotionClient, request_id: str, seconds: float = 60.0) -> str:
+def server_outcome(client: MotionClient, request_id: str, seconds: float = 60.0) -> str:
     """How the server ended `request_id` ('done' or 'error <code>: <message>'), read from the socket directly
     (the session ignores replies to a request it no longer runs)."""
     deadline = time.monotonic() + seconds
@@ -88,7 +89,7 @@ def main() -> None:
     props = bpy.context.scene.motion_mamba
     props.prompt, props.randomise_seed, props.seed, props.seconds = "a person walks", False, 3, 6.0
     bpy.ops.ed.undo_push(message="user work")
-    blocker = wire.MotionClient(endpoint)
+    blocker = MotionClient(endpoint)
     results = []
 
     def generate(steps: int) -> str:

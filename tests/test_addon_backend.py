@@ -23,7 +23,8 @@ if BACKEND_PYTHON == sys.executable:
     pytest.importorskip("torch", reason="the backend needs torch: set MOTION_MAMBA_BACKEND_PYTHON to a Python with it")
 
 import addon  # noqa: E402
-from addon import operators, wire  # noqa: E402
+from addon import operators  # noqa: E402
+from addon.client import MotionClient  # noqa: E402
 from addon.keying import action_fcurves  # noqa: E402
 from addon.session import Session  # noqa: E402
 
@@ -38,7 +39,7 @@ def start_backend(*model: str) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://127.0.0.1:{port}"
     command = [BACKEND_PYTHON, "-m", "backend.serve", *(model or ("--config", "tiny")), "--bind", endpoint]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    with wire.MotionClient(endpoint) as client:
+    with MotionClient(endpoint) as client:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if process.poll() is not None:

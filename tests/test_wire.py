@@ -205,17 +205,6 @@ def test_client_refuses_bad_arguments_before_sending():
             client.submit("walk", steps=2.0)
         with pytest.raises(TimeoutError, match="no 'pong' reply"):
             client.ping(timeout=0.3)
-
-
-def test_the_client_names_stay_importable_from_the_wire():
-    from addon import client, wire
-
-    assert (wire.MotionClient, wire.ServerError, wire.CurveKeys) == (client.MotionClient, client.ServerError,
-                                                                      client.CurveKeys)
-    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
-        wire.Nothing  # noqa: B018
-
-
 def test_generate_request_defaults_checks_and_header():
     request = GenerateRequest("a person walks")
     assert GenerateRequest.defaults() == {"seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 50, "samples": 1}
