@@ -94,6 +94,7 @@ class StageConfig:
     kl_weight: float = 1e-4  # vae
     cond_drop: float = 0.1  # denoiser
     vae: str | None = None  # denoiser: the VAE run it was trained on (recorded by training)
+    source_repeats: dict | None = None  # {source: n}: each clip of that source listed n times per epoch
 
 
 @dataclass(frozen=True)

@@ -251,11 +251,16 @@ def format_table(report: dict) -> str:
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'—' if a is None else f'{a:.4f}'} |")
     lines.append("")
     lines.append(
-        f"{report['split']} split, {report['clips']} clips, {report['repeats']} repeats, "
+        f"{report['split']} split{_of_sources(report)}, {report['clips']} clips, {report['repeats']} repeats, "
         f"evaluator {report['evaluator']}; AITS on {report['device']}."
     )
     lines += [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _of_sources(report: dict) -> str:
+    sources = report.get("sources")
+    return f" ({', '.join(sources)} clips only)" if sources else ""
 
 
 def write_previews(out: Path, name: str, items: list[Item], motions: list[np.ndarray]) -> None:
@@ -288,7 +293,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     evaluator_config = load_config(args.evaluator)
     max_frames = ModelConfig.from_dict(evaluator_config, str(args.evaluator)).train.evaluator.max_frames
     mean, std = (a.astype(np.float32) for a in load_normalizer(args.data))
-    test_set = MotionDataset(args.data, args.split, max_frames=max_frames, unit=4)
+    sources = args.sources.split(",") if args.sources else None
+    test_set = MotionDataset(args.data, args.split, max_frames=max_frames, unit=4, sources=sources)
     n_clips = len(test_set) if args.max_clips is None else min(args.max_clips, len(test_set))
     if n_clips < GUO["r_batch"]:
         raise ValueError(f"the {args.split} split has {n_clips} clips; R-precision needs at least {GUO['r_batch']}")
@@ -376,6 +382,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         notes.append(f"Jerk / the real row's: {ratios}.")
     report = {
         "split": args.split,
+        "sources": sources,
         "data": str(args.data),
         "clips": n_clips,
         "repeats": args.repeats,
@@ -413,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm-pairs", type=int, default=GUO["mm_pairs"])
     p.add_argument("--aits-prompts", type=int, default=20, help="sentences timed for AITS (0: skip)")
     p.add_argument("--max-clips", type=int, default=None, help="use only the first N clips of the split")
+    p.add_argument("--sources", help="only the split's clips of these sources (comma-separated names from the "
+                                     "dataset's dataset.json, e.g. bandai-namco or hdm05,cmu-cc3)")
     p.add_argument("--previews", type=int, default=0, help="contact sheets of the first N prompts, every row")
     p.add_argument("--no-retrieval", action="store_true", help="skip the text-retrieval row")
     p.add_argument("--device", default="auto")

@@ -49,7 +49,7 @@ from backend.checkpoint import (
     save_state,
     save_weights,
 )
-from backend.config import ModelConfig
+from backend.config import ModelConfig, StageConfig
 from backend.coverage import CaptionIndex
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
@@ -63,10 +63,10 @@ TASKS = {
 }
 
 
-def _dataset(root: str | Path, max_frames: int | None):
+def _dataset(root: str | Path, stage: StageConfig, max_frames: int | None):
     from backend.data.dataset import MotionDataset
 
-    return MotionDataset(root, "train", max_frames=max_frames, unit=DOWNSAMPLE)
+    return MotionDataset(root, "train", max_frames=max_frames, unit=DOWNSAMPLE, source_repeats=stage.source_repeats)
 
 
 class VAETask:
@@ -81,7 +81,7 @@ class VAETask:
         config["feature_dim"] = int(self.mean.shape[0])
         typed = ModelConfig.from_dict(config)
         self.stage = typed.train.vae
-        self.dataset = _dataset(self.data, self.stage.max_frames)
+        self.dataset = _dataset(self.data, self.stage, self.stage.max_frames)
         self.model = MotionVAE.from_config(typed).to(device)
 
     def loss(self, model: nn.Module, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -131,7 +131,7 @@ class DenoiserTask:
         self.mean, self.std = load_normalizer(self.vae_dir)
         self.text = TextEncoder(typed.text_encoder.path, typed.text_encoder.max_length, cache=True).to(device)
         self.diffusion = Diffusion.from_config(typed.diffusion)
-        self.dataset = _dataset(args.data, None)
+        self.dataset = _dataset(args.data, self.stage, None)
         self.model = build_denoiser(typed.denoiser, self.vae.latent_dim, self.text.dim).to(device)
         self._index = {clip_id: i for i, clip_id in enumerate(self.dataset.ids)}
         self._latents: dict[str, torch.Tensor] = {}

@@ -18,6 +18,7 @@ import torch
 
 from backend.data.__main__ import main as cli
 from backend.data.catalog import clip_captions, clip_spec, description_phrases, load_texts, skip_reason
+from backend.data.dataset import MotionDataset
 from backend.data.prepare import clip_features, prepare
 from backend.data.readers import clip_kind, context_member, drop_calibration_frame, read_clip
 from backend.data.retarget import (
@@ -264,6 +265,20 @@ def test_prepare_several_sources(files, tmp_path: Path, capsys) -> None:
     assert "no commercial rights" in info["license"] and "mocap.cs.cmu.edu" in info["attribution"]
     assert "prepared 7 of 14 clips (4 failed, 3 skipped)" in printed and "hdm05" in printed
     assert "failed: more-mocap/cmu-cc3/empty.bvh: " in printed
+
+    # training and evaluation read the sources: a per-source mix for training, one family for evaluation
+    every = MotionDataset(out, "all", unit=4)
+    hdm = MotionDataset(out, "all", unit=4, sources=["hdm05"])
+    assert sorted(hdm.ids) == sorted(i for i in clips if clips[i]["source"] == "hdm05") and len(hdm.ids) == 3
+    mixed = MotionDataset(out, "all", unit=4, source_repeats={"hdm05": 3})
+    assert len(mixed) == len(every) + 2 * 3 and mixed.ids.count("hdm05_bd_squat1Reps_001") == 3
+    copies = [mixed.features[k] for k, i in enumerate(mixed.ids) if i == "hdm05_bd_squat1Reps_001"]
+    assert all(c is copies[0] for c in copies)  # repeats share the arrays
+    for bad, message in (({"sources": ["bandai-namco"]}, "unknown source 'bandai-namco'"),
+                         ({"source_repeats": {"hdm05": 0}}, "hdm05: 0"),
+                         ({"source_repeats": {"hdm05": 1.5}}, "hdm05: 1.5")):
+        with pytest.raises(ValueError, match=message):
+            MotionDataset(out, "all", unit=4, **bad)
 
 
 def test_every_source_must_hold_clips(files, tmp_path: Path) -> None:

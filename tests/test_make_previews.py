@@ -62,7 +62,7 @@ def test_a_bow_and_a_raised_left_arm_show_in_the_numbers():
 
 def test_file_names_are_safe_and_distinct():
     names = [make_previews.file_name(i, p, s) for i, (p, s) in enumerate(make_previews.PROMPTS)]
-    assert len(set(names)) == len(names) == 9
+    assert len(set(names)) == len(names) == 14
     assert all(n.endswith(".png") and " " not in n for n in names)
     assert any(s == 60.0 for _, s in make_previews.PROMPTS)
 
@@ -77,3 +77,22 @@ def test_the_tool_renders_and_measures_with_the_shipped_model(tmp_path, capsys):
     assert "wrote 2 previews" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         make_previews.main(["--out", str(tmp_path), "--first", "0"])
+
+
+def test_a_jump_a_squat_and_lying_down_show_in_the_numbers():
+    t = 20
+    standing = np.tile([0.0, 0.95, 0.0], (t, 1))
+    rest = make_previews.measure(_motion(standing, _rest(t)))
+    assert rest["airborne (s)"] == 0.0 and rest["pelvis min (m)"] == pytest.approx(0.95, abs=1e-6)
+    jump = standing.copy()
+    jump[5:9, 1] += 0.3  # 4 frames (0.2 s) with the whole body 30 cm up
+    assert make_previews.measure(_motion(jump, _rest(t)))["airborne (s)"] == pytest.approx(0.2)
+    squat = standing.copy()
+    squat[10:, 1] = 0.5
+    assert make_previews.measure(_motion(squat, _rest(t)))["pelvis min (m)"] == pytest.approx(0.5, abs=1e-6)
+    quats = _rest(t)
+    half = np.radians(90) / 2  # the pelvis turns 90 degrees about +X: the body lies along +Z
+    quats[:, 0] = [np.cos(half), np.sin(half), 0.0, 0.0]
+    lying = make_previews.measure(_motion(np.tile([0.0, 0.1, 0.0], (t, 1)), quats))
+    assert lying["head min (m)"] < 0.2 and lying["max bend (deg)"] > 80
+    assert rest["head min (m)"] > 1.4

@@ -2,10 +2,12 @@
 
     python tools/make_previews.py [--checkpoint backend/weights/default] [--out docs/previews]
 
-Eight prompts that are paraphrases never seen in training, plus a 60-second walk, each generated with seed 0 and
-the pipeline's defaults, written as PNG contact sheets; ``measurements.md`` beside them gives the numbers that
-tell whether the motion does what was asked (distance walked, hand and foot heights, how far the body bends),
-so a reader can check the model card's verdicts without opening Blender.
+The Bandai actions (eight prompts, most of them paraphrases never seen in training, plus a 60-second walk) and
+the verbs more-mocap added (jump, squat, lie down, cartwheel, salsa), each generated with seed 0 and the
+pipeline's defaults, written as PNG contact sheets; ``measurements.md`` beside them gives the numbers that tell
+whether the motion does what was asked (distance walked, hand and foot heights, how far the body bends, how low
+the pelvis and head go, how long both feet are off the ground), so a reader can check the model card's verdicts
+without opening Blender.
 """
 
 from __future__ import annotations
@@ -31,14 +33,21 @@ PROMPTS: list[tuple[str, float]] = [
     ("an exhausted person walks slowly", 6.0),
     ("a person raises both hands", 6.0),
     ("a person walks forward", 60.0),
+    ("a person jumps up and down twice", 4.0),
+    ("someone squats down low, then stands up", 6.0),
+    ("a person lies down on the ground", 8.0),
+    ("a person does a cartwheel", 4.0),
+    ("someone dances a few salsa steps", 6.0),
 ]
+AIRBORNE_M = 0.10  # both feet higher than this above the floor: off the ground (feet rest at ~0.05 m)
 JOINT = {name: i for i, name in enumerate(SMPL22.joint_names)}
 COLUMNS = ("seconds", "path (m)", "net (m)", "L wrist max (m)", "R wrist max (m)", "L foot max (m)",
-           "R foot max (m)", "max bend (deg)")
+           "R foot max (m)", "max bend (deg)", "pelvis min (m)", "head min (m)", "airborne (s)")
 
 
 def measure(motion: Motion) -> dict[str, float]:
-    """Numbers that tell the action apart: travel, hand and foot heights (Y up, metres), forward bend of the trunk."""
+    """Numbers that tell the action apart: travel, hand and foot heights (Y up, metres), the trunk's bend from
+    vertical (over 90: upside down), the lowest pelvis and head, and the time both feet are off the ground."""
     p = motion.positions
     root = p[:, JOINT["pelvis"], [0, 2]]
     trunk = p[:, JOINT["head"]] - p[:, JOINT["pelvis"]]
@@ -52,6 +61,10 @@ def measure(motion: Motion) -> dict[str, float]:
         "L foot max (m)": float(p[:, JOINT["left_foot"], 1].max()),
         "R foot max (m)": float(p[:, JOINT["right_foot"], 1].max()),
         "max bend (deg)": float(bend.max()),
+        "pelvis min (m)": float(p[:, JOINT["pelvis"], 1].min()),
+        "head min (m)": float(p[:, JOINT["head"], 1].min()),
+        "airborne (s)": float((p[:, [JOINT["left_foot"], JOINT["right_foot"]], 1].min(axis=1) > AIRBORNE_M).sum()
+                              / motion.fps),
     }
 
 

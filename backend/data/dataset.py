@@ -3,10 +3,13 @@
 Items are normalised feature windows with one of the clip's captions, picked with torch's random generator
 (so ``torch.manual_seed`` and DataLoader worker seeding make runs repeatable). Lengths are cut down to a multiple
 of ``unit`` (the VAE's temporal downsampling); clips longer than ``max_frames`` get a random crop.
+``source_repeats`` lists the clips of some sources (``dataset.json``'s per-clip ``source``) several times per
+epoch: a training mix that gives a small source's many actions more of the steps.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,29 @@ def load_normalizer(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def clip_sources(root: str | Path) -> dict[str, str]:
+    """{clip id: source name} from a prepared dataset's ``dataset.json`` (ValueError if it has none)."""
+    manifest = Path(root) / "dataset.json"
+    if not manifest.is_file():
+        raise ValueError(f"{root}: no dataset.json (written by backend.data prepare) to tell the clips' sources")
+    return {clip_id: entry["source"] for clip_id, entry in
+            json.loads(manifest.read_text(encoding="utf-8"))["clips"].items()}
+
+
+def _check_sources(root: Path, sources: dict[str, str], named, bad: list[str]) -> None:
+    known = sorted(set(sources.values()))
+    problems = bad + [f"unknown source {name!r}" for name in named if name not in known]
+    if problems:
+        raise ValueError(f"{root}: {', '.join(problems)} (this dataset's sources: {', '.join(known)}; "
+                         f"source_repeats values are integers >= 1)")
+
+
 class MotionDataset(Dataset):
     """Clips of one split: items {features (T, D) float32 normalised, caption str, length int, id str}.
 
     Clips with fewer than ``min_frames`` frames (after rounding down to ``unit``) are left out and listed in
-    ``self.skipped``; clips without a caption file get the caption "".
+    ``self.skipped``; clips without a caption file get the caption "". ``sources`` keeps only the clips of those
+    sources; ``source_repeats`` lists each clip of a source that many times.
     """
 
     def __init__(
@@ -45,6 +66,8 @@ class MotionDataset(Dataset):
         max_frames: int | None = None,
         unit: int = 4,
         min_frames: int | None = None,
+        sources: list[str] | None = None,
+        source_repeats: dict[str, int] | None = None,
     ) -> None:
         self.root = Path(root)
         if unit < 1:
@@ -61,7 +84,12 @@ class MotionDataset(Dataset):
         self.features: list[np.ndarray] = []
         self.captions: list[list[str]] = []
         self.skipped: list[str] = []
-        for clip_id in split_file.read_text(encoding="utf-8").split():
+        clip_ids = split_file.read_text(encoding="utf-8").split()
+        if sources is not None:
+            of = clip_sources(self.root)
+            _check_sources(self.root, of, sources, [])
+            clip_ids = [clip_id for clip_id in clip_ids if of.get(clip_id) in sources]
+        for clip_id in clip_ids:
             path = self.root / "new_joint_vecs" / f"{clip_id}.npy"
             if not path.is_file():
                 raise ValueError(f"{self.root}: {split_file.name} lists {clip_id!r} but {path} is missing")
@@ -77,6 +105,21 @@ class MotionDataset(Dataset):
             self.ids.append(clip_id)
             self.features.append(((data - self.mean) / self.std).astype(np.float32))
             self.captions.append(caps or [""])
+        if source_repeats:
+            self._repeat_sources(source_repeats)
+
+    def _repeat_sources(self, repeats: dict[str, int]) -> None:
+        """List each clip of ``repeats``' sources that many times (the arrays are shared, not copied)."""
+        sources = clip_sources(self.root)
+        bad = [f"{name}: {times!r}" for name, times in repeats.items()
+               if not (isinstance(times, int) and not isinstance(times, bool) and times >= 1)]
+        _check_sources(self.root, sources, repeats, bad)
+        clips = list(zip(self.ids, self.features, self.captions))
+        extra = [clip for clip in clips for _ in range(repeats.get(sources.get(clip[0], ""), 1) - 1)]
+        for clip_id, features, captions in extra:
+            self.ids.append(clip_id)
+            self.features.append(features)
+            self.captions.append(captions)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -243,8 +243,10 @@ class EvaluatorTask:
         typed = ModelConfig.from_dict(config)
         self.model = Evaluator(typed.evaluator).to(device)
         self.model.set_normalizer(mean, std)
-        max_frames = typed.train.evaluator.max_frames
-        self.dataset = MotionDataset(args.data, "train", max_frames=max_frames, unit=UNIT)
+        stage = typed.train.evaluator
+        max_frames = stage.max_frames
+        self.dataset = MotionDataset(args.data, "train", max_frames=max_frames, unit=UNIT,
+                                     source_repeats=stage.source_repeats)
         self.val = MotionDataset(args.data, "val", max_frames=max_frames, unit=UNIT)
         if len(self.val) < 2:
             raise ValueError(f"{args.data} has {len(self.val)} val clips: the evaluator needs a val split")
