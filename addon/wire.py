@@ -80,6 +80,8 @@ class Limits:
     max_client_queue: int = 8  # requests one client may have waiting (its share of the queue)
     max_cost: int = 500_000  # frames x samples x steps of one request (120 s x 20 fps x 200 steps)
     fps: float = 20.0  # the frame rate ``max_cost`` counts frames at (the server's model's)
+    max_timeline_rows: int = 64  # rows of one prompt timeline (addon.timeline)
+    max_timeline_seconds: float = 600.0  # a timeline's length: composed from windows, so beyond max_seconds
 
     def to_json(self) -> dict[str, Any]:
         """The limits as a JSON-able dict (the ``limits`` field of ``hello``)."""

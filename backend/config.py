@@ -92,6 +92,7 @@ class StageConfig:
     grad_clip: float = 1.0
     save_every: int = 1000
     kl_weight: float = 1e-4  # vae
+    acc_weight: float = 0.0  # vae: weight of the second-difference (jitter) reconstruction loss
     cond_drop: float = 0.1  # denoiser
     vae: str | None = None  # denoiser: the VAE run it was trained on (recorded by training)
     source_repeats: dict | None = None  # {source: n}: each clip of that source listed n times per epoch

@@ -1,5 +1,8 @@
 """Generate a motion from text: ``python -m backend.generate "PROMPT" --seconds S --out FILE [options]``.
 
+``--timeline FILE`` instead of a prompt directs one continuous motion by a prompt timeline (``addon.timeline``:
+``START END PROMPT`` per line, seconds).
+
 FILE is .npz (features, positions, root_translation, rotations (wxyz), fps, prompt, seed), .bvh (the
 canonical skeleton; loads in Blender's BVH importer) or .gif / .png (a stick-figure preview).
 """
@@ -13,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from addon.timeline import parse_timeline
 from addon.wire import GenerateRequest
-from backend.pipeline import Motion, MotionPipeline
+from backend.pipeline import Motion, MotionPipeline, collect
 
 FORMATS = (".npz", ".bvh", ".gif", ".png")
 
@@ -46,7 +50,8 @@ def save_motion(motion: Motion, path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.generate", description=__doc__.splitlines()[0])
     defaults = GenerateRequest.defaults()  # the protocol's defaults, the same in the add-on and the server
-    parser.add_argument("prompt", help="what the character does, e.g. 'a person walks forward and waves'")
+    parser.add_argument("prompt", nargs="?", help="what the character does, e.g. 'a person walks forward and waves'")
+    parser.add_argument("--timeline", help="a prompt timeline file (START END PROMPT per line) instead of a prompt")
     parser.add_argument("--seconds", type=float, default=defaults["seconds"], help="duration (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--guidance", type=float, default=defaults["guidance"],
@@ -61,12 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         for target in (args.out, args.preview):
             if target and Path(target).suffix.lower() not in FORMATS:
                 raise ValueError(f"unsupported output {target!r}: use one of {', '.join(FORMATS)}")
+        if (args.prompt is None) == (args.timeline is None):
+            raise ValueError("give a prompt or --timeline FILE (one of them)")
         t0 = time.perf_counter()
-        request = GenerateRequest(args.prompt, seconds=args.seconds, seed=args.seed, guidance=args.guidance,
-                                  steps=args.steps)
+        rows = parse_timeline(Path(args.timeline).read_text(encoding="utf-8")) if args.timeline else None
+        request = GenerateRequest(args.prompt or rows[0].prompt, seconds=args.seconds, seed=args.seed,
+                                  guidance=args.guidance, steps=args.steps)
         pipe = MotionPipeline.from_checkpoint(args.checkpoint, device=args.device)
         t1 = time.perf_counter()
-        motion = pipe(request)
+        if rows:
+            motion = collect(pipe.timeline(rows, seed=args.seed, guidance=args.guidance, steps=args.steps))[0]
+        else:
+            motion = pipe(request)
         t2 = time.perf_counter()
         written = [save_motion(motion, args.out)]
         if args.preview:
@@ -75,14 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     info = pipe.describe()
-    print(f"{motion.frames} frames ({motion.seconds:.2f} s at {motion.fps} fps) of {args.prompt!r}, seed "
+    what = f"a timeline of {len(rows)} rows" if rows else repr(args.prompt)
+    print(f"{motion.frames} frames ({motion.seconds:.2f} s at {motion.fps} fps) of {what}, seed "
           f"{request.seed}, {request.steps} steps, guidance {request.guidance}: generated in {t2 - t1:.2f} s on "
           f"{info['device']} (model {info['model']}, loaded in {t1 - t0:.2f} s)")
-    coverage = pipe.coverage(args.prompt)
-    if coverage is not None and not coverage.known:
-        closest = "; ".join(f"{caption!r} ({similarity:.2f})" for caption, similarity in coverage.nearest)
-        print(f"note: this model has not seen anything like {args.prompt!r} (similarity {coverage.similarity:.2f});"
-              f" the closest it knows: {closest}")  # fmt: skip
+    for prompt in dict.fromkeys(row.prompt for row in rows) if rows else [args.prompt]:
+        coverage = pipe.coverage(prompt)
+        if coverage is not None and not coverage.known:
+            closest = "; ".join(f"{caption!r} ({similarity:.2f})" for caption, similarity in coverage.nearest)
+            print(f"note: this model has not seen anything like {prompt!r} (similarity {coverage.similarity:.2f});"
+                  f" the closest it knows: {closest}")  # fmt: skip
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from addon.timeline import TimelineRow, check_timeline, timeline_seconds
 from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
 from backend.config import ModelConfig
@@ -34,6 +35,7 @@ from backend.motion import features_to_positions, features_to_rotations
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 MAX_SAMPLES = 64  # samples per prompt in one call
+TIMELINE_BLEND_S = 1.0  # seconds each side of a timeline row over which it hands over to its neighbours
 
 
 @dataclass
@@ -57,12 +59,53 @@ class Motion:
         return self.frames / self.fps
 
 
+@dataclass
+class Window:
+    """Where the denoiser runs: latent tokens ``lo..hi`` of sample ``sample`` with ``prompts[prompt]``; its
+    output counts ``weight`` (hi - lo,) where windows overlap."""
+
+    sample: int
+    lo: int
+    hi: int
+    prompt: int
+    weight: torch.Tensor
+
+
+Plan = tuple[list[str], list[Window]]  # texts and the windows that use them
+
+
+@dataclass
+class Known:
+    """Latent tokens fixed in advance (scaled latents (S, N, C) and a mask (S, N) True = known) and the noise
+    (S, N, C) that brings them to each step's noise level."""
+
+    latent: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor
+
+    def put_back(self, x: torch.Tensor, diffusion: Diffusion, t: int | None) -> torch.Tensor:
+        """``x`` with the known tokens replaced by theirs at timestep ``t`` (None: the clean latent)."""
+        if t is None:
+            value = self.latent
+        else:
+            value = diffusion.add_noise(self.latent, self.noise, torch.full((len(x),), t, dtype=torch.long))
+        return torch.where(self.mask[..., None].to(x.device), value.to(x.device, x.dtype), x)
+
+
 def concat_motions(chunks: Sequence[Motion]) -> Motion:
     """Join consecutive chunks of one sample (as ``MotionPipeline.stream`` yields them) into one Motion."""
     first = chunks[0]
     return Motion(*(np.concatenate([getattr(c, k) for c in chunks]) for k in
                     ("features", "positions", "root_translation", "rotations")),
                   fps=first.fps, prompt=first.prompt, seed=first.seed)
+
+
+def collect(stream: Iterator[tuple[int, int, Motion]]) -> list[Motion]:
+    """The whole motions of a stream (``MotionPipeline.stream`` or ``timeline``), one per sample in order."""
+    chunks: dict[int, list[Motion]] = {}
+    for k, _, chunk in stream:
+        chunks.setdefault(k, []).append(chunk)
+    return [concat_motions(chunks[k]) for k in sorted(chunks)]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -225,24 +268,49 @@ class MotionPipeline:
 
     @torch.no_grad()
     def _latents(self, prompts: list[str], seeds: list[int], tokens: int, guidance: float, steps: int,
-                 callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None) -> torch.Tensor | None:
+                 callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
+                 windows: list[Window] | None = None, known: Known | None = None) -> torch.Tensor | None:
         """The denoising loop, DDIM in latent space: one noise tensor per sample from its own seeded generator,
-        then a scheduler step per timestep. ``stop()`` is asked before each step; True ends it (None)."""
+        then a scheduler step per timestep. ``stop()`` is asked before each step; True ends it (None).
+
+        The denoiser runs on ``windows`` (default: one per sample, the whole latent, ``prompts[sample]``); where
+        windows overlap their outputs blend by their weights (a timeline). ``known`` latent tokens are put back,
+        noised to the step's level, after every step (inpainting), and exactly at the end."""
         c = self.vae.latent_dim
         noise = torch.stack([torch.randn(tokens, c, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        text = self.text_encoder(prompts)
-        n = len(prompts)
+        if windows is None:
+            windows = [Window(k, 0, tokens, k, torch.ones(tokens)) for k in range(len(seeds))]
+        texts = list(dict.fromkeys(prompts))
+        text = self.text_encoder(texts)
+        which = torch.tensor([texts.index(prompts[w.prompt]) for w in windows], device=self.device)
+        n, longest = len(windows), max(w.hi - w.lo for w in windows)
+        mask = None
+        if any(w.hi - w.lo < longest for w in windows):
+            mask = torch.stack([torch.arange(longest) < w.hi - w.lo for w in windows]).to(self.device)
         if guidance != 1.0:  # one batch: conditional first half, unconditional second half
-            args = (text.tokens.repeat(2, 1, 1), text.mask.repeat(2, 1), text.pooled.repeat(2, 1),
-                    torch.arange(2 * n, device=self.device) >= n)
+            args = (text.tokens[which].repeat(2, 1, 1), text.mask[which].repeat(2, 1),
+                    text.pooled[which].repeat(2, 1), torch.arange(2 * n, device=self.device) >= n,
+                    None if mask is None else mask.repeat(2, 1))
         else:
-            args = (text.tokens, text.mask, text.pooled, None)
+            args = (text.tokens[which], text.mask[which], text.pooled[which], None, mask)
+        total = torch.zeros(len(seeds), tokens, 1, device=self.device)
+        for w in windows:
+            total[w.sample, w.lo: w.hi, 0] += w.weight.to(self.device)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            batch = torch.zeros(n, longest, c, dtype=x.dtype, device=x.device)
+            for k, w in enumerate(windows):
+                batch[k, : w.hi - w.lo] = x[w.sample, w.lo: w.hi]
+            step = t[:1].expand(n)
             if guidance == 1.0:
-                return self.denoiser(x, t, *args)
-            cond, uncond = self.denoiser(x.repeat(2, 1, 1), t.repeat(2), *args).chunk(2)
-            return uncond + guidance * (cond - uncond)
+                out = self.denoiser(batch, step, *args)
+            else:
+                cond, uncond = self.denoiser(batch.repeat(2, 1, 1), step.repeat(2), *args).chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            blended = torch.zeros_like(x)
+            for k, w in enumerate(windows):
+                blended[w.sample, w.lo: w.hi] += w.weight.to(x.device)[:, None] * out[k, : w.hi - w.lo]
+            return blended / total
 
         x = noise.to(self.device)
         timesteps = self.diffusion.ddim_timesteps(steps)
@@ -250,7 +318,10 @@ class MotionPipeline:
             if stop is not None and stop():
                 return None
             output = model_fn(x, torch.full((len(x),), t, dtype=torch.long, device=self.device))
-            x = self.diffusion.ddim_step(output, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            x = self.diffusion.ddim_step(output, x, t, t_prev)
+            if known is not None:
+                x = known.put_back(x, self.diffusion, t_prev)
             if callback is not None:
                 callback(i + 1, len(timesteps))
         return x / self.latent_scale
@@ -272,13 +343,51 @@ class MotionPipeline:
         return self._stream(prompts, seeds, first.frames(self.fps), float(first.guidance), first.steps, callback,
                             stop)
 
+    def timeline(self, rows: Sequence[TimelineRow], seed: int = 0, samples: int = 1,
+                 guidance: float = GenerateRequest.guidance, steps: int = GenerateRequest.steps,
+                 blend: float = TIMELINE_BLEND_S, callback: Callable[[int, int], None] | None = None,
+                 stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, Motion]]:
+        """Stream one continuous motion directed by timeline rows (``addon.timeline``), as ``stream`` does.
+
+        Every row's prompt conditions the denoiser on its own window of the latent: the row's tokens plus
+        ``blend`` seconds each side. Where windows overlap, the outputs mix with weights that fall linearly from 1
+        at the row's edge to ~0 ``blend`` seconds beyond it, at every denoising step: one latent, decoded in one
+        pass, so segments join without seams and no segment drifts from its neighbours' poses."""
+        rows = check_timeline(rows, self.limits)
+        if blend < 0:
+            raise ValueError(f"blend must be >= 0 seconds, got {blend}")
+        seconds = timeline_seconds(rows)
+        request = GenerateRequest(rows[0].prompt, seconds=min(seconds, self.max_seconds), seed=seed,
+                                  guidance=guidance, steps=steps, samples=samples).check(self.limits)
+        frames = max(1, round(seconds * self.fps))
+        tokens = -(-frames // DOWNSAMPLE)
+        margin = max(1, round(blend * self.fps / DOWNSAMPLE))
+        texts = list(dict.fromkeys(row.prompt for row in rows))
+        windows = []
+        for sample in range(samples):
+            for row in rows:
+                lo_row = min(tokens - 1, round(row.start * self.fps / DOWNSAMPLE))
+                hi_row = max(lo_row + 1, min(tokens, round(row.end * self.fps / DOWNSAMPLE)))
+                lo, hi = max(0, lo_row - margin), min(tokens, hi_row + margin)
+                at = torch.arange(lo, hi)
+                outside = torch.clamp(torch.maximum(lo_row - at, at - (hi_row - 1)), min=0).float()
+                weight = torch.where(outside > 0, (margin - outside + 0.5) / margin, torch.ones(()))
+                windows.append(Window(sample, lo, hi, texts.index(row.prompt), weight))
+        label = " | ".join(f"{row.start:g}-{row.end:g} s: {row.prompt}" for row in rows)
+        seeds = [request.seed + k for k in range(samples)]
+        return self._stream([label] * samples, seeds, frames, float(request.guidance), request.steps, callback,
+                            stop, (texts, windows))
+
     @torch.no_grad()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
-                callback: Callable[[int, int], None] | None,
-                stop: Callable[[], bool] | None) -> Iterator[tuple[int, int, Motion]]:
+                callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
+                plan: Plan | None = None) -> Iterator[tuple[int, int, Motion]]:
+        """Denoise (``plan``: the texts and windows of a timeline, else one window per sample with its prompt)
+        and decode; ``prompts`` name the samples."""
         threads = self.cpu_threads if self.device.type == "cpu" else None
+        texts, windows = (prompts, None) if plan is None else plan
         with torch_threads(threads):
-            z = self._latents(prompts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback, stop)
+            z = self._latents(texts, seeds, -(-frames // DOWNSAMPLE), guidance, steps, callback, stop, windows)
         if z is None:
             return
         decoded: list[list[np.ndarray]] = [[] for _ in prompts]
@@ -315,8 +424,5 @@ class MotionPipeline:
                  **fields: object) -> Motion | list[Motion]:
         """Generate (takes what ``requests`` takes): one Motion for one prompt and one sample, else a list
         (prompt by prompt, then samples)."""
-        chunks: dict[int, list[Motion]] = {}
-        for k, _, chunk in self.stream(prompt, seed, callback, **fields):
-            chunks.setdefault(k, []).append(chunk)
-        motions = [concat_motions(chunks[k]) for k in sorted(chunks)]
+        motions = collect(self.stream(prompt, seed, callback, **fields))
         return motions[0] if isinstance(prompt, (str, GenerateRequest)) and len(motions) == 1 else motions

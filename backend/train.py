@@ -86,7 +86,7 @@ class VAETask:
 
     def loss(self, model: nn.Module, items: list[dict]) -> dict[str, torch.Tensor]:
         x = crop_to_common_length(items).to(self.device)
-        return model(x, kl_weight=self.stage.kl_weight)
+        return model(x, kl_weight=self.stage.kl_weight, acc_weight=self.stage.acc_weight)
 
     def export(self, folder: Path, step: int) -> None:
         save_weights(folder / "vae.safetensors", self.model, {"step": str(step)})

@@ -125,14 +125,17 @@ class MotionVAE(nn.Module):
         """Latent (B, N, C) -> features (B, 4N, D): the concatenation of the decode windows."""
         return torch.cat([frames for _, frames in self.decode_windows(z)], dim=1)
 
-    def forward(self, x: torch.Tensor, kl_weight: float = 1e-4) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, kl_weight: float = 1e-4, acc_weight: float = 0.0) -> dict[str, torch.Tensor]:
         """Training losses for a batch x (B, T, D): reconstruction (MSE, plus MSE of frame-to-frame
-        velocities) + kl_weight * KL(q(z|x) || N(0, I)); returns {"loss", "recon", "vel", "kl"}."""
+        velocities, plus acc_weight * MSE of second differences: frame-to-frame jitter, which the eye sees and
+        jerk measures) + kl_weight * KL(q(z|x) || N(0, I)); returns {"loss", "recon", "vel", "acc", "kl"}."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         rec = self.decode(z)
         recon = nn.functional.mse_loss(rec, x)
         vel = nn.functional.mse_loss(rec[:, 1:] - rec[:, :-1], x[:, 1:] - x[:, :-1])
+        acc = nn.functional.mse_loss(rec.diff(n=2, dim=1), x.diff(n=2, dim=1))
         mu, logvar = mu.float(), logvar.float()  # the KL in float32 also under bf16 autocast
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        return {"loss": recon + vel + kl_weight * kl, "recon": recon, "vel": vel, "kl": kl}
+        return {"loss": recon + vel + acc_weight * acc + kl_weight * kl, "recon": recon, "vel": vel, "acc": acc,
+                "kl": kl}
