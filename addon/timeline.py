@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .wire import DEFAULT_LIMITS, Limits, WireError
+from .wire import DEFAULT_LIMITS, Limits, WireError, check_prompt
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,7 @@ def check_timeline(rows: Sequence[TimelineRow] | Iterable[TimelineRow],
         if row.end - row.start < limits.min_seconds:
             raise WireError(f"{where}: lasts {row.end - row.start:g} s; each row needs at least "
                             f"{limits.min_seconds:g} s")
-        if not row.prompt.strip():
-            raise WireError(f"{where}: the prompt is empty")
-        if len(row.prompt) > limits.max_prompt_chars:
-            raise WireError(f"{where}: the prompt is {len(row.prompt)} characters; the limit is "
-                            f"{limits.max_prompt_chars}")
+        check_prompt(row.prompt, limits, f"{where}: the prompt")
         if k > 1 and row.start < rows[k - 2].start:
             raise WireError(f"{where}: starts before row {k - 1}; list rows in start order")
         if row.start > covered + 1e-9:

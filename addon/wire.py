@@ -9,17 +9,20 @@ Framing: every message is a ZeroMQ multipart. Frame 0 is a UTF-8 JSON object (th
 
 Requests (client -> server)             Replies (server -> client, same ``id``)
   hello                                   hello {model, device, fps, skeleton, limits, defaults[, actions]}
-  generate {prompt[, seconds, seed,       accepted {queue[, coverage]}, progress {step, total}*,
-            guidance, steps, samples]}    frames {sample, start, count, shape, dtype}* + data,
-                                          done {frames, timings}
+  generate {prompt | timeline[, seconds,  accepted {queue[, coverage]}, progress {step, total}*,
+            seed, guidance, steps,        frames {sample, start, count, shape, dtype}* + data,
+            samples]}                     done {frames, timings}
   cancel   (id = the request to stop)     (the generate stream ends with error {code: "cancelled"})
   ping                                    pong {queued, running}
   anything wrong                          error {code, message[, step, cancel_step]}
 
-A ``generate`` request is a ``GenerateRequest``: only ``prompt`` is required, every other field takes the
-default announced in ``hello`` (``defaults``). A model that knows its training captions announces the actions
-it was trained on (``actions``, a list of phrases) and says in ``accepted`` how close the prompt comes to them
-(``coverage``: {known: bool, similarity: number, nearest: [[caption, similarity], ...]}). Every reply is built
+A ``generate`` request is a ``GenerateRequest``: a ``prompt``, or a ``timeline`` ([[start, end, prompt], ...]
+in seconds, ``addon.timeline``: one continuous motion as long as its last end); every other field takes the
+default announced in ``hello`` (``defaults``), and ``limits`` bound timelines (``max_timeline_rows``,
+``max_timeline_seconds``). A bad timeline row gets ``bad_request`` naming the row. A model that knows its
+training captions announces the actions it was trained on (``actions``, a list of phrases) and says in
+``accepted`` how close the prompt comes to them (``coverage``: {known: bool, similarity: number, nearest:
+[[caption, similarity], ...]}; for a timeline, its row least like the training captions). Every reply is built
 by ``reply()``/``error_reply()``, which validate it against the schema before it is sent.
 
 A ``frames`` data block is float32 (count, 3 + 4 * J): the root translation (metres, Y up) then one local
@@ -101,45 +104,65 @@ REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts fro
 # ---------------------------------------------------------------------------------------------------------
 # The generate request: its fields, their wire kinds, defaults and checks, defined once here.
 _GENERATE_KINDS = {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
-                   "samples": "int"}
+                   "samples": "int", "timeline": "list"}
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What one ``generate`` asks for. Only ``prompt`` is required; the other defaults are the protocol's
-    (announced in ``hello``). ``check(limits)`` raises WireError (a ValueError) naming the first bad field."""
+    """What one ``generate`` asks for: a ``prompt``, or a ``timeline`` of (start, end, prompt) rows
+    (``addon.timeline``; its last end is then the length and ``seconds`` is not used). The other defaults are the
+    protocol's (announced in ``hello``). ``check(limits)`` raises WireError (a ValueError) naming the first bad
+    field or timeline row."""
 
-    prompt: str
+    prompt: str = ""
     seconds: float = 4.0
     seed: int = 0
     guidance: float = 2.5
     steps: int = 50
     samples: int = 1
+    timeline: tuple | None = None  # of addon.timeline.TimelineRow
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The optional fields and their defaults (the ``defaults`` field of ``hello``)."""
-        return {name: f.default for name, f in cls.__dataclass_fields__.items() if name != "prompt"}
+        """The optional settings and their defaults (the ``defaults`` field of ``hello``)."""
+        return {name: f.default for name, f in cls.__dataclass_fields__.items() if name not in ("prompt", "timeline")}
+
+    @property
+    def prompts(self) -> list[str]:
+        """The texts this request asks for: its prompt, or its timeline rows' prompts (each once)."""
+        return list(dict.fromkeys(row.prompt for row in self.timeline)) if self.timeline else [self.prompt]
 
     @classmethod
     def from_header(cls, header: dict[str, Any], limits: Limits | None = None) -> GenerateRequest:
         """The request a ``generate`` header (or any dict with these keys) holds; missing optional fields take
         their defaults, other keys are ignored. Checked against ``limits`` when given; raises WireError."""
-        if "prompt" not in header:
-            raise WireError("'generate' is missing field 'prompt'")
+        from .timeline import timeline_from_json
+
+        if "prompt" not in header and "timeline" not in header:
+            raise WireError("'generate' is missing field 'prompt' (or 'timeline')")
         for name in _GENERATE_KINDS:
             if name in header:
                 _check_kind(name, header[name], _GENERATE_KINDS[name])
-        request = cls(**{k: header[k] for k in _GENERATE_KINDS if k in header})
+        fields = {k: header[k] for k in _GENERATE_KINDS if k in header}
+        if "timeline" in fields:
+            fields["timeline"] = timeline_from_json(fields["timeline"])
+        request = cls(**fields)
         return request.check(limits) if limits is not None else request
 
     def to_header(self) -> dict[str, Any]:
-        """The fields as a ``generate`` header's JSON values."""
-        return asdict(self)
+        """The fields as a ``generate`` header's JSON values (no ``timeline`` key without one: servers that
+        predate timelines take such headers as before)."""
+        header = {name: getattr(self, name) for name in _GENERATE_KINDS if name != "timeline"}
+        if self.timeline is not None:
+            header["timeline"] = [row.to_json() for row in self.timeline]
+        return header
 
     def frames(self, fps: float) -> int:
-        """The motion's length in frames at ``fps`` (at least one)."""
-        return max(1, round(float(self.seconds) * fps))
+        """The motion's length in frames at ``fps`` (at least one): ``seconds``, or the timeline's end."""
+        from .timeline import timeline_seconds
+
+        seconds = timeline_seconds(self.timeline) if self.timeline else float(self.seconds)
+        return max(1, round(seconds * fps))
 
     def cost(self, fps: float) -> int:
         """The work this request asks for: frames x samples x denoising steps."""
@@ -147,20 +170,22 @@ class GenerateRequest:
 
     def check(self, limits: Limits = DEFAULT_LIMITS) -> GenerateRequest:
         """Types, ranges, prompt and cost against ``limits``; returns self or raises WireError."""
+        from .timeline import check_timeline
+
         for name, kind in _GENERATE_KINDS.items():
-            _check_kind(name, getattr(self, name), kind)
-        prompt = self.prompt
-        if len(prompt) > limits.max_prompt_chars:
-            raise WireError(f"prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
-        if not prompt.strip():
-            raise WireError("prompt is empty")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise WireError(f"prompt is not valid Unicode text: a lone surrogate at character {exc.start}") from None
-        _check_range("seconds", self.seconds, limits.min_seconds, limits.max_seconds)
+            if name != "timeline":
+                _check_kind(name, getattr(self, name), kind)
         for name in ("seed", "guidance", "steps", "samples"):
             _check_range(name, getattr(self, name), getattr(limits, f"min_{name}"), getattr(limits, f"max_{name}"))
+        if self.timeline is not None:
+            if self.prompt:
+                raise WireError("give a prompt or a timeline, not both")
+            if not isinstance(self.timeline, tuple):
+                raise WireError(f"timeline must be a tuple of TimelineRow, got {type(self.timeline).__name__}")
+            check_timeline(self.timeline, limits)
+        else:
+            check_prompt(self.prompt, limits)
+            _check_range("seconds", self.seconds, limits.min_seconds, limits.max_seconds)
         cost = self.cost(limits.fps)
         if cost > limits.max_cost:
             raise WireError(f"the request costs {cost} frame-steps ({self.frames(limits.fps)} frames x "
@@ -168,12 +193,25 @@ class GenerateRequest:
         return self
 
 
+
+def check_prompt(prompt: str, limits: Limits, what: str = "prompt") -> None:
+    """A prompt's text against ``limits``: not empty, not too long, valid Unicode; WireError naming ``what``."""
+    if len(prompt) > limits.max_prompt_chars:
+        raise WireError(f"{what} is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}")
+    if not prompt.strip():
+        raise WireError(f"{what} is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WireError(f"{what} is not valid Unicode text: a lone surrogate at character {exc.start}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Schema: for every message type, its fields (name -> kind) and which are optional.
 # Kinds: "str", "int" (not bool), "number" (int or float, finite), "object", "list".
 _REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
     "hello": ({}, frozenset()),
-    "generate": (_GENERATE_KINDS, frozenset(_GENERATE_KINDS) - {"prompt"}),
+    "generate": (_GENERATE_KINDS, frozenset(_GENERATE_KINDS)),  # a prompt or a timeline: GenerateRequest checks
     "cancel": ({}, frozenset()),
     "ping": ({}, frozenset()),
 }

@@ -183,13 +183,18 @@ def _fps(fps: float, name: str) -> float:
     return float(fps)
 
 
-def jerk(positions, fps: float) -> float:
-    """Mean jerk of a motion, in m/s^3: the magnitude of the third time derivative of every joint's position
-    (T, J, 3) in metres, by the third finite difference p[t+3] - 3 p[t+2] + 3 p[t+1] - p[t] times fps^3
-    (exact for cubic paths), averaged over the T - 3 frames and the J joints. T >= 4."""
+def jerk_per_frame(positions, fps: float) -> np.ndarray:
+    """Jerk at each of the T - 3 frame steps, in m/s^3: the magnitude of the third time derivative of every
+    joint's position (T, J, 3) in metres, by the third finite difference p[t+3] - 3 p[t+2] + 3 p[t+1] - p[t]
+    times fps^3 (exact for cubic paths), averaged over the J joints. T >= 4."""
     p = _positions(positions, "jerk", min_frames=4)
     third = np.diff(p, n=3, axis=0) * _fps(fps, "jerk") ** 3
-    return float(np.linalg.norm(third, axis=-1).mean())
+    return np.linalg.norm(third, axis=-1).mean(axis=-1)
+
+
+def jerk(positions, fps: float) -> float:
+    """Mean jerk of a motion, in m/s^3: :func:`jerk_per_frame` averaged over the frames."""
+    return float(jerk_per_frame(positions, fps).mean())
 
 
 def foot_skate_ratio(positions, feet: tuple[int, ...], fps: float) -> float:

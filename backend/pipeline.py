@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from addon.timeline import TimelineRow, check_timeline, timeline_seconds
+from addon.timeline import TimelineRow
 from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
 from backend.config import ModelConfig
@@ -261,9 +261,9 @@ class MotionPipeline:
             if s is not None:
                 fields["seed"] = int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s
             out.append(GenerateRequest(item, **fields).check(self.limits))
-        shared = {(r.seconds, r.guidance, r.steps, r.samples) for r in out}
+        shared = {(r.seconds, r.guidance, r.steps, r.samples, r.timeline) for r in out}
         if len(shared) > 1:
-            raise ValueError("requests generated together must share seconds, guidance, steps and samples")
+            raise ValueError("requests generated together must share seconds, guidance, steps, samples and timeline")
         return out
 
     @torch.no_grad()
@@ -338,45 +338,44 @@ class MotionPipeline:
         """
         requests = self.requests(prompt, seed, **fields)
         first = requests[0]
-        prompts = [r.prompt for r in requests for _ in range(first.samples)]
         seeds = [r.seed + k for r in requests for k in range(first.samples)]
-        return self._stream(prompts, seeds, first.frames(self.fps), float(first.guidance), first.steps, callback,
-                            stop)
+        frames = first.frames(self.fps)
+        if first.timeline:
+            label = " | ".join(f"{row.start:g}-{row.end:g} s: {row.prompt}" for row in first.timeline)
+            plan = self._timeline_plan(first.timeline, len(seeds), -(-frames // DOWNSAMPLE))
+            return self._stream([label] * len(seeds), seeds, frames, float(first.guidance), first.steps, callback,
+                                stop, plan)
+        prompts = [r.prompt for r in requests for _ in range(first.samples)]
+        return self._stream(prompts, seeds, frames, float(first.guidance), first.steps, callback, stop)
 
     def timeline(self, rows: Sequence[TimelineRow], seed: int = 0, samples: int = 1,
                  guidance: float = GenerateRequest.guidance, steps: int = GenerateRequest.steps,
-                 blend: float = TIMELINE_BLEND_S, callback: Callable[[int, int], None] | None = None,
+                 callback: Callable[[int, int], None] | None = None,
                  stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, Motion]]:
-        """Stream one continuous motion directed by timeline rows (``addon.timeline``), as ``stream`` does.
+        """Stream one continuous motion directed by timeline rows (``addon.timeline``): ``stream`` of a
+        ``GenerateRequest(timeline=rows, ...)``."""
+        request = GenerateRequest(timeline=tuple(rows), seed=seed, samples=samples, guidance=guidance, steps=steps)
+        return self.stream(request, callback=callback, stop=stop)
 
-        Every row's prompt conditions the denoiser on its own window of the latent: the row's tokens plus
-        ``blend`` seconds each side. Where windows overlap, the outputs mix with weights that fall linearly from 1
-        at the row's edge to ~0 ``blend`` seconds beyond it, at every denoising step: one latent, decoded in one
-        pass, so segments join without seams and no segment drifts from its neighbours' poses."""
-        rows = check_timeline(rows, self.limits)
-        if blend < 0:
-            raise ValueError(f"blend must be >= 0 seconds, got {blend}")
-        seconds = timeline_seconds(rows)
-        request = GenerateRequest(rows[0].prompt, seconds=min(seconds, self.max_seconds), seed=seed,
-                                  guidance=guidance, steps=steps, samples=samples).check(self.limits)
-        frames = max(1, round(seconds * self.fps))
-        tokens = -(-frames // DOWNSAMPLE)
-        margin = max(1, round(blend * self.fps / DOWNSAMPLE))
+    def _timeline_plan(self, rows: Sequence[TimelineRow], samples: int, tokens: int) -> Plan:
+        """Every row's prompt conditions the denoiser on its own window of the latent: the row's tokens plus
+        ``TIMELINE_BLEND_S`` each side. Where windows overlap, the outputs mix with weights that fall linearly
+        from 1 at the row's edge to ~0 that far beyond it, at every denoising step: one latent, decoded in one
+        pass, so segments join without seams and none drifts from its neighbours' poses."""
+        per_second = self.fps / DOWNSAMPLE
+        margin = max(1, round(TIMELINE_BLEND_S * per_second))
         texts = list(dict.fromkeys(row.prompt for row in rows))
         windows = []
         for sample in range(samples):
             for row in rows:
-                lo_row = min(tokens - 1, round(row.start * self.fps / DOWNSAMPLE))
-                hi_row = max(lo_row + 1, min(tokens, round(row.end * self.fps / DOWNSAMPLE)))
+                lo_row = min(tokens - 1, round(row.start * per_second))
+                hi_row = max(lo_row + 1, min(tokens, round(row.end * per_second)))
                 lo, hi = max(0, lo_row - margin), min(tokens, hi_row + margin)
                 at = torch.arange(lo, hi)
                 outside = torch.clamp(torch.maximum(lo_row - at, at - (hi_row - 1)), min=0).float()
                 weight = torch.where(outside > 0, (margin - outside + 0.5) / margin, torch.ones(()))
                 windows.append(Window(sample, lo, hi, texts.index(row.prompt), weight))
-        label = " | ".join(f"{row.start:g}-{row.end:g} s: {row.prompt}" for row in rows)
-        seeds = [request.seed + k for k in range(samples)]
-        return self._stream([label] * samples, seeds, frames, float(request.guidance), request.steps, callback,
-                            stop, (texts, windows))
+        return texts, windows
 
     @torch.no_grad()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,

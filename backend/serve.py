@@ -83,10 +83,10 @@ class Job:
     finished: bool = False  # socket loop side: the client got done/error, send nothing more
 
     @property
-    def key(self) -> tuple[float, int, float, int]:
+    def key(self) -> tuple:
         """Requests with equal keys can share one denoising pass."""
         r = self.request
-        return (r.seconds, r.steps, r.guidance, r.samples)
+        return (r.seconds, r.steps, r.guidance, r.samples, r.timeline)
 
 
 @dataclass(eq=False)
@@ -413,7 +413,9 @@ class Server:
         self._pending.append(job)
         if client not in self._turns:
             self._turns.append(client)
-        coverage = self.pipe.coverage(job.request.prompt) if getattr(self.pipe, "captions", None) else None
+        coverage = None
+        if getattr(self.pipe, "captions", None):  # a timeline: its row least like anything the model saw
+            coverage = min((self.pipe.coverage(p) for p in job.request.prompts), key=lambda c: c.similarity)
         extra = {"coverage": coverage.to_wire()} if coverage is not None else {}
         self._send(client, reply("accepted", rid, queue=ahead, **extra))
 

@@ -21,6 +21,7 @@ import zmq
 from addon.client import CurveKeys, MotionClient, ServerError
 from addon.wire import (
     PROTOCOL_VERSION,
+    GenerateRequest,
     Message,
     decode,
     encode,
@@ -136,6 +137,19 @@ def test_stream_reassembles_to_the_in_process_result(client, pipe):
     assert types[0] == "accepted" and types[1:5] == ["progress"] * 4 and types[-1] == "done"
     assert types.count("frames") >= 2, "frames must be streamed"
     assert set(motion.timings) >= {"queued_s", "generate_s", "total_s"}
+
+
+def test_a_timeline_streams_as_one_motion_like_the_in_process_one(client, pipe):
+    from addon.timeline import TimelineRow
+
+    rows = (TimelineRow(0.0, 1.5, "a person walks"), TimelineRow(1.5, 3.0, "a person waves"))
+    request = GenerateRequest(timeline=rows, seed=2, steps=3)
+    assert request.to_header()["timeline"] == [[0.0, 1.5, "a person walks"], [1.5, 3.0, "a person waves"]]
+    assert "timeline" not in GenerateRequest("a person walks").to_header()  # older servers take it as before
+    motion = client.generate_motion(request)
+    expected = pipeline.collect(pipe.timeline(rows, seed=2, steps=3))[0]
+    assert motion.rotations[0].shape[0] == 60 == expected.frames
+    assert np.array_equal(motion.rotations[0], expected.rotations.astype(np.float32))
 
 
 def test_cancel_stops_within_one_denoising_step(client, server):
@@ -284,6 +298,18 @@ BAD_INPUT = {
     "garbage data frame": ([*js({**GOOD}), os.urandom(1000)], "bad_request", "carries no data frame"),
     "a reply type sent as request": (js({"type": "done", "id": "bad-1", "version": 1}), "bad_request",
                                      "unknown message type 'done'"),
+    "timeline with a gap": (js({**GOOD, "prompt": "", "timeline": [[0, 2, "walk"], [3, 4, "run"]]}), "bad_request",
+                            "timeline row 2 (3-4 s): leaves 2-3 s with no prompt"),
+    "timeline row of the wrong shape": (js({**GOOD, "prompt": "", "timeline": [[0, 2, "walk"], [2, 4]]}),
+                                        "bad_request", "timeline row 2: expected [start, end, prompt]"),
+    "timeline with an empty prompt": (js({**GOOD, "prompt": "", "timeline": [[0, 2, " "]]}), "bad_request",
+                                      "timeline row 1 (0-2 s): the prompt is empty"),
+    "timeline and prompt": (js({**GOOD, "timeline": [[0, 2, "walk"]]}), "bad_request",
+                            "give a prompt or a timeline, not both"),
+    "timeline too long": (js({**GOOD, "prompt": "", "timeline": [[0, 900, "walk"]]}), "bad_request",
+                          "the timeline ends at 900 s; the limit is 600 s"),
+    "timeline not a list": (js({**GOOD, "prompt": "", "timeline": "0 2 walk"}), "bad_request",
+                            "'timeline' must be a JSON array"),
 }
 
 
@@ -665,6 +691,13 @@ def test_d9_clients_take_turns_and_one_client_cannot_fill_the_queue(pipe):
                         done_order.append(message.id)
                         del pending[message.id]
         assert done_order.index(late) < done_order.index(flood[1]), done_order  # b's turn came before a's 2nd
+
+
+def test_d9_a_timeline_over_the_cost_cap_is_refused(server):
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:
+        sock.send_multipart(js({**GOOD, "prompt": "", "steps": 1000, "timeline": [[0, 100, "a person walks"]]}))
+        reply = raw_reply(sock)
+    assert reply["code"] == "bad_request" and "costs 2000000 frame-steps" in reply["message"], reply.header
 
 
 def test_d9_a_request_over_the_cost_cap_is_refused(server):

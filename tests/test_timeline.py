@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from addon.timeline import TimelineRow, check_timeline, parse_timeline, timeline_from_json, timeline_seconds
-from addon.wire import Limits, WireError
+from addon.wire import GenerateRequest, Limits, WireError
 from backend.generate import main as generate_cli
 from backend.pipeline import MotionPipeline, collect
 
@@ -113,8 +113,9 @@ def test_each_row_conditions_its_own_frames():
 def test_timeline_arguments_are_checked(tiny):
     with pytest.raises(WireError, match="leaves 2-3 s"):
         tiny.timeline([TimelineRow(0, 2, "walk"), TimelineRow(3, 4, "run")])
-    with pytest.raises(ValueError, match="blend must be >= 0"):
-        tiny.timeline([TimelineRow(0, 2, "walk")], blend=-1)
+    with pytest.raises(ValueError, match="must share seconds, guidance, steps, samples and timeline"):
+        tiny.stream([GenerateRequest(timeline=(TimelineRow(0, 2, "walk"),)),
+                     GenerateRequest(timeline=(TimelineRow(0, 3, "walk"),))])
     with pytest.raises(WireError, match="steps"):
         tiny.timeline([TimelineRow(0, 2, "walk")], steps=0)
 
