@@ -65,7 +65,11 @@ def generation_settings(request, sample: int, preset: str, root_motion: bool, fp
     """What a generated Action's GENERATION_PROPERTY holds: the fields of ``request`` (an
     ``addon.wire.GenerateRequest``) for its sample ``sample`` (seed ``request.seed + sample``), the bone-map
     preset, root motion, the source frame rate, and ``extra``."""
+    from .timeline import format_timeline
+
     fields = {k: v for k, v in request.to_header().items() if k != "samples"}
+    if request.timeline:  # ID properties hold no mixed lists: the timeline as its text, the prompts as a title
+        fields.update(prompt=request.title, timeline=format_timeline(request.timeline))
     return {**fields, "seed": request.seed + sample, "sample": sample, "preset": preset, "root_motion": root_motion,
             "fps": fps, **extra}  # fmt: skip
 

@@ -190,5 +190,40 @@ class MOTION_OT_delete_action(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class MOTION_OT_timeline_edit(bpy.types.Operator):
+    """Add, remove or move a row of the prompt timeline"""
+
+    bl_idname = "motion_mamba.timeline_edit"
+    bl_label = "Edit timeline"
+    bl_options = UNDOABLE
+
+    action: bpy.props.EnumProperty(items=[("ADD", "Add", "Add a row after the selected one"),
+                                          ("REMOVE", "Remove", "Remove the selected row"),
+                                          ("UP", "Move up", "Move the selected row earlier"),
+                                          ("DOWN", "Move down", "Move the selected row later")])  # fmt: skip
+
+    def execute(self, context):
+        props = context.scene.motion_mamba
+        rows, index = props.timeline, props.timeline_index
+        if self.action == "ADD":
+            row = rows.add()
+            row.prompt = props.prompt if len(rows) == 1 else ""
+            rows.move(len(rows) - 1, min(index + 1, len(rows) - 1))
+            props.timeline_index = min(index + 1, len(rows) - 1)
+        elif not 0 <= index < len(rows):
+            return {"CANCELLED"}
+        elif self.action == "REMOVE":
+            rows.remove(index)
+            props.timeline_index = min(index, len(rows) - 1)
+        else:
+            other = index - 1 if self.action == "UP" else index + 1
+            if not 0 <= other < len(rows):
+                return {"CANCELLED"}
+            rows.move(index, other)
+            props.timeline_index = other
+        return {"FINISHED"}
+
+
 CLASSES = (MOTION_OT_generate, MOTION_OT_cancel, MOTION_OT_create_armature, MOTION_OT_start_backend,
-           MOTION_OT_stop_backend, MOTION_OT_apply_action, MOTION_OT_delete_action)  # fmt: skip
+           MOTION_OT_stop_backend, MOTION_OT_apply_action, MOTION_OT_delete_action,
+           MOTION_OT_timeline_edit)  # fmt: skip

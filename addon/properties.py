@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
 
 from . import wire
 from .retarget import PRESET_LABELS
+from .timeline import rows_from_durations
 
 ADDON_ID = __package__
 # MOTION_MAMBA_ENDPOINT overrides the default address (headless runs, tests)
@@ -54,8 +63,21 @@ def _samples(limits: wire.Limits) -> IntProperty:
 RANGED = {"seconds": _seconds, "seed": _seed, "guidance": _guidance, "steps": _steps, "samples": _samples}
 
 
+class TimelineRowSettings(bpy.types.PropertyGroup):
+    """One row of the panel's prompt timeline: what happens, for how long (rows play back to back)."""
+
+    prompt: StringProperty(name="Prompt", description="What happens in this part, e.g. 'a person waves'")
+    seconds: FloatProperty(name="Duration", description="How long this part lasts", default=3.0, min=0.5,
+                           soft_max=60.0, subtype="TIME_ABSOLUTE", unit="TIME_ABSOLUTE")  # fmt: skip
+
+
 class MotionSettings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'")
+    use_timeline: BoolProperty(name="Timeline", default=False,
+                               description="Direct one continuous motion by a list of prompts and durations "
+                               "(played back to back, blended where they meet)")  # fmt: skip
+    timeline: CollectionProperty(type=TimelineRowSettings)
+    timeline_index: IntProperty(name="Timeline row", default=0)
     seconds: _seconds(wire.DEFAULT_LIMITS)
     seed: _seed(wire.DEFAULT_LIMITS)
     randomise_seed: BoolProperty(name="Randomise", description="Pick a new seed for every generation", default=True)
@@ -117,8 +139,14 @@ def preferences(context):
 
 
 def generate_request(props) -> wire.GenerateRequest:
-    """The request the panel's settings ask for (its fields read from the settings of the same names)."""
-    return wire.GenerateRequest(props.prompt, **{name: getattr(props, name) for name in DEFAULTS})
+    """The request the panel's settings ask for (its fields read from the settings of the same names): the
+    prompt, or with "Timeline" on, the rows back to back (the duration is then theirs)."""
+    fields = {name: getattr(props, name) for name in DEFAULTS}
+    if props.use_timeline:
+        rows = rows_from_durations((row.prompt, row.seconds) for row in props.timeline)
+        fields.pop("seconds")
+        return wire.GenerateRequest(timeline=rows, **fields)
+    return wire.GenerateRequest(props.prompt, **fields)
 
 
 def target_armature(context):
@@ -129,7 +157,7 @@ def target_armature(context):
     return target
 
 
-CLASSES = (MotionSettings, MotionPreferences)
+CLASSES = (TimelineRowSettings, MotionSettings, MotionPreferences)
 _applied: wire.Limits | None = None  # the limits the ranged settings were last defined with
 
 

@@ -238,14 +238,14 @@ class Session:
         names = ", ".join(k.action_name for k in job.keyers.values())
         keyed = max(k.keyed for k in job.keyers.values())
         self.result = f"Created {names} ({keyed} frames at {scene.render.fps / scene.render.fps_base:g} fps)"
-        bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.request.prompt)}")
+        bpy.ops.ed.undo_push(message=f"Generate motion: {natural_name(job.settings.request.title)}")
 
     def _advance(self, job: Job) -> None:
         """One step of the running job, from its handle's state: fail on an error, else key one pending chunk,
         else finish once the motion is whole."""
         generation = job.generation
         if generation.coverage is not None and not self.notice:
-            self.notice = coverage_notice(job.settings.request.prompt, generation.coverage)
+            self.notice = coverage_notice(job.settings.request.title, generation.coverage)
         try:
             if generation.error is not None:
                 self._fail(f"Backend error ({generation.error.code}): {generation.error.message}")

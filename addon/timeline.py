@@ -110,3 +110,18 @@ def check_timeline(rows: Sequence[TimelineRow] | Iterable[TimelineRow],
 def timeline_seconds(rows: Sequence[TimelineRow]) -> float:
     """The timeline's length: its last end."""
     return max(row.end for row in rows)
+
+
+def format_timeline(rows: Sequence[TimelineRow]) -> str:
+    """The rows in the text format (``parse_timeline`` reads it back)."""
+    return "".join(f"{row.start:g} {row.end:g} {row.prompt}\n" for row in rows)
+
+
+def rows_from_durations(items: Iterable[tuple[str, float]]) -> tuple[TimelineRow, ...]:
+    """Back-to-back rows from (prompt, seconds) pairs in order (the panel's list): each starts where the last
+    ended."""
+    rows, start = [], 0.0
+    for prompt, seconds in items:
+        rows.append(TimelineRow(round(start, 6), round(start + float(seconds), 6), prompt))
+        start += float(seconds)
+    return tuple(rows)

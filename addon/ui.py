@@ -42,6 +42,15 @@ class MOTION_UL_history(bpy.types.UIList):
         return flags, []
 
 
+class MOTION_UL_timeline(bpy.types.UIList):
+    """The prompt timeline's rows: what happens and for how long, back to back from the top."""
+
+    def draw_item(self, _context, layout, _data, item, _icon, _active_data, _active_prop, _index=0, _flt_flag=0):
+        row = layout.row(align=True)
+        row.prop(item, "prompt", text="", emboss=True)
+        row.prop(item, "seconds", text="")
+
+
 class MOTION_PT_panel(bpy.types.Panel):
     bl_label = "Motion Mamba"
     bl_idname = "MOTION_PT_panel"
@@ -54,9 +63,14 @@ class MOTION_PT_panel(bpy.types.Panel):
         props = context.scene.motion_mamba
         session = current_session()
 
-        layout.prop(props, "prompt", text="")
-        col = layout.column(align=True)
-        col.prop(props, "seconds")
+        layout.prop(props, "use_timeline", icon="SEQUENCE")
+        if props.use_timeline:
+            draw_timeline(layout, props)
+            col = layout.column(align=True)
+        else:
+            layout.prop(props, "prompt", text="")
+            col = layout.column(align=True)
+            col.prop(props, "seconds")
         row = col.row(align=True)
         row.prop(props, "seed")
         row.prop(props, "randomise_seed", text="", icon="FILE_REFRESH", toggle=True)
@@ -137,4 +151,16 @@ class MOTION_PT_panel(bpy.types.Panel):
         row.operator("motion_mamba.delete_action", icon="TRASH")
 
 
-CLASSES = (MOTION_UL_history, MOTION_PT_panel)
+def draw_timeline(layout, props) -> None:
+    """The timeline's rows with add/remove/move buttons and their total length."""
+    row = layout.row()
+    row.template_list("MOTION_UL_timeline", "", props, "timeline", props, "timeline_index", rows=3)
+    buttons = row.column(align=True)
+    for action, icon in (("ADD", "ADD"), ("REMOVE", "REMOVE"), ("UP", "TRIA_UP"), ("DOWN", "TRIA_DOWN")):
+        buttons.operator("motion_mamba.timeline_edit", text="", icon=icon).action = action
+    total = sum(row.seconds for row in props.timeline)
+    layout.label(text=f"{len(props.timeline)} rows, {total:g} s in all" if props.timeline else
+                 "Add rows: a prompt and a duration each", icon="TIME")  # fmt: skip
+
+
+CLASSES = (MOTION_UL_history, MOTION_UL_timeline, MOTION_PT_panel)

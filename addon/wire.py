@@ -128,6 +128,11 @@ class GenerateRequest:
         return {name: f.default for name, f in cls.__dataclass_fields__.items() if name not in ("prompt", "timeline")}
 
     @property
+    def title(self) -> str:
+        """A name for what is asked: the prompt, or the timeline's prompts joined by " / "."""
+        return self.prompt or " / ".join(self.prompts)
+
+    @property
     def prompts(self) -> list[str]:
         """The texts this request asks for: its prompt, or its timeline rows' prompts (each once)."""
         return list(dict.fromkeys(row.prompt for row in self.timeline)) if self.timeline else [self.prompt]

@@ -153,6 +153,41 @@ def test_generate_keys_new_actions_streaming_and_one_undo(scene):
     assert rig.animation_data.action.name == "users own" and not rig.animation_data.action.use_fake_user
 
 
+def test_a_timeline_of_rows_keys_one_action_as_long_as_the_rows(scene):
+    """The panel's timeline: rows added, edited and reordered with the operator (each one undo step), then one
+    Generate makes one action whose length is the rows' total, carrying the timeline as text."""
+    session, _rig = scene
+    props = bpy.context.scene.motion_mamba
+    props.use_timeline = True
+    for prompt, seconds in (("a person walks", 1.0), ("a person runs", 1.5), ("a person waves", 1.0)):
+        assert bpy.ops.motion_mamba.timeline_edit(action="ADD") == {"FINISHED"}
+        row = props.timeline[props.timeline_index]
+        row.prompt, row.seconds = prompt, seconds
+    assert [r.prompt for r in props.timeline] == ["a person walks", "a person runs", "a person waves"]
+    props.timeline_index = 2
+    assert bpy.ops.motion_mamba.timeline_edit(action="UP") == {"FINISHED"} and props.timeline_index == 1
+    assert bpy.ops.motion_mamba.timeline_edit(action="DOWN") == {"FINISHED"} and props.timeline_index == 2
+    props.timeline_index = 0
+    assert bpy.ops.motion_mamba.timeline_edit(action="UP") == {"CANCELLED"}  # already first
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    pump(session, lambda: session.job is None, 180)
+    assert session.error == "", session.error
+    (action,) = generated()
+    info = action["motion_mamba"]
+    assert info["timeline"] == "0 1 a person walks\n1 2.5 a person runs\n2.5 3.5 a person waves\n"
+    assert info["prompt"] == "a person walks / a person runs / a person waves"
+    assert action.name.startswith("a person walks / a person runs")
+    last = max(k.co[0] for fc in action_fcurves(action) for k in fc.keyframe_points)
+    fps_ratio = bpy.context.scene.render.fps / session.server["fps"]
+    assert last == 1 + int((round(3.5 * session.server["fps"]) - 1) * fps_ratio)  # 3.5 s at the scene's rate
+
+    props.timeline[1].prompt = "  "  # a bad row: refused before anything is sent, the row named
+    with pytest.raises(RuntimeError, match=r"timeline row 2 \(1-2.5 s\): the prompt is empty"):
+        bpy.ops.motion_mamba.generate()
+    assert "timeline row 2" in session.error and session.job is None and len(generated()) == 1
+    assert bpy.ops.motion_mamba.timeline_edit(action="REMOVE") == {"FINISHED"} and len(props.timeline) == 2
+
+
 def test_cancel_leaves_no_half_action(scene):
     session, rig = scene
     assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
