@@ -316,7 +316,25 @@ def test_prompt_files_txt_csv_json(tmp_path):
     assert unquoted == "the row has 1 more value(s) than the header has columns (quote a prompt that contains commas)"
     js = rows(tmp_path, "p.json", json.dumps(["run", {"prompt": "sit", "seconds": 1.5, "speed": 2}]))
     assert js[0].error == "" and js[0].stem.startswith("run-")
-    assert js[1].error == "unknown field(s) speed; known: prompt, seconds, seed, guidance, steps, name"
+    assert js[1].error == "unknown field(s) speed; known: prompt, seconds, seed, guidance, steps, name, timeline"
+
+
+def test_rows_may_be_timelines(tmp_path):
+    (tmp_path / "shot.txt").write_text("0 2 a person walks\n2 3.5 a person waves\n")
+    (tmp_path / "gap.txt").write_text("0 2 a person walks\n3 4 a person waves\n")
+    csv_rows = rows(tmp_path, "t.csv", "timeline,name,seed\nshot.txt,shot one,3\ngap.txt,,\nmissing.txt,,\n")
+    shot = csv_rows[0].request
+    assert csv_rows[0].error == "" and shot.prompt == "" and shot.seed == 3 and shot.frames(20) == 70
+    assert [r.prompt for r in shot.timeline] == ["a person walks", "a person waves"]
+    assert csv_rows[1].error == "timeline row 2 (3-4 s): leaves 2-3 s with no prompt (a gap)"
+    assert csv_rows[2].error.startswith("timeline file ") and csv_rows[2].error.endswith("does not exist")
+    js = rows(tmp_path, "t.json", json.dumps([{"timeline": [[0, 2, "a person runs"], [2, 4, "a person sits"]]},
+                                              {"timeline": [[0, 2, "walk"]], "prompt": "walk"},
+                                              {"timeline": 5}]))
+    assert js[0].error == "" and js[0].stem.startswith("a_person_runs_a_person_sits-")
+    assert js[0].settings["timeline"] == [[0.0, 2.0, "a person runs"], [2.0, 4.0, "a person sits"]]
+    assert js[1].error == "give a prompt or a timeline, not both"
+    assert js[2].error.startswith("timeline must be a file name or a list")
 
 
 def test_the_key_is_stable_and_follows_the_settings(tmp_path):

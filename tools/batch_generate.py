@@ -307,7 +307,7 @@ class Batch:
             for fmt, path in self.wanted(row).items():
                 start = time.perf_counter()
                 if fmt == "gif":
-                    write_preview(self.skeleton_name, root, rotations, self.target.fps, row.request.prompt, path)
+                    write_preview(self.skeleton_name, root, rotations, self.target.fps, row.request.title, path)
                 else:
                     self.target.export(action, fmt, path)
                 timings[f"{fmt}_s"] = time.perf_counter() - start
@@ -366,7 +366,7 @@ class Batch:
         t = summary["totals"]
         for row in self.rows:
             if row.status == "failed":
-                print(f"failed: row {row.row} ({row.request.prompt[:40]!r}): {row.error.splitlines()[0]}")
+                print(f"failed: row {row.row} ({row.request.title[:40]!r}): {row.error.splitlines()[0]}")
         print(f"summary: {self.summary_path}")
         print(f"prompts: {t['prompts']}  done: {t['done']}  skipped: {t['skipped']}  failed: {t['failed']}  "
               f"wall: {t['wall_s']:.1f} s (backend start {t['backend_start_s']:.1f} s)")  # fmt: skip

@@ -1,7 +1,9 @@
 """The batch tool's prompts: ``--prompt`` texts and .txt/.csv/.json prompt files, read into validated rows.
 
 Each row holds an ``addon.wire.GenerateRequest`` (one sample); what a row leaves out takes the command line's
-defaults, which are the protocol's. No Blender or torch here.
+defaults, which are the protocol's. A row may give a ``timeline`` instead of a prompt: a timeline file's path
+(``START END PROMPT`` per line, relative to the prompts file) or, in JSON, the rows as [[start, end, prompt], ...].
+No Blender or torch here.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from addon import wire
+from addon.timeline import parse_timeline, timeline_from_json
 
 DEFAULTS = {k: v for k, v in wire.GenerateRequest.defaults().items() if k != "samples"}  # one sample per row
-ROW_FIELDS = ("prompt", *DEFAULTS, "name")
+ROW_FIELDS = ("prompt", *DEFAULTS, "name", "timeline")
 
 
 @dataclass
@@ -63,7 +66,20 @@ def _number(value: Any, kind: type, name: str) -> float | int:
         raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
-def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, limits: wire.Limits) -> Row:
+def _timeline(value: Any, folder: Path) -> tuple:
+    """A row's timeline: rows given in JSON, or a timeline file (relative to ``folder``)."""
+    if isinstance(value, list):
+        return timeline_from_json(value)
+    if not isinstance(value, str):
+        raise ValueError(f"timeline must be a file name or a list of [start, end, prompt], got {value!r}")
+    path = folder / value.strip()
+    if not path.is_file():
+        raise ValueError(f"timeline file {path} does not exist")
+    return parse_timeline(path.read_text(encoding="utf-8-sig"))
+
+
+def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, limits: wire.Limits,
+             folder: Path = Path()) -> Row:
     """A Row from one record (missing or empty fields take the defaults); problems go into ``row.error``."""
     row = Row(index, wire.GenerateRequest("", **{name: getattr(defaults, name) for name in DEFAULTS}))
     try:
@@ -73,11 +89,13 @@ def make_row(index: int, values: dict[str, Any], defaults: argparse.Namespace, l
         unknown = sorted(set(values) - set(ROW_FIELDS))
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(ROW_FIELDS)}")
-        prompt = values.get("prompt")
+        prompt = values.get("prompt", "")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be text, got {prompt!r}")
         row.name = str(values.get("name") or "").strip()
         given = {k: _number(values[k], type(v), k) for k, v in DEFAULTS.items() if values.get(k) not in (None, "")}
+        if values.get("timeline") not in (None, ""):
+            given["timeline"] = _timeline(values["timeline"], folder)
         row.request = replace(row.request, prompt=prompt.strip(), **given).check(limits)
     except ValueError as exc:
         row.error = str(exc)
@@ -96,8 +114,9 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         columns = [c.strip().lower() for c in reader.fieldnames or []]
-        if "prompt" not in columns:
-            raise ValueError(f"{path}: the first row must name the columns, one of them 'prompt'; got {columns}")
+        if "prompt" not in columns and "timeline" not in columns:
+            raise ValueError(f"{path}: the first row must name the columns, one of them 'prompt' (or 'timeline'); "
+                             f"got {columns}")
         unknown = sorted(set(columns) - set(ROW_FIELDS))
         if unknown:
             raise ValueError(f"{path}: unknown column(s) {', '.join(unknown)}; known: {', '.join(ROW_FIELDS)}")
@@ -122,11 +141,12 @@ def load_rows(args: argparse.Namespace, limits: wire.Limits = wire.DEFAULT_LIMIT
         records += read_prompt_file(Path(args.prompts))
     if not records:
         raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
-    rows = [make_row(i, record, args, limits) for i, record in enumerate(records, 1)]
+    folder = Path(args.prompts).parent if args.prompts else Path()
+    rows = [make_row(i, record, args, limits, folder) for i, record in enumerate(records, 1)]
     keys: dict[str, int] = {}
     stems: dict[str, int] = {}
     for row in rows:
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", row.request.prompt).strip("_")[:40].strip("_").lower() or "motion"
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", row.request.title).strip("_")[:40].strip("_").lower() or "motion"
         row.stem = re.sub(r"[^\w.\-]+", "_", row.name).strip("._") or f"{slug}-{row.key[:8]}"
         if row.error:
             row.status = "failed"
