@@ -27,11 +27,12 @@ from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
 from backend.config import ModelConfig
 from backend.coverage import CaptionIndex, Coverage
+from backend.editing import CONTEXT_S, check_motion, piece_features, place_range
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
 from backend.models.vae import DOWNSAMPLE, MotionVAE
-from backend.motion import features_to_positions, features_to_rotations
+from backend.motion import features_to_positions, features_to_rotations, forward_kinematics
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 MAX_SAMPLES = 64  # samples per prompt in one call
@@ -417,6 +418,71 @@ class MotionPipeline:
         root, rotations = features_to_rotations(prefix)
         return Motion(features, features_to_positions(prefix)[start:], root[start:], rotations[start:], self.fps,
                       prompt, seed)
+
+    @torch.no_grad()
+    def edit(self, root_translation: np.ndarray, rotations: np.ndarray, start: int, stop: int, prompt: str,
+             seed: int = 0, guidance: float = GenerateRequest.guidance, steps: int = GenerateRequest.steps,
+             callback: Callable[[int, int], None] | None = None,
+             stop_when: Callable[[], bool] | None = None) -> Motion | None:
+        """Generate frames [start, stop) of a world-space motion (root translation (T, 3), local rotations
+        (T, 22, 4), this model's fps) for ``prompt``, keeping every other frame exactly and joining them
+        (``backend.editing``: the kept motion around the range is known latent tokens at every denoising step).
+        Returns the whole motion (None if ``stop_when()`` ended it early)."""
+        root_w, rot_w = check_motion(root_translation, rotations, start, stop)
+        request = GenerateRequest(prompt, seconds=max((stop - start) / self.fps, self.limits.min_seconds),
+                                  seed=seed, guidance=guidance, steps=steps).check(self.limits)
+        frames, context = root_w.shape[0], round(CONTEXT_S * self.fps)
+        lo, hi = max(0, start - context), min(frames, stop + context)
+        kept = np.r_[0:start, stop:frames]
+        floor = float(forward_kinematics(root_w[kept], rot_w[kept])[..., 1].min())
+        tokens = -(-(hi - lo) // DOWNSAMPLE)
+        latent = torch.zeros(1, tokens, self.vae.latent_dim)
+        mask = torch.zeros(1, tokens, dtype=torch.bool)
+        first_after = -(-(stop - lo) // DOWNSAMPLE)  # the first token wholly after the range
+        for first, begin, end in ((0, lo, start), (first_after, lo + DOWNSAMPLE * first_after, hi)):
+            if end - begin < DOWNSAMPLE + 1:  # features need a next frame: too short to fill a token
+                continue
+            features = piece_features(root_w[begin:end], rot_w[begin:end], floor)
+            count = min(features.shape[0] // DOWNSAMPLE, tokens - first)
+            x = torch.from_numpy(((features[: DOWNSAMPLE * count] - self.mean) / self.std).astype(np.float32))
+            mu, _ = self.vae.encode(x[None].to(self.device))
+            latent[:, first: first + count] = mu.cpu() * self.latent_scale
+            mask[:, first: first + count] = True
+        noise = torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(request.seed + 2**31))[None]
+        known = Known(latent.to(self.device), mask.to(self.device), noise.to(self.device))
+        threads = self.cpu_threads if self.device.type == "cpu" else None
+        with torch_threads(threads):
+            z = self._latents([request.prompt], [request.seed], tokens, float(request.guidance), request.steps,
+                              callback, stop_when, known=known)
+            if z is None:
+                return None
+            decoded = self.vae.decode(z)[0].float().cpu().numpy() * self.std + self.mean
+        root_c, rot_c = features_to_rotations(decoded.astype(np.float64))
+        root_g, rot_g = place_range(root_w, rot_w, root_c, rot_c, lo, start, stop, floor, self.fps)
+        root_w[start:stop], rot_w[start:stop] = root_g, rot_g
+        features = piece_features(root_w, rot_w, floor)
+        return Motion(np.concatenate([features, features[-1:]]).astype(np.float32),
+                      forward_kinematics(root_w, rot_w).astype(np.float32), root_w.astype(np.float32),
+                      rot_w.astype(np.float32), self.fps, request.prompt, request.seed)
+
+    def continue_motion(self, root_translation: np.ndarray, rotations: np.ndarray, seconds: float, prompt: str,
+                        **options: object) -> Motion | None:
+        """The motion, then ``seconds`` more of it for ``prompt`` (``edit`` of frames appended at its end)."""
+        root, rot = np.asarray(root_translation), np.asarray(rotations)
+        extra = max(1, round(seconds * self.fps))
+        root = np.concatenate([root, np.repeat(root[-1:], extra, axis=0)])
+        rot = np.concatenate([rot, np.repeat(rot[-1:], extra, axis=0)])
+        return self.edit(root, rot, len(root) - extra, len(root), prompt, **options)
+
+    def bridge(self, first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray], seconds: float,
+               prompt: str, **options: object) -> Motion | None:
+        """``first``, ``seconds`` of ``prompt`` joining it to ``second``, then ``second`` where it is (both
+        (root translation, rotations) in one world)."""
+        gap = max(1, round(seconds * self.fps))
+        (root_a, rot_a), (root_b, rot_b) = (tuple(np.asarray(a) for a in m) for m in (first, second))
+        root = np.concatenate([root_a, np.repeat(root_a[-1:], gap, axis=0), root_b])
+        rot = np.concatenate([rot_a, np.repeat(rot_a[-1:], gap, axis=0), rot_b])
+        return self.edit(root, rot, len(root_a), len(root_a) + gap, prompt, **options)
 
     def __call__(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
                  seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,

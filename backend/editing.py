@@ -1,0 +1,176 @@
+"""Editing around motion that exists: continue it, bridge two motions, regenerate a frame range (issue 18).
+
+One operation underlies the three (``MotionPipeline.edit``): a motion in world space (root translation (T, 3),
+local rotations (T, J, 4) of the canonical skeleton, metres, Y up, at the model's frame rate) and a frame range
+[start, stop) to generate. Frames outside the range are kept exactly. The denoiser sees up to ``CONTEXT_S``
+seconds of the kept motion each side as known latent tokens (each side encoded by the VAE on its own, put back,
+noised to the step's level, after every denoising step), so the new frames are generated to fit between them.
+The decoded range is then placed in the world at the last kept frame before it (heading and position), and
+made to join exactly: each join's pose offset fades out over ``JOIN_S`` seconds into the range, and before a
+kept suffix the root path's remaining heading and position error is spread over the whole range, so the suffix
+stays where it was.
+
+This module holds the world <-> feature steps; the denoising is the pipeline's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.motion import canonicalize_rotations, forward_kinematics, positions_to_features
+from backend.quaternion import qinv, qmul, qnormalize, qrot
+from backend.skeleton import SMPL22
+
+CONTEXT_S = 4.0  # seconds of kept motion each side that the denoiser sees
+JOIN_S = 0.5  # seconds over which a join's pose offset fades into the generated frames
+
+
+def check_motion(root: np.ndarray, rotations: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The motion as float64 arrays, checked: shapes, finite values, 0 <= start < stop <= T, a frame kept."""
+    root = np.asarray(root, dtype=np.float64)
+    rotations = np.asarray(rotations, dtype=np.float64)
+    j = SMPL22.num_joints
+    if root.ndim != 2 or root.shape[1] != 3 or rotations.shape != (root.shape[0], j, 4):
+        raise ValueError(f"expected root translation (T, 3) and rotations (T, {j}, 4), got {root.shape} and "
+                         f"{rotations.shape}")
+    if not (np.isfinite(root).all() and np.isfinite(rotations).all()):
+        raise ValueError("the motion holds NaN or infinite values")
+    if np.any(np.linalg.norm(rotations, axis=-1) < 1e-6):
+        raise ValueError("the motion holds a zero quaternion")
+    frames = root.shape[0]
+    if not 0 <= start < stop <= frames:
+        raise ValueError(f"the range to generate must satisfy 0 <= start < stop <= {frames} frames, got "
+                         f"{start}..{stop}")
+    if start == 0 and stop == frames:
+        raise ValueError("nothing is kept: give frames before or after the range (or generate from a prompt)")
+    return root, rotations
+
+
+def piece_features(root: np.ndarray, rotations: np.ndarray, floor: float) -> np.ndarray:
+    """Features (n - 1, 263) of kept frames (n >= 2), placed as the data's clips are (origin, facing +Z at the
+    first frame) but on the whole motion's ``floor``, not the piece's own lowest point."""
+    positions, local = canonicalize_rotations(root, rotations)
+    features = positions_to_features(positions, rotations=local)
+    lowest = float(forward_kinematics(root, rotations)[..., 1].min())
+    lift = lowest - floor  # canonicalising put this piece's lowest joint at 0: its height over the floor
+    features[:, 3] += lift  # root height
+    features[:, 5: 4 + 3 * (SMPL22.num_joints - 1): 3] += lift  # the joints' heights (root-relative XZ only)
+    return features
+
+
+def yaw(q: np.ndarray) -> np.ndarray:
+    """Heading angle (radians about +Y) of rotations (..., 4) w, x, y, z: where they turn +Z to."""
+    forward = rotate(q, np.array([0.0, 0.0, 1.0]))
+    return np.arctan2(forward[..., 0], forward[..., 2])
+
+
+def yaw_quat(angle: np.ndarray) -> np.ndarray:
+    """Rotations (..., 4) about +Y by ``angle`` radians."""
+    angle = np.asarray(angle, dtype=np.float64)
+    return np.stack([np.cos(angle / 2), 0 * angle, np.sin(angle / 2), 0 * angle], axis=-1)
+
+
+def rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectors v (..., 3) turned by rotations q (..., 4), broadcast over the leading axes."""
+    qt, vt = torch.as_tensor(q, dtype=torch.float64), torch.as_tensor(v, dtype=torch.float64)
+    lead = torch.broadcast_shapes(qt.shape[:-1], vt.shape[:-1])
+    return qrot(qt.expand(*lead, 4), vt.expand(*lead, 3)).numpy()
+
+
+def _qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return qmul(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
+
+
+def _qinv(q: np.ndarray) -> np.ndarray:
+    return qinv(torch.as_tensor(q, dtype=torch.float64)).numpy()
+
+
+def _slerp_from_identity(q: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """identity -> q (..., 4) at fractions u (broadcast over the leading axes), the shorter arc."""
+    q = np.where(q[..., :1] < 0, -q, q)
+    angle = 2 * np.arccos(np.clip(q[..., 0], -1.0, 1.0))
+    axis = q[..., 1:] / np.maximum(np.linalg.norm(q[..., 1:], axis=-1, keepdims=True), 1e-12)
+    half = angle * u / 2
+    return np.concatenate([np.cos(half)[..., None], np.sin(half)[..., None] * axis], axis=-1)
+
+
+def fade(count: int, frames: float) -> np.ndarray:
+    """Weights (count,) from 1 at the join falling smoothly (smoothstep) to 0 after ``frames`` frames."""
+    u = np.clip(np.arange(1, count + 1) / max(frames, 1.0), 0.0, 1.0)
+    return 1.0 - u * u * (3 - 2 * u)
+
+
+def _power(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """q (..., 4) raised to the powers s (n,): the rotation about q's axis by s times its angle -> (n, ..., 4)."""
+    q = np.where(q[..., :1] < 0, -q, q)
+    angle = 2 * np.arccos(np.clip(q[..., 0], -1.0, 1.0))
+    axis = q[..., 1:] / np.maximum(np.linalg.norm(q[..., 1:], axis=-1, keepdims=True), 1e-12)
+    half = angle[None] * s.reshape(-1, *([1] * angle.ndim)) / 2
+    return np.concatenate([np.cos(half)[..., None], np.sin(half)[..., None] * axis[None]], axis=-1)
+
+
+def join_offsets(kept_root: np.ndarray, kept_rot: np.ndarray, win_root: np.ndarray, win_rot: np.ndarray, n: int,
+                 join: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets for the n generated frames beside a join (s = 1..n frames from the kept frame next to it): the
+    kept motion's difference from the placed window at the two kept frames nearest the join (index 0 nearest,
+    index 1 the next: roots (2, 3), rotations (2, J, 4)), carried on at its per-frame change and faded out over
+    ``join`` frames. Value and slope match at the join: the position and velocity are continuous."""
+    s = np.arange(1, n + 1, dtype=np.float64)
+    w = fade(n, join)
+    near = kept_root[0] - win_root[0]
+    root = (near + s[:, None] * (near - (kept_root[1] - win_root[1]))) * w[:, None]
+    q_near = _qmul(kept_rot[0], _qinv(win_rot[0]))  # (J, 4)
+    q_next = _qmul(kept_rot[1], _qinv(win_rot[1]))
+    carried = _qmul(_power(_qmul(q_near, _qinv(q_next)), s), q_near[None])  # (n, J, 4)
+    return root, _slerp_from_identity(carried, w[:, None])
+
+
+def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c: np.ndarray, lo: int, start: int,
+                stop: int, floor: float, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The generated frames [start, stop) in the world, joined to the kept frames.
+
+    ``root_c``/``rot_c`` are the decoded window (frames lo.., the model's canonical placement, floor at 0). It is
+    turned about +Y and moved so that its frame at the last kept frame before the range (else the first kept one
+    after) has that kept frame's heading and position. Before a kept suffix, the heading and position the path
+    still misses at ``stop`` are spread over the range (by a smoothstep of time: no change of speed at the joins;
+    the model does not see where the suffix is, so a range too short for the way to it slides). At each join the
+    difference between the kept frames and the window (every joint's rotation, the root's position) is carried
+    into the range at its per-frame change and faded out over ``JOIN_S`` (``join_offsets``).
+    """
+    frames = root_w.shape[0]
+    anchor = start - 1 if start > 0 else stop
+    q_turn = yaw_quat(yaw(rot_w[anchor, 0]) - yaw(rot_c[anchor - lo, 0]))
+    root = rotate(q_turn, root_c)
+    root[:, [0, 2]] += root_w[anchor, [0, 2]] - root[anchor - lo, [0, 2]]
+    root[:, 1] = root_c[:, 1] + floor
+    rot = rot_c.copy()
+    rot[:, 0] = _qmul(q_turn, rot_c[:, 0])
+    n, join = stop - start, JOIN_S * fps
+    if stop < frames and start > 0:  # reach the kept suffix: spread the heading and position the path misses
+        share = np.zeros(len(root))
+        u = np.arange(1, n + 2) / (n + 1)  # n + 1 steps, the last into `stop`; smoothstep: no speed jump at joins
+        share[start - lo: stop - lo + 1] = u * u * (3 - 2 * u)
+        share[stop - lo + 1:] = 1.0
+        miss = yaw(rot_w[stop, 0]) - yaw(rot[stop - lo, 0])
+        miss = (miss + np.pi) % (2 * np.pi) - np.pi
+        turns = yaw_quat(miss * share)
+        steps = rotate(turns[1:], np.diff(root, axis=0))
+        root = np.concatenate([root[:1], root[:1] + np.cumsum(steps, axis=0)])
+        root[:, [0, 2]] += (root_w[stop, [0, 2]] - root[stop - lo, [0, 2]]) * share[:, None]
+        rot[:, 0] = _qmul(turns, rot[:, 0])
+    gen = slice(start - lo, stop - lo)
+    root_g, rot_g = root[gen].copy(), rot[gen].copy()
+    if start > 0:
+        before = [start - 1, max(start - 2, 0)]
+        offsets = join_offsets(root_w[before], rot_w[before], root[[b - lo for b in before]],
+                               rot[[b - lo for b in before]], n, join)
+        root_g += offsets[0]
+        rot_g = _qmul(offsets[1], rot_g)
+    if stop < frames:
+        after = [stop, min(stop + 1, frames - 1, lo + len(root) - 1)]
+        offsets = join_offsets(root_w[after], rot_w[after], root[[a - lo for a in after]],
+                               rot[[a - lo for a in after]], n, join)
+        root_g += offsets[0][::-1]
+        rot_g = _qmul(offsets[1][::-1].copy(), rot_g)
+    return root_g, qnormalize(torch.as_tensor(rot_g)).numpy()
