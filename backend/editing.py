@@ -27,9 +27,10 @@ JOIN_S = 0.5  # seconds over which a join's pose offset fades into the generated
 
 
 def check_motion(root: np.ndarray, rotations: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """The motion as float64 arrays, checked: shapes, finite values, 0 <= start < stop <= T, a frame kept."""
-    root = np.asarray(root, dtype=np.float64)
-    rotations = np.asarray(rotations, dtype=np.float64)
+    """The motion as new float64 arrays (the caller's are never written), checked: shapes, finite values,
+    0 <= start < stop <= T, a frame kept."""
+    root = np.array(root, dtype=np.float64)
+    rotations = np.array(rotations, dtype=np.float64)
     j = SMPL22.num_joints
     if root.ndim != 2 or root.shape[1] != 3 or rotations.shape != (root.shape[0], j, 4):
         raise ValueError(f"expected root translation (T, 3) and rotations (T, {j}, 4), got {root.shape} and "

@@ -1,0 +1,98 @@
+"""Editing around motion that exists (issue 18): continue, bridge, regenerate a range. Kept frames stay exactly as
+they were, joins are as smooth as the real motion around them (real HumanML3D takes as context), bad input is
+refused with a clear error."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.motion import features_to_rotations, forward_kinematics
+from backend.pipeline import MotionPipeline
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_editing.py"
+spec = importlib.util.spec_from_file_location("bench_editing", TOOL)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return MotionPipeline.random("tiny")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return MotionPipeline.from_checkpoint(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def takes(humanml3d_samples):
+    """The real HumanML3D takes (~10 s each) as world-space root translation and local rotations."""
+    files = sorted((humanml3d_samples / "new_joint_vecs").glob("*.npy"))
+    return [features_to_rotations(np.load(f).astype(np.float64)) for f in files]
+
+
+def test_kept_frames_stay_exactly_and_lengths_add_up(tiny, takes):
+    root, rot = takes[0]
+    given = root.copy(), rot.copy()
+    edited = tiny.edit(root, rot, 60, 100, "a person jumps", steps=2)
+    assert np.array_equal(root, given[0]) and np.array_equal(rot, given[1])  # the caller's arrays untouched
+    kept = np.r_[0:60, 100:len(root)]
+    assert edited.frames == len(root)
+    np.testing.assert_allclose(edited.root_translation[kept], root[kept], atol=1e-6)
+    np.testing.assert_allclose(edited.rotations[kept], rot[kept], atol=1e-6)
+    assert not np.allclose(edited.rotations[60:100], rot[60:100], atol=1e-3)
+    np.testing.assert_allclose(edited.positions, forward_kinematics(edited.root_translation, edited.rotations),
+                               atol=1e-4)
+    more = tiny.continue_motion(root[:80], rot[:80], 2.0, "a person runs", steps=2)
+    assert more.frames == 80 + 40
+    np.testing.assert_allclose(more.rotations[:80], rot[:80], atol=1e-6)
+    second = (root[120:] + np.array([2.0, 0.0, 1.0]), rot[120:])  # somewhere else in the world
+    bridged = tiny.bridge((root[:60], rot[:60]), second, 1.5, "a person walks", steps=2)
+    assert bridged.frames == 60 + 30 + len(second[0])
+    np.testing.assert_allclose(bridged.root_translation[90:], second[0], atol=1e-6)
+    for motion in (edited, more, bridged):
+        assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
+
+
+def test_joins_are_as_smooth_as_the_real_motion_around_them(shipped, takes):
+    """The shipped model continues and regenerates inside real takes it never saw: at each join, the worst joint's
+    position jump and velocity jump stay within the spread of the take's own frames."""
+    fps = shipped.fps
+    for root, rot in takes:
+        real = np.array([bench.jumps(forward_kinematics(root, rot), t, fps) for t in range(2, len(root) - 1)])
+        limit = np.percentile(real, 95, axis=0)
+        edited = shipped.edit(root, rot, 3 * fps, 6 * fps, "a person walks forward", steps=10)
+        more = shipped.continue_motion(root[: 5 * fps], rot[: 5 * fps], 2.0, "a person walks forward", steps=10)
+        joins = [bench.jumps(edited.positions, 3 * fps, fps), bench.jumps(edited.positions, 6 * fps, fps),
+                 bench.jumps(more.positions, 5 * fps, fps)]
+        print(f"\njoins (position m, velocity m/s): {np.round(joins, 3).tolist()}; the take's p95: "
+              f"{np.round(limit, 3).tolist()}, median {np.round(np.median(real, axis=0), 3).tolist()}")
+        for position, velocity in joins:
+            assert position <= limit[0] and velocity <= limit[1], (joins, limit)
+
+
+def test_bad_motion_and_ranges_are_refused(tiny, takes):
+    root, rot = takes[0]
+    cases = [
+        ((root[:, :2], rot, 10, 20), "expected root translation"),
+        ((root, rot[:, :21], 10, 20), "expected root translation"),
+        ((np.where(np.arange(len(root))[:, None] == 5, np.nan, root), rot, 10, 20), "NaN or infinite"),
+        ((root, np.zeros_like(rot), 10, 20), "zero quaternion"),
+        ((root, rot, 20, 10), "0 <= start < stop"),
+        ((root, rot, -1, 10), "0 <= start < stop"),
+        ((root, rot, 10, len(root) + 1), "0 <= start < stop"),
+        ((root, rot, 0, len(root)), "nothing is kept"),
+        ((root[:0], rot[:0], 0, 1), "0 <= start < stop"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tiny.edit(*args, "a person walks", steps=2)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        tiny.edit(root, rot, 10, 20, "  ", steps=2)
+    with pytest.raises(ValueError, match="steps"):
+        tiny.edit(root, rot, 10, 20, "a person walks", steps=0)
