@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from .wire import (
@@ -265,11 +266,13 @@ class MotionClient:
             raise ConnectionError(f"could not send to {self.endpoint} within {self.timeout} s") from None
 
     def submit(self, prompt: str | GenerateRequest, *args: Any, request_id: str | None = None,
-               **fields: Any) -> str:
+               motion: np.ndarray | None = None, **fields: Any) -> str:
         """Send a ``generate`` request without waiting; returns its id. Takes a GenerateRequest, or its fields
-        (``submit("walk", 2.0, steps=10)``). Bad arguments raise ValueError (WireError)."""
+        (``submit("walk", 2.0, steps=10)``); an ``edit`` request also takes the ``motion`` it edits
+        (``pack_motion``'s (T, 3 + 4J) layout, in the skeleton and frame rate of ``hello``). Bad arguments raise
+        ValueError (WireError)."""
         generate = as_request(prompt, *args, **fields)
-        rid, frames = request("generate", request_id, self.limits, **generate.to_header())
+        rid, frames = request("generate", request_id, self.limits, data=motion, **generate.to_header())
         if not self._in_flight:  # the silence clock and old connection events start over
             self._last_heard = time.monotonic()
             self._watch_connection()
@@ -282,10 +285,11 @@ class MotionClient:
               on_progress: Callable[[Generation], None] | None = None,
               on_frames: Callable[[Generation, Message], None] | None = None,
               on_done: Callable[[Generation], None] | None = None,
-              on_error: Callable[[Generation], None] | None = None, **fields: Any) -> Generation:
+              on_error: Callable[[Generation], None] | None = None, motion: np.ndarray | None = None,
+              **fields: Any) -> Generation:
         """Send a ``generate`` request (as ``submit``) and return its handle; ``poll`` drives it."""
         generate = as_request(prompt, *args, **fields)
-        rid = self.submit(generate, request_id=request_id)
+        rid = self.submit(generate, request_id=request_id, motion=motion)
         handle = Generation(rid, generate, self, on_progress, on_frames, on_done, on_error)
         self._handles[rid] = handle
         return handle

@@ -11,7 +11,7 @@ Requests (client -> server)             Replies (server -> client, same ``id``)
   hello                                   hello {model, device, fps, skeleton, limits, defaults[, actions]}
   generate {prompt | timeline[, seconds,  accepted {queue[, coverage]}, progress {step, total}*,
             seed, guidance, steps,        frames {sample, start, count, shape, dtype}* + data,
-            samples]}                     done {frames, timings}
+            samples, edit]}[+ data]       done {frames, timings}
   cancel   (id = the request to stop)     (the generate stream ends with error {code: "cancelled"})
   ping                                    pong {queued, running}
   anything wrong                          error {code, message[, step, cancel_step]}
@@ -19,11 +19,16 @@ Requests (client -> server)             Replies (server -> client, same ``id``)
 A ``generate`` request is a ``GenerateRequest``: a ``prompt``, or a ``timeline`` ([[start, end, prompt], ...]
 in seconds, ``addon.timeline``: one continuous motion as long as its last end); every other field takes the
 default announced in ``hello`` (``defaults``), and ``limits`` bound timelines (``max_timeline_rows``,
-``max_timeline_seconds``). A bad timeline row gets ``bad_request`` naming the row. A model that knows its
-training captions announces the actions it was trained on (``actions``, a list of phrases) and says in
-``accepted`` how close the prompt comes to them (``coverage``: {known: bool, similarity: number, nearest:
-[[caption, similarity], ...]}; for a timeline, its row least like the training captions). Every reply is built
-by ``reply()``/``error_reply()``, which validate it against the schema before it is sent.
+``max_timeline_seconds``). A bad timeline row gets ``bad_request`` naming the row. ``edit`` ([start, stop]
+frames) regenerates that range of a motion the request carries as a data frame (``pack_motion``'s layout, with
+``shape`` and ``dtype`` in the header), keeping its other frames exactly; a range starting at the motion's end
+continues it, and a client bridges two motions by sending them with placeholder frames between. The reply
+streams the whole resulting motion.
+
+A model that knows its training captions announces the actions it was trained on (``actions``, a list of
+phrases) and says in ``accepted`` how close the prompt comes to them (``coverage``: {known: bool, similarity:
+number, nearest: [[caption, similarity], ...]}; for a timeline, its row least like the training captions). Every
+reply is built by ``reply()``/``error_reply()``, which validate it against the schema before it is sent.
 
 A ``frames`` data block is float32 (count, 3 + 4 * J): the root translation (metres, Y up) then one local
 rotation quaternion (w, x, y, z) per joint of the skeleton announced in ``hello``.
@@ -85,6 +90,7 @@ class Limits:
     fps: float = 20.0  # the frame rate ``max_cost`` counts frames at (the server's model's)
     max_timeline_rows: int = 64  # rows of one prompt timeline (addon.timeline)
     max_timeline_seconds: float = 600.0  # a timeline's length: composed from windows, so beyond max_seconds
+    max_context_seconds: float = 600.0  # the motion an edit request carries (its frames at ``fps``)
 
     def to_json(self) -> dict[str, Any]:
         """The limits as a JSON-able dict (the ``limits`` field of ``hello``)."""
@@ -104,7 +110,8 @@ REPLY_LIMITS = Limits(max_message_bytes=64 * 2**20)  # what a client accepts fro
 # ---------------------------------------------------------------------------------------------------------
 # The generate request: its fields, their wire kinds, defaults and checks, defined once here.
 _GENERATE_KINDS = {"prompt": "str", "seconds": "number", "seed": "int", "guidance": "number", "steps": "int",
-                   "samples": "int", "timeline": "list"}
+                   "samples": "int", "timeline": "list", "edit": "list"}
+_DATA_KINDS = {"shape": "list", "dtype": "str"}  # a generate with ``edit`` carries the motion as a data frame
 
 
 @dataclass(frozen=True)
@@ -121,11 +128,13 @@ class GenerateRequest:
     steps: int = 50
     samples: int = 1
     timeline: tuple | None = None  # of addon.timeline.TimelineRow
+    edit: tuple[int, int] | None = None  # (start, stop): frames of the motion sent along to (re)generate
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """The optional settings and their defaults (the ``defaults`` field of ``hello``)."""
-        return {name: f.default for name, f in cls.__dataclass_fields__.items() if name not in ("prompt", "timeline")}
+        return {name: f.default for name, f in cls.__dataclass_fields__.items()
+                if name not in ("prompt", "timeline", "edit")}
 
     @property
     def title(self) -> str:
@@ -151,21 +160,30 @@ class GenerateRequest:
         fields = {k: header[k] for k in _GENERATE_KINDS if k in header}
         if "timeline" in fields:
             fields["timeline"] = timeline_from_json(fields["timeline"])
+        if "edit" in fields:
+            edit = fields["edit"]
+            if len(edit) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in edit):
+                raise WireError(f"'edit' must be [start, stop], two frame numbers, got {_short(edit)}")
+            fields["edit"] = (edit[0], edit[1])
         request = cls(**fields)
         return request.check(limits) if limits is not None else request
 
     def to_header(self) -> dict[str, Any]:
         """The fields as a ``generate`` header's JSON values (no ``timeline`` key without one: servers that
         predate timelines take such headers as before)."""
-        header = {name: getattr(self, name) for name in _GENERATE_KINDS if name != "timeline"}
+        header = {name: getattr(self, name) for name in _GENERATE_KINDS if name not in ("timeline", "edit")}
         if self.timeline is not None:
             header["timeline"] = [row.to_json() for row in self.timeline]
+        if self.edit is not None:
+            header["edit"] = list(self.edit)
         return header
 
     def frames(self, fps: float) -> int:
         """The motion's length in frames at ``fps`` (at least one): ``seconds``, or the timeline's end."""
         from .timeline import timeline_seconds
 
+        if self.edit is not None:
+            return self.edit[1] - self.edit[0]
         seconds = timeline_seconds(self.timeline) if self.timeline else float(self.seconds)
         return max(1, round(seconds * fps))
 
@@ -178,7 +196,7 @@ class GenerateRequest:
         from .timeline import check_timeline
 
         for name, kind in _GENERATE_KINDS.items():
-            if name != "timeline":
+            if name not in ("timeline", "edit"):
                 _check_kind(name, getattr(self, name), kind)
         for name in ("seed", "guidance", "steps", "samples"):
             _check_range(name, getattr(self, name), getattr(limits, f"min_{name}"), getattr(limits, f"max_{name}"))
@@ -188,6 +206,16 @@ class GenerateRequest:
             if not isinstance(self.timeline, tuple):
                 raise WireError(f"timeline must be a tuple of TimelineRow, got {type(self.timeline).__name__}")
             check_timeline(self.timeline, limits)
+        elif self.edit is not None:
+            check_prompt(self.prompt, limits)
+            start, stop = self.edit
+            if not 0 <= start < stop <= round(limits.max_context_seconds * limits.fps):
+                raise WireError(f"'edit' must be [start, stop] with 0 <= start < stop <= "
+                                f"{round(limits.max_context_seconds * limits.fps)} frames, got [{start}, {stop}]")
+            _check_range("edit's length in seconds", (stop - start) / limits.fps, 1 / limits.fps,
+                         limits.max_seconds)
+            if self.samples != 1:
+                raise WireError("an edit makes one motion: samples must be 1")
         else:
             check_prompt(self.prompt, limits)
             _check_range("seconds", self.seconds, limits.min_seconds, limits.max_seconds)
@@ -216,7 +244,7 @@ def check_prompt(prompt: str, limits: Limits, what: str = "prompt") -> None:
 # Kinds: "str", "int" (not bool), "number" (int or float, finite), "object", "list".
 _REQUESTS: dict[str, tuple[dict[str, str], frozenset[str]]] = {
     "hello": ({}, frozenset()),
-    "generate": (_GENERATE_KINDS, frozenset(_GENERATE_KINDS)),  # a prompt or a timeline: GenerateRequest checks
+    "generate": ({**_GENERATE_KINDS, **_DATA_KINDS}, frozenset(_GENERATE_KINDS) | frozenset(_DATA_KINDS)),
     "cancel": ({}, frozenset()),
     "ping": ({}, frozenset()),
 }
@@ -377,7 +405,7 @@ def decode(frames: list[bytes], *, reply: bool, limits: Limits = DEFAULT_LIMITS)
     except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer, or arrays nested 100000 deep
         raise WireError(f"header is not acceptable JSON ({_short(str(exc), 80)})") from None
     header = validate_header(header, reply=reply, limits=limits)
-    wants_data = reply and header["type"] == "frames"
+    wants_data = header["type"] == ("frames" if reply else "generate") and (reply or "edit" in header)
     if len(frames) != (2 if wants_data else 1):
         raise WireError(f"'{header['type']}' carries {'one data frame' if wants_data else 'no data frame'}, "
                         f"got {len(frames) - 1}", request_id=header["id"])
@@ -387,14 +415,16 @@ def decode(frames: list[bytes], *, reply: bool, limits: Limits = DEFAULT_LIMITS)
 
 
 def _decode_array(header: dict[str, Any], blob: bytes) -> np.ndarray:
+    if "shape" not in header or "dtype" not in header:
+        raise WireError("the data frame's 'shape' and 'dtype' are missing from the header", request_id=header["id"])
     shape, rid = header["shape"], header["id"]
     if header["dtype"] != DTYPE:
         raise WireError(f"data dtype must be '{DTYPE}', got {_short(header['dtype'])}", request_id=rid)
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) or len(shape) != 2:
         raise WireError(f"data shape must be two non-negative integers, got {_short(shape)}", request_id=rid)
-    if shape[0] != header["count"] or shape[1] < 7 or (shape[1] - 3) % 4:
-        raise WireError(f"data shape {shape} does not match count {header['count']} and 3 + 4 * joints "
-                        "columns", request_id=rid)
+    if shape[0] != header.get("count", shape[0]) or shape[1] < 7 or (shape[1] - 3) % 4:
+        count = f"count {header['count']} and " if "count" in header else ""
+        raise WireError(f"data shape {shape} does not match {count}3 + 4 * joints columns", request_id=rid)
     if len(blob) != 4 * shape[0] * shape[1]:
         raise WireError(f"data frame has {len(blob)} bytes; shape {shape} needs {4 * shape[0] * shape[1]}",
                         request_id=rid)
@@ -419,12 +449,15 @@ def unpack_motion(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def request(mtype: str, request_id: str | None = None, limits: Limits = DEFAULT_LIMITS,
-            **fields: Any) -> tuple[str, list[bytes]]:
+            data: np.ndarray | None = None, **fields: Any) -> tuple[str, list[bytes]]:
     """Build a request, validated as the server will (bad fields raise WireError, a ValueError); returns
-    (id, frames). A fresh random id is used unless ``request_id`` is given."""
+    (id, frames). A fresh random id is used unless ``request_id`` is given. ``data``: the motion a ``generate``
+    with ``edit`` carries (``pack_motion``'s layout)."""
     rid = request_id or uuid.uuid4().hex[:16]
+    if (mtype == "generate" and "edit" in fields) != (data is not None):
+        raise WireError("a 'generate' with 'edit' carries the motion to edit as data, and only then")
     header = {"type": mtype, "id": rid, "version": PROTOCOL_VERSION, **fields}
-    return rid, encode(validate_header(header, reply=False, limits=limits))
+    return rid, encode(validate_header(header, reply=False, limits=limits), data)
 
 
 _SNIFF_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:\-]{1,64})"')

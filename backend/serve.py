@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
@@ -52,6 +53,7 @@ from addon.wire import (
     HANDSHAKE_FAILED,
     GenerateRequest,
     Limits,
+    Message,
     WireError,
     decode,
     error_reply,
@@ -61,11 +63,13 @@ from addon.wire import (
     reply,
     sniff_id,
     truncate,
+    unpack_motion,
 )
 
 log = logging.getLogger("backend.serve")
 SEND_QUEUE = 1000  # messages queued for one client before it counts as not reading (ZMQ_SNDHWM)
 SEND_BUFFER = 256 * 1024  # bytes of kernel send buffer per connection (SO_SNDBUF)
+EDIT_CHUNK = 200  # frames per 'frames' message of an edit's result
 LOG_BYTES, LOG_FILES = 1_000_000, 3  # --log-file rotates at this size and keeps this many old files
 
 
@@ -77,6 +81,7 @@ class Job:
     id: str
     request: GenerateRequest
     received: float = field(default_factory=time.perf_counter)
+    motion: tuple | None = None  # an edit's (root translation, rotations), frames appended for a continuation
     cancel_requested: bool = False  # set by the socket loop, read by the worker
     cancel_step: int = 0  # the denoising steps finished when the cancel arrived
     cancel_reported: bool = False  # worker side
@@ -86,6 +91,8 @@ class Job:
     def key(self) -> tuple:
         """Requests with equal keys can share one denoising pass."""
         r = self.request
+        if r.edit is not None:  # an edit runs alone
+            return (self.id,)
         return (r.seconds, r.steps, r.guidance, r.samples, r.timeline)
 
 
@@ -185,6 +192,7 @@ class Server:
         self.limits = Limits(max_seconds=float(pipe.max_seconds), max_queue=max_queue,
                              max_client_queue=max_client_queue or max(1, max_queue // 4),
                              max_cost=max_cost or defaults.max_cost, fps=float(pipe.fps))
+        self._joints = len(_skeleton_json()["joint_names"])
         self._hello = {"model": pipe.describe(), "device": str(pipe.device), "fps": float(pipe.fps),
                        "skeleton": _skeleton_json(), "limits": self.limits.to_json(),
                        "defaults": GenerateRequest.defaults()}
@@ -377,7 +385,7 @@ class Server:
         elif message.type == "cancel":
             self._cancel(client, rid)
         else:
-            self._submit(client, message.header)
+            self._submit(client, message)
 
     def _cancel(self, client: bytes, rid: str) -> None:
         """Cancel a queued request at once, a running one after its current denoising step; unknown or
@@ -394,8 +402,8 @@ class Server:
         elif not job.cancel_requested:
             self._request_cancel(job)
 
-    def _submit(self, client: bytes, header: dict[str, Any]) -> None:
-        rid = header["id"]
+    def _submit(self, client: bytes, message: Message) -> None:
+        header, rid = message.header, message.id
         if self._find(client, rid) is not None:
             self._send(client, error_reply(rid, "bad_request", f"request id {rid!r} is already in use"))
             return
@@ -409,6 +417,12 @@ class Server:
                                                         "of the queue; try again when one has started"))
             return
         job = Job(client, rid, GenerateRequest.from_header(header))
+        if job.request.edit is not None:
+            try:
+                job.motion = edit_motion(message.data, job.request.edit, self._joints)
+            except ValueError as exc:
+                self._send(client, error_reply(rid, "bad_request", str(exc)))
+                return
         ahead = len(self._pending) + (self._active is not None)
         self._pending.append(job)
         if client not in self._turns:
@@ -530,6 +544,19 @@ class Server:
         samples = jobs[0].request.samples
         if all_cancelled():
             return
+        if jobs[0].motion is not None:  # an edit: one job, the whole motion once it is made
+            job, request = jobs[0], jobs[0].request
+            motion = self.pipe.edit(*job.motion, *request.edit, request.prompt, seed=request.seed,
+                                    guidance=request.guidance, steps=request.steps, callback=progress,
+                                    stop_when=all_cancelled)
+            if motion is None:
+                return
+            data = pack_motion(motion.root_translation, motion.rotations)
+            for start in range(0, len(data), EDIT_CHUNK):
+                batch.streamed = True
+                emit("frames", batch, job, 0, start, data[start: start + EDIT_CHUNK])
+            emit("done", batch, jobs, len(data), time.perf_counter() - batch.started)
+            return
         for index, start, chunk in self.pipe.stream([job.request for job in jobs], callback=progress,
                                                     stop=all_cancelled):
             job, sample = jobs[index // samples], index % samples
@@ -548,6 +575,26 @@ _FOLDERS = re.compile(r"(?<![\w.:/])(?:/|[A-Za-z]:[\\/])(?:[^\s'\"/\\]+[/\\])*")
 def without_folders(text: str) -> str:
     """``text`` with the folders of every absolute path left out (replies never show the server's paths)."""
     return _FOLDERS.sub("", text)
+
+
+def edit_motion(data: np.ndarray | None, edit: tuple[int, int], joints: int) -> tuple[np.ndarray, np.ndarray]:
+    """An edit request's motion (T, 3 + 4J) as (root translation, rotations), checked against its range; a
+    range that starts at the end continues the motion (its frames are appended). ValueError says what is wrong."""
+    if data is None or data.ndim != 2 or data.shape[1] != 3 + 4 * joints:
+        raise ValueError(f"an edit carries the motion as (T, {3 + 4 * joints}) float32 data (root translation "
+                         f"and {joints} quaternions a frame), got {None if data is None else list(data.shape)}")
+    if not np.isfinite(data).all():
+        raise ValueError("the motion to edit holds NaN or infinite values")
+    start, stop = edit
+    frames = data.shape[0]
+    if start > frames or (stop > frames and start != frames):
+        raise ValueError(f"'edit' [{start}, {stop}] does not fit the {frames} frames sent (a range past the end "
+                         f"must start at frame {frames}: a continuation)")
+    root, rotations = unpack_motion(data)
+    if stop > frames:
+        root = np.concatenate([root, np.repeat(root[-1:], stop - frames, axis=0)])
+        rotations = np.concatenate([rotations, np.repeat(rotations[-1:], stop - frames, axis=0)])
+    return root, rotations
 
 
 def _skeleton_json() -> dict[str, Any]:

@@ -23,9 +23,12 @@ from addon.wire import (
     PROTOCOL_VERSION,
     GenerateRequest,
     Message,
+    WireError,
     decode,
     encode,
+    pack_motion,
     request,
+    unpack_motion,
 )
 from backend.serve import Server, is_loopback, keygen
 
@@ -150,6 +153,51 @@ def test_a_timeline_streams_as_one_motion_like_the_in_process_one(client, pipe):
     expected = pipeline.collect(pipe.timeline(rows, seed=2, steps=3))[0]
     assert motion.rotations[0].shape[0] == 60 == expected.frames
     assert np.array_equal(motion.rotations[0], expected.rotations.astype(np.float32))
+
+
+def _walk(pipe, seconds: float = 3.0) -> np.ndarray:
+    made = pipe("a person walks", seconds=seconds, seed=1, steps=2)
+    return pack_motion(made.root_translation, made.rotations)
+
+
+def test_an_edit_streams_the_whole_motion_like_the_in_process_one(client, pipe):
+    motion = _walk(pipe)
+    request = GenerateRequest("a person jumps", seed=4, steps=3, edit=(20, 40))
+    got = client.generate_motion(request, motion=motion)
+    root, rot = unpack_motion(motion)
+    want = pipe.edit(root, rot, 20, 40, "a person jumps", seed=4, steps=3)
+    assert np.array_equal(got.root_translation[0], want.root_translation.astype(np.float32))
+    assert np.array_equal(got.rotations[0], want.rotations.astype(np.float32))
+    assert np.array_equal(got.rotations[0][:20], rot[:20]) and np.array_equal(got.rotations[0][40:], rot[40:])
+    more = client.generate_motion(GenerateRequest("a person runs", steps=2, edit=(60, 90)), motion=motion)
+    assert len(more.rotations[0]) == 90 and np.array_equal(more.rotations[0][:60], rot)  # a continuation
+
+
+def test_bad_edits_get_a_clear_error(client, server, pipe):
+    motion = _walk(pipe)
+    with pytest.raises(WireError, match="carries the motion to edit as data, and only then"):
+        client.submit(GenerateRequest("a person jumps", edit=(2, 10)))
+    with pytest.raises(WireError, match="carries the motion to edit as data, and only then"):
+        client.submit(GenerateRequest("a person jumps"), motion=motion)
+    with pytest.raises(WireError, match="samples must be 1"):
+        client.submit(GenerateRequest("a person jumps", samples=2, edit=(2, 10)), motion=motion)
+    with pytest.raises(WireError, match=r"'edit' must be \[start, stop\] with 0 <= start < stop"):
+        client.submit(GenerateRequest("a person jumps", edit=(10, 2)), motion=motion)
+    cases = {
+        "joints": (motion[:, :87], (2, 10), "carries the motion as (T, 91) float32 data"),
+        "columns": (motion[:, :50], (2, 10), "data shape [60, 50] does not match 3 + 4 * joints columns"),
+        "NaN": (np.where(np.arange(len(motion))[:, None] == 3, np.nan, motion), (2, 10), "NaN or infinite"),
+        "past the end": (motion, (70, 90), "does not fit the 60 frames sent"),
+        "nothing kept": (motion, (0, 60), "nothing is kept"),
+    }
+    for data, edit, words in cases.values():
+        with pytest.raises(ServerError, match=re.escape(words)):
+            client.generate_motion(GenerateRequest("a person jumps", steps=2, edit=edit), motion=data)
+    with contextlib.closing(raw_socket(server.endpoint)) as sock:  # an edit header without its data frame
+        sock.send_multipart(js({**GOOD, "edit": [2, 10]}))
+        reply = raw_reply(sock)
+    assert reply["code"] == "bad_request" and "carries one data frame, got 0" in reply["message"]
+    assert_serves(server.endpoint, pipe)
 
 
 def test_cancel_stops_within_one_denoising_step(client, server):
