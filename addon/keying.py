@@ -24,6 +24,7 @@ from mathutils import Euler, Quaternion
 from .retarget import RetargetResult, natural_name
 
 GENERATION_PROPERTY = "motion_mamba"  # the custom property holding a generated Action's prompt, seed and settings
+SOURCE_PROPERTY = "motion_mamba_source"  # the motion as the backend sent it (pack_motion's layout, flat float32)
 PARTIAL_PROPERTY = "motion_mamba_partial"  # set while keys are still arriving; removed by finish()
 REPLACED_PROPERTY = "motion_mamba_replaced"  # the action this one replaced on its object (keeps it alive)
 PLACEMENTS = ("ACTIVE", "NLA", "NONE")  # the object's active action / an NLA strip / only in the history list
@@ -321,10 +322,13 @@ class ActionKeyer:
                 raise KeyingStopped(f"the NLA strip of '{action.name}' is gone")
             strip.action_frame_start, strip.action_frame_end = self.frame_start, max(co[-1, 0], self.frame_start + 1)
 
-    def finish(self) -> None:
-        """Mark the action complete (a partial one is removed by `remove_partial_actions`)."""
+    def finish(self, source: np.ndarray | None = None) -> None:
+        """Mark the action complete (a partial one is removed by `remove_partial_actions`), storing the motion
+        it was keyed from (the backend's (T, 3 + 4J) frames: what Continue and Regenerate range edit)."""
         _, action = self.resolve()
         del action[PARTIAL_PROPERTY]
+        if source is not None:
+            action[SOURCE_PROPERTY] = np.ascontiguousarray(source, dtype=np.float32).ravel()
 
     def discard(self) -> None:
         """Remove the action (and its NLA track) and give the object back its previous action; whatever is
@@ -338,6 +342,15 @@ class ActionKeyer:
             anim.nla_tracks.remove(anim.nla_tracks[self.track])
         if action is not None:
             bpy.data.actions.remove(action)
+
+
+def source_motion(action, joints: int) -> np.ndarray | None:
+    """The motion a generated action was keyed from, (T, 3 + 4 * joints) float32, or None if it holds none."""
+    if action is None or SOURCE_PROPERTY not in action:
+        return None
+    flat = np.asarray(action[SOURCE_PROPERTY], dtype=np.float32)
+    width = 3 + 4 * joints
+    return flat.reshape(-1, width) if flat.size % width == 0 and flat.size else None
 
 
 def remove_partial_actions(keep: Collection[str] = ()) -> list[str]:

@@ -1,4 +1,5 @@
-"""Operators: generate, cancel, canonical armature, local backend, history (apply / delete)."""
+"""Operators: generate, continue / regenerate a range of a generated action, cancel, canonical armature, local
+backend, history (apply / delete), timeline rows."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from bpy.app.handlers import persistent
 
 from .armature import create_canonical_armature
 from .canonical import SMPL22_BUILTIN
-from .keying import assign_action, remove_partial_actions
+from .keying import GENERATION_PROPERTY, SOURCE_PROPERTY, assign_action, remove_partial_actions, source_motion
 from .properties import generate_request, preferences, target_armature
 from .session import Session, Settings
+from .wire import GenerateRequest
 
 _session: Session | None = None
 UNDOABLE = {"REGISTER", "UNDO"}
@@ -63,6 +65,50 @@ def redraw_panels() -> None:
                 area.tag_redraw()
 
 
+def _run(operator, context, settings: Settings) -> set[str]:
+    """Send a generation for the target armature; an error goes to the panel and the report."""
+    try:
+        session(context).generate(settings, target_armature(context))
+    except (ValueError, TypeError, ConnectionError) as exc:  # UnmappableArmatureError is a ValueError
+        session(context).error = str(exc)
+        operator.report({"ERROR"}, str(exc))
+        return {"CANCELLED"}
+    redraw_panels()
+    return {"FINISHED"}
+
+
+def _settings(props, request, motion=None) -> Settings:
+    return Settings(request, props.preset, props.root_motion, props.keep_timing, props.nla_strip, props.foot_lock,
+                    motion)  # fmt: skip
+
+
+def edited_action(context):
+    """The target armature's active action when it was generated here (it keeps the motion it was keyed from)."""
+    target = target_armature(context)
+    action = target.animation_data.action if target is not None and target.animation_data else None
+    return action if action is not None and SOURCE_PROPERTY in action else None
+
+
+def _edit(operator, context, start: int | None, stop: int | None) -> set[str]:
+    """Generate frames [start, stop) of the active generated action's motion for the panel's prompt (None: from
+    its end, the panel's duration long) into a new action; the original stays as it is."""
+    props = context.scene.motion_mamba
+    action = edited_action(context)
+    skeleton = session(context).skeleton or SMPL22_BUILTIN
+    motion = source_motion(action, len(skeleton.names)) if action is not None else None
+    if motion is None:
+        operator.report({"ERROR"}, "The target's active action was not generated here: nothing to continue")
+        return {"CANCELLED"}
+    fps = float(action[GENERATION_PROPERTY].get("fps", 20.0))
+    if start is None:
+        start, stop = len(motion), len(motion) + max(1, round(props.seconds * fps))
+    if props.randomise_seed:
+        props.seed = random.randint(0, props.bl_rna.properties["seed"].hard_max)
+    request = GenerateRequest(props.prompt, seed=props.seed, guidance=props.guidance, steps=props.steps,
+                              edit=(start, stop))
+    return _run(operator, context, _settings(props, request, motion))
+
+
 class MOTION_OT_generate(bpy.types.Operator):
     """Generate a motion from the prompt onto the target armature (a new Action; yours stay untouched)"""
 
@@ -73,16 +119,43 @@ class MOTION_OT_generate(bpy.types.Operator):
         props = context.scene.motion_mamba
         if props.randomise_seed:
             props.seed = random.randint(0, props.bl_rna.properties["seed"].hard_max)  # the backend's range
-        settings = Settings(generate_request(props), props.preset, props.root_motion, props.keep_timing,
-                            props.nla_strip, props.foot_lock)  # fmt: skip
-        try:
-            session(context).generate(settings, target_armature(context))
-        except (ValueError, TypeError, ConnectionError) as exc:  # UnmappableArmatureError is a ValueError
-            session(context).error = str(exc)
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        redraw_panels()
-        return {"FINISHED"}
+        return _run(self, context, _settings(props, generate_request(props)))
+
+
+class MOTION_OT_continue_action(bpy.types.Operator):
+    """Continue the target's generated action from its end: the prompt, for the panel's duration (a new Action;
+    the original stays as it is)"""
+
+    bl_idname = "motion_mamba.continue_action"
+    bl_label = "Continue action"
+
+    @classmethod
+    def poll(cls, context):
+        return edited_action(context) is not None
+
+    def execute(self, context):
+        return _edit(self, context, None, None)
+
+
+class MOTION_OT_regenerate_range(bpy.types.Operator):
+    """Regenerate the scene's preview range of the target's generated action for the prompt, keeping the rest
+    (a new Action; the original stays as it is)"""
+
+    bl_idname = "motion_mamba.regenerate_range"
+    bl_label = "Regenerate preview range"
+
+    @classmethod
+    def poll(cls, context):
+        return edited_action(context) is not None and context.scene.use_preview_range
+
+    def execute(self, context):
+        scene, action = context.scene, edited_action(context)
+        info = action[GENERATION_PROPERTY]
+        per_frame = float(info.get("fps", 20.0)) / (scene.render.fps / scene.render.fps_base)  # source frames
+        first = float(info.get("frame_start", scene.frame_start))
+        start = max(0, round((scene.frame_preview_start - first) * per_frame))
+        stop = round((scene.frame_preview_end + 1 - first) * per_frame)
+        return _edit(self, context, start, stop)
 
 
 class MOTION_OT_cancel(bpy.types.Operator):
@@ -226,4 +299,4 @@ class MOTION_OT_timeline_edit(bpy.types.Operator):
 
 CLASSES = (MOTION_OT_generate, MOTION_OT_cancel, MOTION_OT_create_armature, MOTION_OT_start_backend,
            MOTION_OT_stop_backend, MOTION_OT_apply_action, MOTION_OT_delete_action,
-           MOTION_OT_timeline_edit)  # fmt: skip
+           MOTION_OT_timeline_edit, MOTION_OT_continue_action, MOTION_OT_regenerate_range)  # fmt: skip

@@ -36,6 +36,7 @@ class Settings:
     keep_timing: bool = False  # key the source frames (fractional scene frames) instead of whole frames
     nla_strip: bool = False  # place the result as an NLA strip at the current frame, not as the active action
     foot_lock: bool = True  # feet planted in the motion stay planted
+    motion: np.ndarray | None = field(default=None, compare=False)  # an edit's motion (pack_motion's layout)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Job:
     bone_map: BoneMap
     pending: deque[wire.Message] = field(default_factory=deque)  # frames received, not keyed yet
     retargeters: dict[int, Retargeter] = field(default_factory=dict)
+    sources: dict[int, list[np.ndarray]] = field(default_factory=dict)  # the frames as sent, per sample
     keyers: dict[int, ActionKeyer] = field(default_factory=dict)
 
 
@@ -154,7 +156,8 @@ class Session:
         bone_map = map_bones([b.name for b in target.data.bones], settings.preset)
         bone_map.require(target.name, [b.name for b in target.data.bones])  # UnmappableArmatureError
         pending: deque[wire.Message] = deque()  # filled by client.poll() (tick), keyed one chunk a tick
-        generation = self.client.start(settings.request, on_frames=lambda _gen, message: pending.append(message))
+        generation = self.client.start(settings.request, motion=settings.motion,
+                                       on_frames=lambda _gen, message: pending.append(message))
         bpy.ops.ed.undo_push(message="Before motion generation")  # so one undo removes what follows
         self.job = Job(generation, settings, target.name, bone_map, pending)
         self.error = self.result = self.notice = ""
@@ -214,7 +217,8 @@ class Session:
             options, request = job.settings, job.settings.request
             settings = generation_settings(request, sample, job.bone_map.preset, options.root_motion, fps,
                                            device=str(self.server.get("device", "")),
-                                           keep_timing=options.keep_timing, foot_lock=options.foot_lock)  # fmt: skip
+                                           keep_timing=options.keep_timing, foot_lock=options.foot_lock,
+                                           frame_start=bpy.context.scene.frame_start)  # fmt: skip
             place = "NONE" if sample else "NLA" if options.nla_strip else "ACTIVE"
             keyer = job.keyers[sample] = ActionKeyer.for_generation(
                 obj, bpy.context.scene, settings, fps, place=place, keep_timing=options.keep_timing
@@ -223,14 +227,15 @@ class Session:
             raise ValueError(f"sample {sample}: frames arrived out of order (got {message['start']}, "
                              f"expected {keyer.received})")  # fmt: skip
         keyer.append(job.retargeters[sample](root, rotations))
+        job.sources.setdefault(sample, []).append(np.asarray(message.data, dtype=np.float32))
 
     def _done(self, job: Job) -> None:
         """Finish the Actions of a request whose whole motion has arrived and been keyed."""
         samples = len(job.generation.motion.rotations)
         if samples != job.settings.request.samples:
             raise ValueError(f"asked for {job.settings.request.samples} samples, the backend sent {samples}")
-        for keyer in job.keyers.values():
-            keyer.finish()
+        for sample, keyer in job.keyers.items():
+            keyer.finish(np.concatenate(job.sources[sample]))
         self.job = None
         scene = bpy.context.scene
         last = int(np.ceil(max(k.end_frame() for k in job.keyers.values())))

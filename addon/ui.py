@@ -108,6 +108,9 @@ class MOTION_PT_panel(bpy.types.Panel):
         job = session.job if session is not None else None
         if job is None:
             layout.operator("motion_mamba.generate", icon="PLAY")
+            row = layout.row(align=True)
+            row.operator("motion_mamba.continue_action", icon="FORWARD")
+            row.operator("motion_mamba.regenerate_range", text="Regenerate range", icon="PREVIEW_RANGE")
         else:
             row = layout.row(align=True)
             keyed = max((k.keyed for k in job.keyers.values()), default=0)

@@ -25,7 +25,7 @@ if BACKEND_PYTHON == sys.executable:
 import addon  # noqa: E402
 from addon import operators  # noqa: E402
 from addon.client import MotionClient  # noqa: E402
-from addon.keying import action_fcurves  # noqa: E402
+from addon.keying import action_fcurves, source_motion  # noqa: E402
 from addon.session import Session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,53 @@ def test_a_timeline_of_rows_keys_one_action_as_long_as_the_rows(scene):
         bpy.ops.motion_mamba.generate()
     assert "timeline row 2" in session.error and session.job is None and len(generated()) == 1
     assert bpy.ops.motion_mamba.timeline_edit(action="REMOVE") == {"FINISHED"} and len(props.timeline) == 2
+
+
+def _values(action, frames) -> np.ndarray:
+    """Every F-curve of ``action`` evaluated at ``frames`` (curves in data-path order)."""
+    curves = sorted(action_fcurves(action), key=lambda fc: (fc.data_path, fc.array_index))
+    return np.array([[fc.evaluate(f) for f in frames] for fc in curves])
+
+
+def test_continue_and_regenerate_range_make_new_actions_and_keep_the_rest(scene):
+    """Continue a generated action from its end, then regenerate a preview range of it: each makes a new action
+    (the original untouched), keeps the original's keys outside what it generates, and is one undo step."""
+    session, rig = scene
+    props = bpy.context.scene.motion_mamba
+    assert not bpy.ops.motion_mamba.continue_action.poll()  # the user's own action: nothing stored to continue
+    assert bpy.ops.motion_mamba.generate() == {"FINISHED"}
+    pump(session, lambda: session.job is None, 180)
+    (original,) = generated()
+    source = source_motion(original, 22)
+    assert source.shape == (40, 91)  # the 2 s the backend sent, kept on the action
+    before = _values(original, range(1, 40))
+    props.prompt, props.seconds = "a person runs", 1.0
+    assert bpy.ops.motion_mamba.continue_action() == {"FINISHED"}
+    pump(session, lambda: session.job is None, 180)
+    assert session.error == "", session.error
+    longer = rig.animation_data.action
+    assert longer != original and source_motion(longer, 22).shape == (60, 91)
+    assert np.array_equal(source_motion(longer, 22)[:40], source)  # the motion it continued, exactly
+    np.testing.assert_allclose(_values(longer, range(1, 40)), before, atol=1e-4)  # and so its keys
+    assert list(longer["motion_mamba"]["edit"]) == [40, 60]
+    assert np.array_equal(_values(original, range(1, 40)), before)  # the original is untouched
+
+    scene_ = bpy.context.scene
+    scene_.use_preview_range, scene_.frame_preview_start, scene_.frame_preview_end = True, 13, 30
+    assert bpy.ops.motion_mamba.regenerate_range() == {"FINISHED"}
+    pump(session, lambda: session.job is None, 180)
+    assert session.error == "", session.error
+    edited = rig.animation_data.action
+    info = edited["motion_mamba"]
+    assert list(info["edit"]) == [10, 25]  # scene frames 13-30 at 24 fps are source frames 10-24 at 20 fps
+    motion = source_motion(edited, 22)
+    assert np.array_equal(motion[:10], source_motion(longer, 22)[:10])
+    assert np.array_equal(motion[25:], source_motion(longer, 22)[25:])
+    assert not np.allclose(motion[12:23], source_motion(longer, 22)[12:23])
+    np.testing.assert_allclose(_values(edited, range(1, 11)), _values(longer, range(1, 11)), atol=1e-4)
+    assert len(generated()) == 3
+    bpy.ops.ed.undo()
+    assert len(generated()) == 2
 
 
 def test_cancel_leaves_no_half_action(scene):
