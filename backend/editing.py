@@ -87,12 +87,12 @@ def _qinv(q: np.ndarray) -> np.ndarray:
     return qinv(torch.as_tensor(q, dtype=torch.float64)).numpy()
 
 
-def _slerp_from_identity(q: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """identity -> q (..., 4) at fractions u (broadcast over the leading axes), the shorter arc."""
+def qpow(q: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Rotations q (..., 4) raised to the powers t (broadcast to q's leading axes): t times q's angle about its
+    axis, the shorter way (t = 0: identity, 1: q; between: the slerp from identity)."""
     q = np.where(q[..., :1] < 0, -q, q)
-    angle = 2 * np.arccos(np.clip(q[..., 0], -1.0, 1.0))
+    half = np.arccos(np.clip(q[..., 0], -1.0, 1.0)) * np.asarray(t)
     axis = q[..., 1:] / np.maximum(np.linalg.norm(q[..., 1:], axis=-1, keepdims=True), 1e-12)
-    half = angle * u / 2
     return np.concatenate([np.cos(half)[..., None], np.sin(half)[..., None] * axis], axis=-1)
 
 
@@ -100,15 +100,6 @@ def fade(count: int, frames: float) -> np.ndarray:
     """Weights (count,) from 1 at the join falling smoothly (smoothstep) to 0 after ``frames`` frames."""
     u = np.clip(np.arange(1, count + 1) / max(frames, 1.0), 0.0, 1.0)
     return 1.0 - u * u * (3 - 2 * u)
-
-
-def _power(q: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """q (..., 4) raised to the powers s (n,): the rotation about q's axis by s times its angle -> (n, ..., 4)."""
-    q = np.where(q[..., :1] < 0, -q, q)
-    angle = 2 * np.arccos(np.clip(q[..., 0], -1.0, 1.0))
-    axis = q[..., 1:] / np.maximum(np.linalg.norm(q[..., 1:], axis=-1, keepdims=True), 1e-12)
-    half = angle[None] * s.reshape(-1, *([1] * angle.ndim)) / 2
-    return np.concatenate([np.cos(half)[..., None], np.sin(half)[..., None] * axis[None]], axis=-1)
 
 
 def join_offsets(kept_root: np.ndarray, kept_rot: np.ndarray, win_root: np.ndarray, win_rot: np.ndarray, n: int,
@@ -123,8 +114,8 @@ def join_offsets(kept_root: np.ndarray, kept_rot: np.ndarray, win_root: np.ndarr
     root = (near + s[:, None] * (near - (kept_root[1] - win_root[1]))) * w[:, None]
     q_near = _qmul(kept_rot[0], _qinv(win_rot[0]))  # (J, 4)
     q_next = _qmul(kept_rot[1], _qinv(win_rot[1]))
-    carried = _qmul(_power(_qmul(q_near, _qinv(q_next)), s), q_near[None])  # (n, J, 4)
-    return root, _slerp_from_identity(carried, w[:, None])
+    carried = _qmul(qpow(_qmul(q_near, _qinv(q_next))[None], s[:, None]), q_near[None])  # (n, J, 4)
+    return root, qpow(carried, w[:, None])
 
 
 def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c: np.ndarray, lo: int, start: int,
