@@ -24,6 +24,7 @@ from backend.skeleton import SMPL22
 
 CONTEXT_S = 4.0  # seconds of kept motion each side that the denoiser sees
 JOIN_S = 0.5  # seconds over which a join's pose offset fades into the generated frames
+SLOPE_S = 0.1  # seconds over which the offset's per-frame change at a join dies away (exp(-t / SLOPE_S))
 
 
 def check_motion(root: np.ndarray, rotations: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,18 +104,20 @@ def fade(count: int, frames: float) -> np.ndarray:
 
 
 def join_offsets(kept_root: np.ndarray, kept_rot: np.ndarray, win_root: np.ndarray, win_rot: np.ndarray, n: int,
-                 join: float) -> tuple[np.ndarray, np.ndarray]:
+                 join: float, slope: float) -> tuple[np.ndarray, np.ndarray]:
     """Offsets for the n generated frames beside a join (s = 1..n frames from the kept frame next to it): the
     kept motion's difference from the placed window at the two kept frames nearest the join (index 0 nearest,
-    index 1 the next: roots (2, 3), rotations (2, J, 4)), carried on at its per-frame change and faded out over
-    ``join`` frames. Value and slope match at the join: the position and velocity are continuous."""
+    index 1 the next: roots (2, 3), rotations (2, J, 4)), carried on at its per-frame change (which dies away over
+    ``slope`` frames, so a fast motion on one side does not swing far) and faded out over ``join`` frames. Value
+    and slope match at the join: the position and velocity are continuous."""
     s = np.arange(1, n + 1, dtype=np.float64)
     w = fade(n, join)
+    reach = s * np.exp(-s / slope)  # how far the slope carries: its per-frame change, dying away
     near = kept_root[0] - win_root[0]
-    root = (near + s[:, None] * (near - (kept_root[1] - win_root[1]))) * w[:, None]
+    root = (near + reach[:, None] * (near - (kept_root[1] - win_root[1]))) * w[:, None]
     q_near = _qmul(kept_rot[0], _qinv(win_rot[0]))  # (J, 4)
     q_next = _qmul(kept_rot[1], _qinv(win_rot[1]))
-    carried = _qmul(qpow(_qmul(q_near, _qinv(q_next))[None], s[:, None]), q_near[None])  # (n, J, 4)
+    carried = _qmul(qpow(_qmul(q_near, _qinv(q_next))[None], reach[:, None]), q_near[None])  # (n, J, 4)
     return root, qpow(carried, w[:, None])
 
 
@@ -138,7 +141,7 @@ def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c
     root[:, 1] = root_c[:, 1] + floor
     rot = rot_c.copy()
     rot[:, 0] = _qmul(q_turn, rot_c[:, 0])
-    n, join = stop - start, JOIN_S * fps
+    n, join, slope = stop - start, JOIN_S * fps, SLOPE_S * fps
     if stop < frames and start > 0:  # reach the kept suffix: spread the heading and position the path misses
         share = np.zeros(len(root))
         u = np.arange(1, n + 2) / (n + 1)  # n + 1 steps, the last into `stop`; smoothstep: no speed jump at joins
@@ -156,13 +159,13 @@ def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c
     if start > 0:
         before = [start - 1, max(start - 2, 0)]
         offsets = join_offsets(root_w[before], rot_w[before], root[[b - lo for b in before]],
-                               rot[[b - lo for b in before]], n, join)
+                               rot[[b - lo for b in before]], n, join, slope)
         root_g += offsets[0]
         rot_g = _qmul(offsets[1], rot_g)
     if stop < frames:
         after = [stop, min(stop + 1, frames - 1, lo + len(root) - 1)]
         offsets = join_offsets(root_w[after], rot_w[after], root[[a - lo for a in after]],
-                               rot[[a - lo for a in after]], n, join)
+                               rot[[a - lo for a in after]], n, join, slope)
         root_g += offsets[0][::-1]
         rot_g = _qmul(offsets[1][::-1].copy(), rot_g)
     return root_g, qnormalize(torch.as_tensor(rot_g)).numpy()

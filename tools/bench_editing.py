@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["bridge"] += [jumps(bridged.positions, 3 * fps, fps), jumps(bridged.positions, 5 * fps, fps)]
         print(f"{test.ids[k]}: {prompt!r}")
     ref = np.array(reference)
-    print(f"\n{len(takes)} real test takes (>= 10 s), {args.steps} DDIM steps, model {pipe.describe()['model']}")
+    print(f"\n{len(takes)} real test takes (>= 8 s), {args.steps} DDIM steps, model {pipe.describe()['model']}")
     print("| joins of | count | position jump, worst joint: mean / max (cm) | velocity jump: mean / max (m/s) |")
     print("|---|---|---|---|")
     for name, values in rows.items():
