@@ -271,14 +271,14 @@ KNOWN_PROMPTS = (
     "a woman runs ahead quickly", "a person raises both arms above the head", "somebody bows politely",
     "a person kicks with the right leg", "someone waves bye with both hands", "the man punches forward twice",
     "a person lifts the left arm", "a person walks and turns to the left", "an old man walks forward",
-    "a tired person walks slowly", "someone sprints forward", "a person dances happily",
+    "a person jumps up and down twice", "somebody squats down low", "a woman dances the salsa",
 )
 UNKNOWN_PROMPTS = (
-    "a person jumps up and down twice", "a person sits down on a chair", "a person does a handstand",
-    "someone climbs a rope", "a person sweeps the floor with a broom", "a woman does yoga on a mat",
-    "a man shovels snow", "a person bends down and ties their shoes", "someone paddles a canoe",
-    "a person skates on ice", "a boy plays hopscotch", "a person falls over backwards",
-    "someone juggles three balls", "a person stirs a pot while cooking", "a person types on a keyboard",
+    "a person sits down on a chair", "a person does a handstand", "someone climbs a rope",
+    "a person sweeps the floor with a broom", "a woman does yoga on a mat", "a man shovels snow",
+    "a person bends down and ties their shoes", "someone paddles a canoe", "a person skates on ice",
+    "a boy plays hopscotch", "a person plays the violin", "someone juggles three balls",
+    "a person stirs a pot while cooking", "a person types on a keyboard", "someone waters the plants",
 )
 
 
@@ -298,7 +298,9 @@ def test_coverage_tells_known_prompts_from_unknown_ones(shipped):
     assert (hits_known + hits_unknown) / 2 >= 0.9
     for prompt in ("a person walks forward", "someone waves their right hand"):
         assert results[prompt].known, (prompt, results[prompt])
-    for prompt in ("a person jumps up and down twice", "a person sits down on a chair"):
+    for prompt in ("a person jumps up and down twice", "somebody squats down low"):  # more-mocap's verbs
+        assert results[prompt].known, (prompt, results[prompt])
+    for prompt in ("a person sits down on a chair", "a person does a handstand"):
         assert not results[prompt].known, (prompt, results[prompt])
 
 

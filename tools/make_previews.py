@@ -36,7 +36,7 @@ PROMPTS: list[tuple[str, float]] = [
     ("a person jumps up and down twice", 4.0),
     ("someone squats down low, then stands up", 6.0),
     ("a person lies down on the ground", 8.0),
-    ("a person does a cartwheel", 4.0),
+    ("someone does a cartwheel to the side", 4.0),
     ("someone dances a few salsa steps", 6.0),
 ]
 AIRBORNE_M = 0.10  # both feet higher than this above the floor: off the ground (feet rest at ~0.05 m)
