@@ -279,7 +279,8 @@ class MotionPipeline:
         noised to the step's level, after every step (inpainting), and exactly at the end."""
         c = self.vae.latent_dim
         noise = torch.stack([torch.randn(tokens, c, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        if windows is None:
+        plain = windows is None  # one window per sample, the whole latent: no gathering or blending
+        if plain:
             windows = [Window(k, 0, tokens, k, torch.ones(tokens)) for k in range(len(seeds))]
         texts = list(dict.fromkeys(prompts))
         text = self.text_encoder(texts)
@@ -299,15 +300,20 @@ class MotionPipeline:
             total[w.sample, w.lo: w.hi, 0] += w.weight.to(self.device)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            batch = torch.zeros(n, longest, c, dtype=x.dtype, device=x.device)
-            for k, w in enumerate(windows):
-                batch[k, : w.hi - w.lo] = x[w.sample, w.lo: w.hi]
+            if plain:
+                batch = x
+            else:
+                batch = torch.zeros(n, longest, c, dtype=x.dtype, device=x.device)
+                for k, w in enumerate(windows):
+                    batch[k, : w.hi - w.lo] = x[w.sample, w.lo: w.hi]
             step = t[:1].expand(n)
             if guidance == 1.0:
                 out = self.denoiser(batch, step, *args)
             else:
                 cond, uncond = self.denoiser(batch.repeat(2, 1, 1), step.repeat(2), *args).chunk(2)
                 out = uncond + guidance * (cond - uncond)
+            if plain:
+                return out
             blended = torch.zeros_like(x)
             for k, w in enumerate(windows):
                 blended[w.sample, w.lo: w.hi] += w.weight.to(x.device)[:, None] * out[k, : w.hi - w.lo]
