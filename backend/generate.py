@@ -70,14 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give a prompt or --timeline FILE (one of them)")
         t0 = time.perf_counter()
         rows = parse_timeline(Path(args.timeline).read_text(encoding="utf-8")) if args.timeline else None
-        request = GenerateRequest(args.prompt or rows[0].prompt, seconds=args.seconds, seed=args.seed,
-                                  guidance=args.guidance, steps=args.steps)
+        request = GenerateRequest(args.prompt if rows is None else "", seconds=args.seconds, seed=args.seed,
+                                  guidance=args.guidance, steps=args.steps, timeline=rows)
         pipe = MotionPipeline.from_checkpoint(args.checkpoint, device=args.device)
         t1 = time.perf_counter()
-        if rows:
-            motion = collect(pipe.timeline(rows, seed=args.seed, guidance=args.guidance, steps=args.steps))[0]
-        else:
-            motion = pipe(request)
+        motion = collect(pipe.stream(request))[0]
         t2 = time.perf_counter()
         written = [save_motion(motion, args.out)]
         if args.preview:

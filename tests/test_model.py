@@ -67,8 +67,11 @@ def test_vae_full_decode_is_the_streamed_windows(vae):
 
 def test_vae_loss_backpropagates(vae):
     vae.train()
-    losses = vae(torch.randn(2, 16, 263), kl_weight=1e-4)
-    assert set(losses) == {"loss", "recon", "vel", "kl"}
+    x = torch.randn(2, 16, 263)
+    losses = vae(x, kl_weight=1e-4, acc_weight=2.0)
+    assert set(losses) == {"loss", "recon", "vel", "acc", "kl"}
+    parts = losses["recon"] + losses["vel"] + 2.0 * losses["acc"] + 1e-4 * losses["kl"]
+    assert torch.allclose(losses["loss"], parts)
     losses["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
     vae.zero_grad()
