@@ -8,8 +8,8 @@ denoising step) and as separate single-prompt motions of the rows' lengths, conc
 features joined, the root path integrated across). Printed, measured in this one run:
 
 - transition jerk: per boundary, the peak and mean of the per-frame jerk (``backend.metrics.jerk_per_frame``)
-  over +-0.5 s around it, divided by the within-segment jerk (frames more than ``--blend`` + 0.5 s from any
-  boundary) of the same motions; and concatenation's transition jerk over the timeline's;
+  over +-0.5 s around it, against the same over +-0.5 s around each segment's middle (within-segment) of the
+  same motions; and concatenation's transition jerk over the timeline's;
 - per-segment R-precision with the evaluator: each row's frames against its caption, batches of 32, for the
   timeline and for the single-prompt motions (the same prompts and lengths generated alone);
 - time: a 5-minute, 20-row timeline against one 10 s motion (same steps, one CPU thread), and the ratio.
@@ -49,18 +49,17 @@ def make_timelines(captions: list[str], count: int, rows: int, seed: int) -> lis
     return out
 
 
-def seam_jerk(positions: np.ndarray, fps: int, boundaries: list[int], blend_s: float) -> tuple[list, list, float]:
-    """(peak per boundary, mean per boundary, within-segment mean) of the per-frame jerk."""
+def seam_jerk(positions: np.ndarray, fps: int, boundaries: list[int], middles: list[int]) -> tuple[list, list]:
+    """(peaks, means) of the per-frame jerk over +-``WINDOW_S`` around each of ``boundaries``, then the same
+    around each of ``middles``: ([boundary peaks], [boundary means]), ([middle peaks], [middle means])."""
     per_frame = metrics.jerk_per_frame(positions, fps)  # step t covers frames t..t+3: centred at t + 1.5
     centre = np.arange(len(per_frame)) + 1.5
-    half, far = WINDOW_S * fps, (blend_s + WINDOW_S) * fps
-    peaks, means = [], []
-    for b in boundaries:
-        near = np.abs(centre - b) <= half
-        peaks.append(float(per_frame[near].max()))
-        means.append(float(per_frame[near].mean()))
-    away = np.min(np.abs(centre[:, None] - np.asarray(boundaries)[None, :]), axis=1) > far
-    return peaks, means, float(per_frame[away].mean())
+
+    def around(frames: list[int]) -> tuple[list, list]:
+        near = [np.abs(centre - f) <= WINDOW_S * fps for f in frames]
+        return [float(per_frame[m].max()) for m in near], [float(per_frame[m].mean()) for m in near]
+
+    return around(boundaries), around(middles)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         motion = collect(pipe.timeline(rows, seed=seed, steps=args.steps))[0]
         singles = [pipe(r.prompt, seconds=r.end - r.start, seed=seed, steps=args.steps) for r in rows]
         joined = np.concatenate([m.features for m in singles])
-        bounds_t = [round(r.start * fps) for r in rows[1:]]
-        bounds_c = list(np.cumsum([m.frames for m in singles])[:-1])
-        rows_out["timeline"].append(seam_jerk(motion.positions, fps, bounds_t, TIMELINE_BLEND_S))
-        rows_out["concatenated"].append(seam_jerk(features_to_positions(joined), fps, bounds_c, TIMELINE_BLEND_S))
+        starts = np.concatenate([[0], np.cumsum([m.frames for m in singles])])
+        middles = ((starts[:-1] + starts[1:]) / 2).round().astype(int).tolist()
+        rows_out["timeline"].append(seam_jerk(motion.positions, fps, list(starts[1:-1]), middles))
+        rows_out["concatenated"].append(seam_jerk(features_to_positions(joined), fps, list(starts[1:-1]), middles))
         for r, single in zip(rows, singles):
             segments["timeline"].append(motion.features[round(r.start * fps): round(r.end * fps)])
             segments["single prompt"].append(single.features)
@@ -100,17 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timeline {k + 1}/{len(timelines)}: {' | '.join(r.prompt[:30] for r in rows)}")
 
     print(f"\n{len(timelines)} timelines x {args.rows} rows (3-5 s each, test captions), {args.steps} DDIM steps, "
-          f"blend {TIMELINE_BLEND_S:g} s; transition = +-{WINDOW_S:g} s around each boundary\n")
-    print("| method | transition peak / within | transition mean / within | within-segment jerk (m/s^3) |")
-    print("|---|---|---|---|")
+          f"blend {TIMELINE_BLEND_S:g} s; transition = +-{WINDOW_S:g} s around each boundary, within-segment = "
+          f"+-{WINDOW_S:g} s around each segment's middle (m/s^3, means over the boundaries / middles)\n")
+    print("| method | transition peak | within peak | peak ratio | transition mean | within mean | mean ratio |")
+    print("|---|---|---|---|---|---|---|")
     summary = {}
     for name, values in rows_out.items():
-        peak = np.concatenate([v[0] for v in values])
-        mean = np.concatenate([v[1] for v in values])
-        within = np.mean([v[2] for v in values])
-        summary[name] = (peak.mean(), mean.mean(), within)
-        print(f"| {name} | {peak.mean() / within:.2f} | {mean.mean() / within:.2f} | {within:.1f} |")
-    (tp, tm, _), (cp, cm, _) = summary["timeline"], summary["concatenated"]
+        (tpeak, tmean), (wpeak, wmean) = ([np.mean(np.concatenate([v[side][k] for v in values])) for k in (0, 1)]
+                                          for side in (0, 1))
+        summary[name] = (tpeak, tmean)
+        print(f"| {name} | {tpeak:.1f} | {wpeak:.1f} | {tpeak / wpeak:.2f} | {tmean:.1f} | {wmean:.1f} | "
+              f"{tmean / wmean:.2f} |")
+    (tp, tm), (cp, cm) = summary["timeline"], summary["concatenated"]
     print(f"\nconcatenation / timeline transition jerk: peak {cp / tp:.2f}x, mean {cm / tm:.2f}x")
 
     evaluator = load_evaluator(args.evaluator, "cpu")
