@@ -192,9 +192,10 @@ class Server:
         self.limits = Limits(max_seconds=float(pipe.max_seconds), max_queue=max_queue,
                              max_client_queue=max_client_queue or max(1, max_queue // 4),
                              max_cost=max_cost or defaults.max_cost, fps=float(pipe.fps))
-        self._joints = len(_skeleton_json()["joint_names"])
+        skeleton = _skeleton_json()
+        self._joints = len(skeleton["joint_names"])  # an edit's motion has 3 + 4 x this many columns
         self._hello = {"model": pipe.describe(), "device": str(pipe.device), "fps": float(pipe.fps),
-                       "skeleton": _skeleton_json(), "limits": self.limits.to_json(),
+                       "skeleton": skeleton, "limits": self.limits.to_json(),
                        "defaults": GenerateRequest.defaults()}
         captions = getattr(pipe, "captions", None)  # what the model was trained on, when its checkpoint says
         if captions is not None:
