@@ -49,6 +49,14 @@ def check_motion(root: np.ndarray, rotations: np.ndarray, start: int, stop: int)
     return root, rotations
 
 
+def with_gap(root: np.ndarray, rotations: np.ndarray, at: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The motion with ``count`` placeholder frames (copies of frame ``at - 1``) inserted before frame ``at``:
+    the frames an edit is to generate (at the end: a continuation; inside: a bridge)."""
+    root, rotations = np.asarray(root), np.asarray(rotations)
+    return (np.concatenate([root[:at], np.repeat(root[at - 1: at], count, axis=0), root[at:]]),
+            np.concatenate([rotations[:at], np.repeat(rotations[at - 1: at], count, axis=0), rotations[at:]]))
+
+
 def piece_features(root: np.ndarray, rotations: np.ndarray, floor: float) -> np.ndarray:
     """Features (n - 1, 263) of kept frames (n >= 2), placed as the data's clips are (origin, facing +Z at the
     first frame) but on the whole motion's ``floor``, not the piece's own lowest point."""

@@ -27,7 +27,7 @@ from addon.wire import GenerateRequest, Limits
 from backend.checkpoint import load_config, load_normalizer, load_weights, read_config_file
 from backend.config import ModelConfig
 from backend.coverage import CaptionIndex, Coverage
-from backend.editing import CONTEXT_S, check_motion, piece_features, place_range
+from backend.editing import CONTEXT_S, check_motion, piece_features, place_range, with_gap
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -474,21 +474,18 @@ class MotionPipeline:
     def continue_motion(self, root_translation: np.ndarray, rotations: np.ndarray, seconds: float, prompt: str,
                         **options: object) -> Motion | None:
         """The motion, then ``seconds`` more of it for ``prompt`` (``edit`` of frames appended at its end)."""
-        root, rot = np.asarray(root_translation), np.asarray(rotations)
-        extra = max(1, round(seconds * self.fps))
-        root = np.concatenate([root, np.repeat(root[-1:], extra, axis=0)])
-        rot = np.concatenate([rot, np.repeat(rot[-1:], extra, axis=0)])
-        return self.edit(root, rot, len(root) - extra, len(root), prompt, **options)
+        frames, extra = len(root_translation), max(1, round(seconds * self.fps))
+        root, rot = with_gap(root_translation, rotations, frames, extra)
+        return self.edit(root, rot, frames, frames + extra, prompt, **options)
 
     def bridge(self, first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray], seconds: float,
                prompt: str, **options: object) -> Motion | None:
         """``first``, ``seconds`` of ``prompt`` joining it to ``second``, then ``second`` where it is (both
         (root translation, rotations) in one world)."""
-        gap = max(1, round(seconds * self.fps))
-        (root_a, rot_a), (root_b, rot_b) = (tuple(np.asarray(a) for a in m) for m in (first, second))
-        root = np.concatenate([root_a, np.repeat(root_a[-1:], gap, axis=0), root_b])
-        rot = np.concatenate([rot_a, np.repeat(rot_a[-1:], gap, axis=0), rot_b])
-        return self.edit(root, rot, len(root_a), len(root_a) + gap, prompt, **options)
+        frames, gap = len(first[0]), max(1, round(seconds * self.fps))
+        root, rot = with_gap(np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]]), frames,
+                             gap)
+        return self.edit(root, rot, frames, frames + gap, prompt, **options)
 
     def __call__(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
                  seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,

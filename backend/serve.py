@@ -591,11 +591,10 @@ def edit_motion(data: np.ndarray | None, edit: tuple[int, int], joints: int) -> 
     if start > frames or (stop > frames and start != frames):
         raise ValueError(f"'edit' [{start}, {stop}] does not fit the {frames} frames sent (a range past the end "
                          f"must start at frame {frames}: a continuation)")
+    from backend.editing import with_gap
+
     root, rotations = unpack_motion(data)
-    if stop > frames:
-        root = np.concatenate([root, np.repeat(root[-1:], stop - frames, axis=0)])
-        rotations = np.concatenate([rotations, np.repeat(rotations[-1:], stop - frames, axis=0)])
-    return root, rotations
+    return with_gap(root, rotations, frames, stop - frames) if stop > frames else (root, rotations)
 
 
 def _skeleton_json() -> dict[str, Any]:
