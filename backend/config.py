@@ -42,6 +42,7 @@ class MotionMambaConfig:
     heads: int = 4
     d_state: int = 16
     expand: float = 2.0
+    guidance_embed: bool = False  # a consistency-distilled student takes the guidance scale as an input
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,19 @@ class DiffusionConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction: str = "epsilon"
+
+
+@dataclass(frozen=True)
+class LCMConfig:
+    """``lcm``: the consistency-distilled few-step sampler shipped beside a checkpoint (backend.lcm)."""
+
+    guidance_min: float = 1.0  # the guidance scales the student learns (drawn uniformly in training)
+    guidance_max: float = 5.0
+    skip: int = 20  # teacher timesteps per distillation step (a 50-step DDIM grid over 1000)
+    ema: float = 0.95  # decay of the target network
+    max_steps: int = 4  # requests with at most this many steps use the student
+    teacher: str | None = None  # recorded by training
+    step: int | None = None  # training steps the student had
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class TrainConfig:
     vae: StageConfig | None = None
     denoiser: StageConfig | None = None
     evaluator: StageConfig | None = None
+    lcm: StageConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class ModelConfig:
     denoiser: MotionMambaConfig | MLDTransformerConfig | None = None
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    lcm: LCMConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluator: EvaluatorConfig | None = None
     data: str | None = None  # the dataset a run was trained on (recorded by training)
@@ -192,6 +208,8 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         return _build(sections[0], value, where)
     for kind in options:
         origin = typing.get_origin(kind) or kind
+        if origin is bool and isinstance(value, bool):
+            return value
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):

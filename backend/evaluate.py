@@ -140,10 +140,10 @@ def real_method() -> Method:
 
 
 def pipeline_method(
-    name: str, path: str | Path, device: str, steps: int, guidance: float, batch_size: int
+    name: str, pipe: MotionPipeline, path: str | Path, steps: int, guidance: float, batch_size: int
 ) -> tuple[Method, Callable[[Item], None]]:
-    """A generation checkpoint as a row, and a function that generates one item at batch 1 (for AITS)."""
-    pipe = MotionPipeline.from_checkpoint(path, device=device)
+    """A generation checkpoint (loaded from ``path``) at ``steps`` as a row, and a function that generates one
+    item at batch 1 (for AITS)."""
 
     def run(captions: list[str], frames: int, seeds: list[int], samples: int = 1) -> list[np.ndarray]:
         out = pipe(
@@ -169,7 +169,8 @@ def pipeline_method(
     def one(item: Item) -> None:
         pipe(item.caption, seconds=item.length / pipe.fps, seed=0, guidance=guidance, steps=steps)
 
-    describe = pipe.describe() | {"checkpoint": str(path), "steps": steps, "guidance": guidance}
+    sampler = "consistency" if pipe.uses_student(steps) else "ddim"
+    describe = pipe.describe() | {"checkpoint": str(path), "steps": steps, "sampler": sampler, "guidance": guidance}
     return Method(name, generate, samples, describe), one
 
 
@@ -312,12 +313,17 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     methods: list[Method] = [real_method()]
     timers: dict[str, Callable[[Item], None]] = {}
+    steps = list(args.steps)
     for name, path in (("motion_mamba", args.checkpoint), ("mld_transformer", args.baseline)):
         if path is None:
             notes.append(f"{name} row skipped: no {'--checkpoint' if name == 'motion_mamba' else '--baseline'}.")
             continue
-        method, timers[name] = pipeline_method(name, path, str(device), args.steps, args.guidance, args.batch_size)
-        methods.append(method)
+        pipe = MotionPipeline.from_checkpoint(path, device=str(device))
+        for n in steps if name == "motion_mamba" else steps[:1]:  # the baseline at the first step count
+            sampler = "fast" if pipe.uses_student(n) else "DDIM"
+            label = name if len(steps) == 1 else f"{name} ({sampler}, {n} step{'s' * (n != 1)})"
+            method, timers[label] = pipeline_method(label, pipe, path, n, args.guidance, args.batch_size)
+            methods.append(method)
     if args.checkpoint and args.baseline and not _same_vae(args.checkpoint, args.baseline):
         notes.append("WARNING: --checkpoint and --baseline use different VAEs (vae.safetensors differ).")
     if args.no_retrieval:
@@ -389,7 +395,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "evaluator": str(args.evaluator),
         "evaluator_val": evaluator_config.get("val"),
         "device": device_name(device),
-        "steps": args.steps,
+        "steps": steps,
         "guidance": args.guidance,
         "seed": args.seed,
         "protocol": GUO | {"diversity_pairs_used": div_pairs, "ci": "1.96 * std / sqrt(repeats)"},
@@ -412,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "test_unseen_pairs", "val"))
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", help="report JSON path (the markdown table goes beside it as .md)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, nargs="+", default=[50],
+                   help="denoising steps, a Motion Mamba row each (the baseline takes the first); step counts the "
+                        "checkpoint's distilled sampler covers use it, others DDIM")
     p.add_argument("--guidance", type=float, default=2.5)
     p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     p.add_argument("--mm-prompts", type=int, default=GUO["mm_prompts"])

@@ -28,14 +28,16 @@ from backend.checkpoint import load_config, load_normalizer, load_weights, read_
 from backend.config import ModelConfig
 from backend.coverage import CaptionIndex, Coverage
 from backend.editing import CONTEXT_S, check_motion, piece_features, place_range, with_gap
+from backend.models.consistency import STUDENT_FILE, build_student, consistency_x0, lcm_timesteps
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
 from backend.models.vae import DOWNSAMPLE, MotionVAE
-from backend.motion import features_to_positions, features_to_rotations, forward_kinematics
+from backend.motion import features_to_positions, features_to_rotations, forward_kinematics, rotation_channels
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 MAX_SAMPLES = 64  # samples per prompt in one call
+TEXT_CACHE = 256  # prompts whose text encoding a pipeline keeps (a new seed or a repeated prompt skips it)
 TIMELINE_BLEND_S = 1.0  # seconds each side of a timeline row over which it hands over to its neighbours
 
 
@@ -154,11 +156,15 @@ class MotionPipeline:
         # 10 s of motion took 1.3 s with 1 thread and 22-80 s with 2. None leaves torch's setting alone.
         self.cpu_threads = typed.cpu_threads
         self.captions: CaptionIndex | None = None  # what the model was trained on, when its checkpoint says
+        self.lcm = typed.lcm  # the consistency-distilled sampler's settings, when the checkpoint ships one
+        self.student: nn.Module | None = None  # that sampler's denoiser (``backend.lcm``)
+        self._channels: str | None = None  # the rotation channels' convention, the same in all of a model's output
 
     @classmethod
     def _build(cls, config: dict, source: str) -> MotionPipeline:
         typed = ModelConfig.from_dict(config, source)
-        encoder = TextEncoder(typed.text_encoder.path, max_length=typed.text_encoder.max_length)
+        encoder = TextEncoder(typed.text_encoder.path, max_length=typed.text_encoder.max_length,
+                              cache_size=TEXT_CACHE)
         vae = MotionVAE.from_config(typed)
         denoiser = build_denoiser(typed.denoiser, vae.latent_dim, encoder.dim)
         d = typed.feature_dim
@@ -188,6 +194,11 @@ class MotionPipeline:
             raise ValueError(f"{path}: normaliser has shape {mean.shape}, the VAE expects {pipe.vae.feature_dim}")
         pipe.mean, pipe.std = mean, std
         pipe.captions = CaptionIndex.load(path)
+        if pipe.lcm is not None:
+            typed = ModelConfig.from_dict(config, str(path))
+            student = build_student(typed, pipe.vae.latent_dim, pipe.text_encoder.dim)
+            load_weights(student, path / STUDENT_FILE)
+            pipe.student = student.eval()
         return pipe.to(resolve_device(device))
 
     @classmethod
@@ -201,8 +212,9 @@ class MotionPipeline:
 
     def to(self, device: str | torch.device) -> MotionPipeline:
         self.device = resolve_device(device)
-        for module in (self.vae, self.denoiser, self.text_encoder):
-            module.to(self.device)
+        for module in (self.vae, self.denoiser, self.text_encoder, self.student):
+            if module is not None:
+                module.to(self.device)
         return self
 
     def describe(self) -> dict:
@@ -216,6 +228,7 @@ class MotionPipeline:
             "max_seconds": self.max_seconds,
             "text_encoder": self.text_encoder.name,
             "latent_dim": self.vae.latent_dim,
+            "fast_steps": self.lcm.max_steps if self.student is not None else 0,
             "params": {"vae": _num_params(self.vae), "denoiser": _num_params(self.denoiser),
                        "text_encoder": _num_params(self.text_encoder)},
         }
@@ -230,6 +243,11 @@ class MotionPipeline:
         return self.captions.query(self.text_encoder, prompt, k)
 
     # --- generation ---------------------------------------------------------------------------------
+
+    def uses_student(self, steps: int) -> bool:
+        """Whether ``steps`` denoising steps run the consistency-distilled sampler (few steps, when shipped)
+        rather than DDIM with classifier-free guidance on the teacher."""
+        return self.student is not None and steps <= self.lcm.max_steps
 
     @property
     def limits(self) -> Limits:
@@ -276,9 +294,14 @@ class MotionPipeline:
 
         The denoiser runs on ``windows`` (default: one per sample, the whole latent, ``prompts[sample]``); where
         windows overlap their outputs blend by their weights (a timeline). ``known`` latent tokens are put back,
-        noised to the step's level, after every step (inpainting), and exactly at the end."""
+        noised to the step's level, after every step (inpainting), and exactly at the end.
+
+        With the consistency student (``uses_student``) guidance is an input, not a second batch (clamped to the
+        range it learned), and each step predicts the clean latent, then noises it afresh to the next step."""
         c = self.vae.latent_dim
-        noise = torch.stack([torch.randn(tokens, c, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.stack([torch.randn(tokens, c, generator=g) for g in generators])
+        student = self.student if self.uses_student(steps) else None
         plain = windows is None  # one window per sample, the whole latent: no gathering or blending
         if plain:
             windows = [Window(k, 0, tokens, k, torch.ones(tokens)) for k in range(len(seeds))]
@@ -289,7 +312,11 @@ class MotionPipeline:
         mask = None
         if any(w.hi - w.lo < longest for w in windows):
             mask = torch.stack([torch.arange(longest) < w.hi - w.lo for w in windows]).to(self.device)
-        if guidance != 1.0:  # one batch: conditional first half, unconditional second half
+        if student is not None:
+            scale = min(max(guidance, self.lcm.guidance_min), self.lcm.guidance_max)
+            args = (text.tokens[which], text.mask[which], text.pooled[which], None, mask,
+                    torch.full((n,), scale, device=self.device))
+        elif guidance != 1.0:  # one batch: conditional first half, unconditional second half
             args = (text.tokens[which].repeat(2, 1, 1), text.mask[which].repeat(2, 1),
                     text.pooled[which].repeat(2, 1), torch.arange(2 * n, device=self.device) >= n,
                     None if mask is None else mask.repeat(2, 1))
@@ -307,7 +334,9 @@ class MotionPipeline:
                 for k, w in enumerate(windows):
                     batch[k, : w.hi - w.lo] = x[w.sample, w.lo: w.hi]
             step = t[:1].expand(n)
-            if guidance == 1.0:
+            if student is not None:
+                out = student(batch, step, *args)
+            elif guidance == 1.0:
                 out = self.denoiser(batch, step, *args)
             else:
                 cond, uncond = self.denoiser(batch.repeat(2, 1, 1), step.repeat(2), *args).chunk(2)
@@ -320,13 +349,23 @@ class MotionPipeline:
             return blended / total
 
         x = noise.to(self.device)
-        timesteps = self.diffusion.ddim_timesteps(steps)
+        if student is None:
+            timesteps = self.diffusion.ddim_timesteps(steps)
+        else:
+            timesteps = lcm_timesteps(steps, self.lcm.skip, self.diffusion.num_timesteps)
         for i, t in enumerate(timesteps):
             if stop is not None and stop():
                 return None
-            output = model_fn(x, torch.full((len(x),), t, dtype=torch.long, device=self.device))
+            t_batch = torch.full((len(x),), t, dtype=torch.long, device=self.device)
+            output = model_fn(x, t_batch)
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x = self.diffusion.ddim_step(output, x, t, t_prev)
+            if student is None:
+                x = self.diffusion.ddim_step(output, x, t, t_prev)
+            else:
+                x = consistency_x0(self.diffusion, output, x, t_batch)
+                if t_prev is not None:
+                    fresh = torch.stack([torch.randn(tokens, c, generator=g) for g in generators]).to(self.device)
+                    x = self.diffusion.add_noise(x, fresh, torch.full_like(t_batch, t_prev))
             if known is not None:
                 x = known.put_back(x, self.diffusion, t_prev)
             if callback is not None:
@@ -343,6 +382,12 @@ class MotionPipeline:
         before every step and window, and True ends the stream early (how a server cancels: no exception).
         Arguments are checked at the call, before the first chunk is asked for.
         """
+        return self._stream(*self._work(prompt, seed, fields), callback, stop)
+
+    def _work(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
+              seed: int | Sequence[int] | None, fields: dict) -> tuple:
+        """The checked requests as ``_stream``'s first arguments: sample names, seeds, frames, guidance, steps,
+        and the timeline's plan (None for prompts)."""
         requests = self.requests(prompt, seed, **fields)
         first = requests[0]
         seeds = [r.seed + k for r in requests for k in range(first.samples)]
@@ -350,10 +395,9 @@ class MotionPipeline:
         if first.timeline:
             label = " | ".join(f"{row.start:g}-{row.end:g} s: {row.prompt}" for row in first.timeline)
             plan = self._timeline_plan(first.timeline, len(seeds), -(-frames // DOWNSAMPLE))
-            return self._stream([label] * len(seeds), seeds, frames, float(first.guidance), first.steps, callback,
-                                stop, plan)
+            return [label] * len(seeds), seeds, frames, float(first.guidance), first.steps, plan
         prompts = [r.prompt for r in requests for _ in range(first.samples)]
-        return self._stream(prompts, seeds, frames, float(first.guidance), first.steps, callback, stop)
+        return prompts, seeds, frames, float(first.guidance), first.steps, None
 
     def timeline(self, rows: Sequence[TimelineRow], seed: int = 0, samples: int = 1,
                  guidance: float = GenerateRequest.guidance, steps: int = GenerateRequest.steps,
@@ -386,10 +430,11 @@ class MotionPipeline:
 
     @torch.no_grad()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
-                callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
-                plan: Plan | None = None) -> Iterator[tuple[int, int, Motion]]:
+                plan: Plan | None, callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
+                whole: bool = False) -> Iterator[tuple[int, int, Motion]]:
         """Denoise (``plan``: the texts and windows of a timeline, else one window per sample with its prompt)
-        and decode; ``prompts`` name the samples."""
+        and decode; ``prompts`` name the samples. ``whole``: one chunk per sample (no streaming: every decode
+        window in one batched pass, rotations computed once)."""
         threads = self.cpu_threads if self.device.type == "cpu" else None
         texts, windows = (prompts, None) if plan is None else plan
         with torch_threads(threads):
@@ -398,18 +443,19 @@ class MotionPipeline:
             return
         decoded: list[list[np.ndarray]] = [[] for _ in prompts]
         windows = self.vae.windows(z.shape[1])
-        done = 0
+        # A chunk is one decode window, then as many windows as were yielded before it (1, 1, 2, 4, ...): the
+        # first frames come at once, and recomputing the prefix stays linear in the length overall.
+        groups, done = [], 0
         while done < len(windows):
+            size = len(windows) if whole else max(1, done)
+            groups.append(windows[done: done + size])
+            done += size
+        for group in groups:
             if stop is not None and stop():
                 return
-            # A chunk is one decode window, then as many windows as were yielded before it (1, 1, 2, 4, ...):
-            # the first frames come at once, and recomputing the prefix stays linear in the length overall.
-            group = windows[done: done + max(1, done)]
-            done += len(group)
             start = group[0][0] * DOWNSAMPLE
             with torch_threads(threads):  # not held across a yield: the caller runs with its own setting
-                window = torch.cat([self.vae.decode_window(z, a, b) for a, b in group], dim=1)
-                window = window[:, : frames - start].float().cpu().numpy()
+                window = self.vae.decode(z, group)[:, : frames - start].float().cpu().numpy()
                 chunks = [self._chunk(decoded[k], window[k] * self.std + self.mean, start, prompts[k], seeds[k])
                           for k in range(len(prompts))]
             for k, chunk in enumerate(chunks):
@@ -421,9 +467,16 @@ class MotionPipeline:
         far, since the root's path and heading integrate over it."""
         decoded.append(features)
         prefix = np.concatenate(decoded)
-        root, rotations = features_to_rotations(prefix)
+        root, rotations = self._rotations(prefix)
         return Motion(features, features_to_positions(prefix)[start:], root[start:], rotations[start:], self.fps,
                       prompt, seed)
+
+    def _rotations(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``features_to_rotations`` with the channel convention detected on this model's first output and
+        kept (it follows from the training data; detecting it on every chunk cost a third of the rotations)."""
+        if self._channels is None:
+            self._channels = rotation_channels(features)
+        return features_to_rotations(features, self._channels)
 
     @torch.no_grad()
     def edit(self, root_translation: np.ndarray, rotations: np.ndarray, start: int, stop: int, prompt: str,
@@ -463,7 +516,7 @@ class MotionPipeline:
             if z is None:
                 return None
             decoded = self.vae.decode(z)[0].float().cpu().numpy() * self.std + self.mean
-        root_c, rot_c = features_to_rotations(decoded.astype(np.float64))
+        root_c, rot_c = self._rotations(decoded.astype(np.float64))
         root_g, rot_g = place_range(root_w, rot_w, root_c, rot_c, lo, start, stop, floor, self.fps)
         root_w[start:stop], rot_w[start:stop] = root_g, rot_g
         features = piece_features(root_w, rot_w, floor)
@@ -492,5 +545,5 @@ class MotionPipeline:
                  **fields: object) -> Motion | list[Motion]:
         """Generate (takes what ``requests`` takes): one Motion for one prompt and one sample, else a list
         (prompt by prompt, then samples)."""
-        motions = collect(self.stream(prompt, seed, callback, **fields))
+        motions = collect(self._stream(*self._work(prompt, seed, fields), callback, None, whole=True))
         return motions[0] if isinstance(prompt, (str, GenerateRequest)) and len(motions) == 1 else motions

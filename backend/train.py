@@ -1,4 +1,4 @@
-"""Training: ``python -m backend.train {vae,denoiser,evaluator} --data DATASET --out RUN_DIR [options]``.
+"""Training: ``python -m backend.train {vae,denoiser,evaluator,lcm} --data DATASET --out RUN_DIR [options]``.
 
 One loop for every model ("task"): AdamW with linear warm-up then cosine decay, gradient clipping, bf16
 autocast on CUDA, DistributedDataParallel under ``torchrun`` (NCCL on GPUs, gloo on the CPU), tqdm
@@ -60,7 +60,9 @@ TASKS = {
     "vae": "backend.train:VAETask",
     "denoiser": "backend.train:DenoiserTask",
     "evaluator": "backend.evaluate:EvaluatorTask",
+    "lcm": "backend.lcm:LCMTask",
 }
+DEFAULT_CONFIGS = {"lcm": "lcm"}  # the config a task reads without --config (otherwise "default")
 
 
 def _dataset(root: str | Path, stage: StageConfig, max_frames: int | None):
@@ -109,6 +111,8 @@ class DenoiserTask:
     ``max_frames`` / 4 tokens, pads them and masks the padding. Text embeddings are cached per caption.
     """
 
+    stage_name = "denoiser"  # the train.* section this task reads
+
     def __init__(self, config: dict, args: argparse.Namespace, device: torch.device):
         self.device = device
         vae_dir = args.vae or ModelConfig.from_dict(config).train.denoiser.vae
@@ -118,18 +122,19 @@ class DenoiserTask:
         if vae_config.get("kind") not in ("vae", "pipeline"):
             raise ValueError(f"{vae_dir} holds no VAE (kind {vae_config.get('kind')!r})")
         self.vae_dir = Path(vae_dir)
-        config["train"]["denoiser"]["vae"] = str(self.vae_dir.resolve())  # recorded: --resume needs no --vae
+        config["train"][self.stage_name]["vae"] = str(self.vae_dir.resolve())  # recorded: --resume needs no --vae
         config["vae"], config["feature_dim"] = vae_config["vae"], vae_config["feature_dim"]
         if args.text_encoder:
             config["text_encoder"] = {**config.get("text_encoder", {}), "path": str(Path(args.text_encoder))}
         self.config = config
         typed = ModelConfig.from_dict(config)
-        self.stage = typed.train.denoiser
+        self.stage = getattr(typed.train, self.stage_name)
         self.vae = MotionVAE.from_config(typed)
         load_weights(self.vae, self.vae_dir / "vae.safetensors")
         self.vae.to(device).eval().requires_grad_(False)
         self.mean, self.std = load_normalizer(self.vae_dir)
-        self.text = TextEncoder(typed.text_encoder.path, typed.text_encoder.max_length, cache=True).to(device)
+        self.text = TextEncoder(typed.text_encoder.path, typed.text_encoder.max_length,
+                                cache_size=None).to(device)
         self.diffusion = Diffusion.from_config(typed.diffusion)
         self.dataset = _dataset(args.data, self.stage, None)
         self.model = build_denoiser(typed.denoiser, self.vae.latent_dim, self.text.dim).to(device)
@@ -155,7 +160,8 @@ class DenoiserTask:
         z = torch.cat([self._latent(ids[i]) for i in picks])
         return float(1.0 / z.std().clamp(min=1e-6))
 
-    def loss(self, model: nn.Module, items: list[dict]) -> dict[str, torch.Tensor]:
+    def batch(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latent crops of ``items``, padded (B, N, C), and their validity mask (B, N)."""
         if self.latent_scale is None:
             self.latent_scale = self._measure_scale()
             self.config["latent_scale"] = self.latent_scale
@@ -170,6 +176,10 @@ class DenoiserTask:
         lengths = torch.tensor([z.shape[0] for z in crops])
         x0 = nn.utils.rnn.pad_sequence(crops, batch_first=True).to(self.device) * self.latent_scale
         mask = (torch.arange(x0.shape[1])[None] < lengths[:, None]).to(self.device)
+        return x0, mask
+
+    def loss(self, model: nn.Module, items: list[dict]) -> dict[str, torch.Tensor]:
+        x0, mask = self.batch(items)
         text = self.text([item["caption"] for item in items])
         b = x0.shape[0]
         drop = (torch.rand(b) < self.stage.cond_drop).to(self.device)
@@ -329,12 +339,13 @@ def _write_curves(folder: Path, history: list[dict]) -> None:
 
 def train(kind: str, data: str | Path, out: str | Path, config: str | Path | None = None, resume: bool = False,
           steps: int | None = None, vae: str | Path | None = None, text_encoder: str | Path | None = None,
-          device: str = "auto", stop_after: int | None = None, progress: bool = True) -> list[dict]:
+          device: str = "auto", stop_after: int | None = None, progress: bool = True,
+          teacher: str | Path | None = None) -> list[dict]:
     """Train one model; returns the loss history ([{step, loss, ..., lr}], this rank's view).
 
     ``stop_after`` ends this run after that many steps *without* a final save (tests: a simulated kill).
     """
-    args = argparse.Namespace(kind=kind, data=data, out=out, vae=vae, text_encoder=text_encoder)
+    args = argparse.Namespace(kind=kind, data=data, out=out, vae=vae, text_encoder=text_encoder, teacher=teacher)
     if not Path(data).is_dir():
         raise FileNotFoundError(f"dataset folder {data} does not exist")
     out = Path(out)
@@ -351,7 +362,8 @@ def train(kind: str, data: str | Path, out: str | Path, config: str | Path | Non
         state = load_state(out / TRAIN_STATE)
         cfg, source = state["config"], str(out / TRAIN_STATE)
     else:
-        cfg, source = read_config_file(config or "default"), str(config or "default")
+        config = config or DEFAULT_CONFIGS.get(kind, "default")
+        cfg, source = read_config_file(config), str(config)
     typed = ModelConfig.from_dict(cfg, source)  # ValueError naming an unknown or mistyped key, in any section
     tcfg = getattr(typed.train, kind, None)
     if tcfg is None:
@@ -458,11 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="total training steps (overrides the config)")
     parser.add_argument("--vae", help="denoiser: the VAE run folder")
     parser.add_argument("--text-encoder", help="denoiser: a local Hugging Face text encoder folder")
+    parser.add_argument("--teacher", help="lcm: the generation checkpoint to distil (e.g. backend/weights/default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
     try:
         history = train(args.kind, args.data, args.out, args.config, args.resume, args.steps, args.vae,
-                        args.text_encoder, args.device)
+                        args.text_encoder, args.device, teacher=args.teacher)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -251,3 +251,22 @@ def test_motion_embedding_does_not_depend_on_batch_padding():
         enc(x, torch.tensor([40, 2]))
     with pytest.raises(ValueError):
         enc(x[..., :100], lengths)
+
+
+def test_one_table_for_several_step_counts_and_the_fast_sampler(mini_dataset, runs, tmp_path):
+    """``--steps 3 1`` on a checkpoint with a distilled sampler: a Motion Mamba row per step count (1 step on the
+    student, 3 above its range on DDIM), the baseline at the first."""
+    lcm = tmp_path / "lcm"
+    train("lcm", mini_dataset, lcm, steps=2, teacher=runs["mamba"], device="cpu", progress=False)
+    args = _args(mini_dataset, runs, tmp_path / "report.json", "--checkpoint", str(lcm), "--baseline",
+                 str(runs["mld"]), "--no-retrieval", "--mm-prompts", "0")
+    args[args.index("--steps") + 1: args.index("--steps") + 2] = ["5", "1"]
+    report = evaluate.main(args)
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["real", "motion_mamba (DDIM, 5 steps)", "motion_mamba (fast, 1 step)",
+                          "mld_transformer (DDIM, 5 steps)"]
+    assert rows["motion_mamba (fast, 1 step)"]["describe"]["sampler"] == "consistency"
+    assert rows["motion_mamba (DDIM, 5 steps)"]["describe"]["sampler"] == "ddim"
+    assert rows["mld_transformer (DDIM, 5 steps)"]["describe"]["steps"] == 5 and report["steps"] == [5, 1]
+    fids = [rows[n]["metrics"]["FID"]["mean"] for n in rows if n != "real"]
+    assert len(set(fids)) == 3  # three different generators' motions

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from backend.models.consistency import consistency_x0, lcm_timesteps
 from backend.models.denoiser import DENOISERS, build_denoiser, register_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -60,9 +61,12 @@ def test_vae_window_reads_only_its_context(vae):
 @torch.no_grad()
 def test_vae_full_decode_is_the_streamed_windows(vae):
     z = torch.randn(2, 9, 4)
-    parts = list(vae.decode_windows(z))
-    assert [start for start, _ in parts] == [0, 12, 24]
-    assert torch.equal(torch.cat([frames for _, frames in parts], dim=1), vae.decode(z))
+    windows = vae.windows(9)
+    assert windows == [(0, 3), (3, 6), (6, 9)]  # 5, 7 and 5 tokens read: two batched calls, not three
+    one_by_one = torch.cat([vae.decode_window(z, a, b) for a, b in windows], dim=1)
+    assert one_by_one.shape == (2, 36, 263)
+    torch.testing.assert_close(vae.decode(z), one_by_one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vae.decode(z, windows[1:]), one_by_one[:, 12:], rtol=1e-5, atol=1e-6)
 
 
 def test_vae_loss_backpropagates(vae):
@@ -189,7 +193,7 @@ def test_diffusion_bad_arguments():
 
 
 def test_text_encoder_offline_minilm(tmp_path):
-    enc = TextEncoder(cache=True)
+    enc = TextEncoder(cache_size=2)
     assert enc.dim == 384 and enc.name == "all-MiniLM-L6-v2"
     captions = ["a person walks forward", "someone waves the right hand energetically"]
     batch = enc(captions)
@@ -198,9 +202,28 @@ def test_text_encoder_offline_minilm(tmp_path):
     assert torch.allclose(batch.pooled.norm(dim=-1), torch.ones(2), atol=1e-5)
     again = enc(captions[::-1])  # from the cache, other order
     assert torch.equal(again.pooled, batch.pooled.flip(0))
+    enc(["a third caption"])  # the least recently used one leaves a full cache
+    assert list(enc._cache) == [captions[0], "a third caption"]
     assert not any(p.requires_grad for p in enc.parameters())
     similar = float(enc(["a man walks"]).pooled @ enc(["a person is walking"]).pooled.T)
     unrelated = float(enc(["a man walks"]).pooled @ enc(["the stock market fell"]).pooled.T)
     assert similar > unrelated + 0.2
     with pytest.raises(FileNotFoundError, match="no Hugging Face text encoder"):
         TextEncoder(tmp_path)
+
+
+def test_consistency_sampler_schedule_and_boundary():
+    assert lcm_timesteps(1, 20, 1000) == [999]
+    assert lcm_timesteps(2, 20, 1000) == [999, 499]
+    assert lcm_timesteps(4, 20, 1000) == [999, 759, 519, 279]
+    assert lcm_timesteps(50, 20, 1000) == list(range(999, 0, -20))
+    for bad in (0, 51):
+        with pytest.raises(ValueError, match="takes 1..50 steps"):
+            lcm_timesteps(bad, 20, 1000)
+    diff = Diffusion()
+    x, eps = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    # at t = 0 the consistency function is the identity (its boundary condition), whatever the network says
+    assert torch.equal(consistency_x0(diff, eps, x, torch.zeros(3, dtype=torch.long)), x)
+    # high in the schedule it is the network's clean-latent estimate
+    t = torch.full((3,), 999)
+    torch.testing.assert_close(consistency_x0(diff, eps, x, t), diff.split(eps, x, t)[0], rtol=1e-4, atol=1e-4)

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from backend import generate
 from backend.checkpoint import load_config, load_state, read_config_file, save_state
+from backend.config import ModelConfig
+from backend.models.consistency import build_student
 from backend.models.text_encoder import TextEncoder
 from backend.pipeline import MotionPipeline
 from backend.train import batch_indices, main, train
@@ -192,17 +194,29 @@ def test_generate_cli_bad_input(trained, tmp_path, capsys):
     assert "unsupported output" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["vae", "denoiser"])
-def test_resume_reproduces_the_uninterrupted_run(dataset, short_config, trained, tmp_path, kind):
-    extra = {"vae": trained["vae_dir"]} if kind == "denoiser" else {}
-    full = train(kind, dataset, tmp_path / "full", config=short_config, steps=6, progress=False, **extra)
+@pytest.fixture(scope="module")
+def lcm_config(tmp_path_factory) -> Path:
+    """Consistency distillation for the tests: batches of 4, saving every 2 steps, a fixed LR horizon."""
+    config = read_config_file("lcm")
+    config["train"]["lcm"].update(batch_size=4, max_frames=64, save_every=2, schedule_steps=40)
+    path = tmp_path_factory.mktemp("cfg") / "lcm.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["vae", "denoiser", "lcm"])
+def test_resume_reproduces_the_uninterrupted_run(dataset, short_config, lcm_config, trained, tmp_path, kind):
+    extra = {"vae": {"vae": trained["vae_dir"]}, "denoiser": {"vae": trained["vae_dir"]},
+             "lcm": {"teacher": trained["run"]}}[kind]
+    config = lcm_config if kind == "lcm" else short_config
+    full = train(kind, dataset, tmp_path / "full", config=config, steps=6, progress=False, **extra)
     part = train(
-        kind, dataset, tmp_path / "cut", config=short_config, steps=6, progress=False, stop_after=5, **extra
+        kind, dataset, tmp_path / "cut", config=config, steps=6, progress=False, stop_after=5, **extra
     )  # a "kill" after step 5: the last checkpoint is step 4
     assert len(part) == 5 and load_state(tmp_path / "cut" / "train_state.pt")["step"] == 4
     resumed = train(kind, dataset, tmp_path / "cut", steps=6, resume=True, progress=False)  # no --vae needed
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]  # steps 5 and 6 recomputed exactly
-    name = f"{kind}.safetensors"
+    name = f"{kind}.safetensors"  # lcm: the student (its target network resumed too, or step 5 would differ)
     a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -365,3 +379,60 @@ def test_a_denoiser_run_carries_its_caption_index(trained):
     c = pipe.coverage("someone walks straight ahead", k=2)
     assert c.known and c.nearest[0][0] == "someone walks straight ahead", c
     assert not pipe.coverage("a man plays the violin on a stage").known
+
+
+def test_lcm_student_starts_as_its_teacher(trained):
+    """Zero-initialised guidance embedding: before training, the student at any guidance scale is its teacher's
+    conditional denoiser, so distillation starts from what the teacher knows."""
+    config = ModelConfig.from_dict(load_config(trained["run"]))
+    teacher = MotionPipeline.from_checkpoint(trained["run"], device="cpu").denoiser
+    student = build_student(config, 4, teacher.text.token_proj.in_features).eval()
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and missing and all(name.startswith("guidance_mlp.") for name in missing)
+    x, t = torch.randn(2, 9, 4), torch.tensor([999, 379])
+    tokens, mask, pooled = torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 384)
+    with torch.no_grad():
+        expected = teacher(x, t, tokens, mask, pooled)
+        for scale in (1.0, 4.5):
+            assert torch.equal(student(x, t, tokens, mask, pooled, guidance=torch.full((2,), scale)), expected)
+        with pytest.raises(ValueError, match="pass the guidance scale"):
+            student(x, t, tokens, mask, pooled)
+
+
+def test_lcm_run_is_a_checkpoint_with_a_fast_sampler(dataset, trained, lcm_config, tmp_path):
+    run = tmp_path / "lcm"
+    history = train("lcm", dataset, run, config=lcm_config, steps=4, teacher=trained["run"], progress=False)
+    assert len(history) == 4 and all(np.isfinite(h["loss"]) for h in history)
+    config = load_config(run)
+    assert config["kind"] == "pipeline" and config["lcm"]["step"] == 4
+    assert config["lcm"]["teacher"] == str(Path(trained["run"]).resolve())
+    pipe = MotionPipeline.from_checkpoint(run, device="cpu")
+    teacher = MotionPipeline.from_checkpoint(trained["run"], device="cpu")
+    assert pipe.student is not None and teacher.student is None
+    assert pipe.describe()["fast_steps"] == 4 and teacher.describe()["fast_steps"] == 0
+    assert [pipe.uses_student(n) for n in (1, 2, 4, 5, 50)] == [True, True, True, False, False]
+    # more steps than the student covers: DDIM on the teacher, exactly as the teacher's own folder generates
+    ddim = pipe("a person walks forward", seconds=2.0, seed=3, steps=6)
+    alone = teacher("a person walks forward", seconds=2.0, seed=3, steps=6)
+    np.testing.assert_array_equal(ddim.features, alone.features)
+    fast = {n: pipe("a person walks forward", seconds=2.0, seed=3, steps=n) for n in (1, 2, 4)}
+    for motion in fast.values():
+        assert motion.features.shape == (40, 263) and np.isfinite(motion.rotations).all()
+        assert not np.allclose(motion.features, ddim.features)  # the student's path, not DDIM's
+    again = pipe("a person walks forward", seconds=2.0, seed=3, steps=2)
+    np.testing.assert_array_equal(again.features, fast[2].features)  # seeded, also the noise between steps
+    other = pipe("a person walks forward", seconds=2.0, seed=4, steps=2)
+    assert not np.allclose(other.features, fast[2].features)
+    # guidance is the student's input, clamped to the range it learned
+    high = pipe("a person walks forward", seconds=2.0, seed=3, steps=1, guidance=30.0)
+    top = pipe("a person walks forward", seconds=2.0, seed=3, steps=1, guidance=config["lcm"]["guidance_max"])
+    np.testing.assert_array_equal(high.features, top.features)
+
+
+def test_lcm_bad_teacher(dataset, trained, lcm_config, tmp_path):
+    with pytest.raises(ValueError, match="pass --teacher DIR"):
+        train("lcm", dataset, tmp_path / "a", config=lcm_config, steps=1, progress=False)
+    with pytest.raises(ValueError, match="not a generation checkpoint"):
+        train("lcm", dataset, tmp_path / "b", config=lcm_config, steps=1, teacher=trained["vae_dir"], progress=False)
+    with pytest.raises(ValueError, match="needs a motion_mamba denoiser"):
+        build_student(ModelConfig.from_dict(read_config_file("mld_transformer_tiny")), 4, 384)

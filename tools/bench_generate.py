@@ -1,11 +1,17 @@
-"""Benchmark generation time per prompt: ``python tools/bench_generate.py [--config default] [--steps 50]``.
+"""Generation time of one motion per sampler setting: ``python tools/bench_generate.py [--profile]``.
 
-Random weights of the given config (timing does not depend on training), batch of one prompt, classifier-
-free guidance on (conditional + unconditional in one batch), the full path of ``MotionPipeline.__call__``:
-text encoding, DDIM, windowed VAE decoding, features -> positions and rotations. Prints one row per duration
-and the cost ratios to the 10 s row (linear cost means ratio ~ seconds / 10). The best of ``--repeats`` runs
-is reported, since other processes on a shared machine only ever add time; "cpu s" is this process's CPU
-time (what the run costs without contention, for a single thread).
+The whole of ``MotionPipeline.__call__`` (text encoding, denoising, VAE decoding, positions and rotations) for
+one prompt of ``--seconds`` (10) on the shipped checkpoint (or ``--checkpoint DIR``, or random weights of
+``--config NAME``), one torch thread by default. Rows: DDIM with classifier-free guidance at ``--ddim`` steps
+(the teacher), and the consistency-distilled sampler at ``--fast`` steps when the checkpoint ships one. Times
+are this process's CPU seconds, the best of ``--repeats`` (other load on a shared machine only ever adds
+time); "new prompt" encodes a prompt never seen before, "same prompt" repeats one (its encoding is cached, as
+when only the seed changes). Ratios are to the first row, measured in the same run.
+
+``--profile`` adds where the time of a new prompt goes: text encoder, denoiser, VAE decode, positions and
+rotations, and the rest (DDIM arithmetic, Python glue), timed by wrapping those calls of the pipeline in
+use. The wrapping names functions, not lines, so the script profiles older versions of the pipeline too
+(``cd OLD_CHECKOUT && python /path/to/tools/bench_generate.py --profile``): before/after on one machine.
 """
 
 from __future__ import annotations
@@ -13,49 +19,102 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
+import backend.pipeline as pipeline_module
 from backend.pipeline import MotionPipeline
+
+STAGES = ("text encoder", "denoiser", "VAE decode", "positions + rotations")
+
+
+class StageClock:
+    """Process CPU seconds spent in each stage, by wrapping the callables that make it (outermost call only,
+    so a stage calling itself, e.g. a decode window calling the decode, counts once)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._depth: dict[str, int] = defaultdict(int)
+
+    def wrap(self, owner: object, name: str, stage: str) -> None:
+        original: Callable = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self._depth[stage] += 1
+            start = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth[stage] -= 1
+                if self._depth[stage] == 0:
+                    self.seconds[stage] += time.process_time() - start
+
+        setattr(owner, name, timed)
+
+    def attach(self, pipe: MotionPipeline) -> None:
+        self.wrap(pipe.text_encoder, "forward", "text encoder")
+        for model in (pipe.denoiser, getattr(pipe, "student", None)):
+            if model is not None:
+                self.wrap(model, "forward", "denoiser")
+        for name in ("decode", "decode_window"):
+            self.wrap(pipe.vae, name, "VAE decode")
+        for name in ("features_to_positions", "features_to_rotations"):
+            self.wrap(pipeline_module, name, "positions + rotations")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="default")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--checkpoint", help="generation checkpoint folder (default: the shipped weights)")
+    parser.add_argument("--config", help="random weights of this config instead of a checkpoint")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--ddim", type=int, nargs="*", default=[50, 10, 4])
+    parser.add_argument("--fast", type=int, nargs="*", default=[4, 2, 1])
     parser.add_argument("--guidance", type=float, default=2.5)
-    parser.add_argument("--seconds", type=float, nargs="+", default=[10, 20, 40, 80])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads while generating (the pipeline's cpu_threads, default 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes")
     args = parser.parse_args()
 
-    pipe = MotionPipeline.random(args.config, device=args.device)
+    if args.config:
+        pipe = MotionPipeline.random(args.config)
+    else:
+        pipe = MotionPipeline.from_checkpoint(args.checkpoint, device="cpu")
     pipe.cpu_threads = args.threads
     info = pipe.describe()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model {info['model']} ({info['arch']}), device {info['device']}, torch threads "
-          f"{pipe.cpu_threads}, params: vae {info['params']['vae']:,}, denoiser "
-          f"{info['params']['denoiser']:,}, text encoder {info['params']['text_encoder']:,}")
-    print(f"{args.steps} DDIM steps, guidance {args.guidance}, best of {args.repeats}; load average at start "
-          f"{load:.2f} on {os.cpu_count()} cores")
-    pipe("warm up", seconds=2.0, steps=2)
+    fast = getattr(pipe, "uses_student", None)
+    rows = [(f"DDIM {n} steps, guidance {args.guidance:g} (2 passes)", n) for n in args.ddim
+            if fast is None or not fast(n)]
+    rows += [(f"fast sampler {n} step{'s' * (n > 1)}", n) for n in args.fast if fast is not None and fast(n)]
+    print(f"model {info['model']} ({info['arch']}), cpu, torch threads {args.threads}, {args.seconds:g} s of motion,"
+          f" best of {args.repeats}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     prompt = "a person walks forward, then waves with the right hand"
-    rows = []
-    for seconds in args.seconds:
-        times, cpu = [], []
+    pipe(prompt, seconds=2.0, steps=2)  # warm-up; also caches this prompt's encoding
+    clock = StageClock()
+    clock.attach(pipe)
+    results = []
+    for label, steps in rows:
+        new, same, stages = [], [], []
         for r in range(args.repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            motion = pipe(prompt, seconds=seconds, seed=r, guidance=args.guidance, steps=args.steps)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        rows.append((seconds, motion.frames, min(times), sorted(times)[len(times) // 2], min(cpu)))
-    base, base_cpu = rows[0][2], rows[0][4]
-    print(f"{'seconds':>8} {'frames':>7} {'best s':>8} {'median s':>9} {'x first':>8} {'cpu s':>7} "
-          f"{'cpu x first':>11}")
-    for seconds, frames, best, median, cpu_s in rows:
-        print(f"{seconds:8.0f} {frames:7d} {best:8.3f} {median:9.3f} {best / base:8.2f} {cpu_s:7.3f} "
-              f"{cpu_s / base_cpu:11.2f}")
-    print(f"load average at end {os.getloadavg()[0]:.2f}")
+            clock.seconds.clear()
+            start = time.process_time()
+            pipe(f"{prompt}, take {steps}-{r}", seconds=args.seconds, seed=r, guidance=args.guidance, steps=steps)
+            new.append(time.process_time() - start)
+            stages.append({**clock.seconds, "total": new[-1]})
+            start = time.process_time()
+            pipe(prompt, seconds=args.seconds, seed=r, guidance=args.guidance, steps=steps)
+            same.append(time.process_time() - start)
+        results.append((label, min(new), min(same), min(stages, key=lambda s: s["total"])))
+    base = results[0][1]
+    print("| sampler | new prompt (ms) | same prompt (ms) | x first row |\n|---|---|---|---|")
+    for label, new_s, same_s, _ in results:
+        print(f"| {label} | {1000 * new_s:.1f} | {1000 * same_s:.1f} | {new_s / base:.3f} |")
+    if args.profile:
+        print(f"\nwhere the time of a new prompt goes (ms, the fastest repeat)\n"
+              f"| sampler | {' | '.join(STAGES)} | other | total |\n|---|{'---|' * (len(STAGES) + 2)}")
+        for label, _, _, stages in results:
+            other = stages["total"] - sum(stages.get(s, 0.0) for s in STAGES)
+            cells = " | ".join(f"{1000 * stages.get(s, 0.0):.1f}" for s in STAGES)
+            print(f"| {label} | {cells} | {1000 * other:.1f} | {1000 * stages['total']:.1f} |")
 
 
 if __name__ == "__main__":

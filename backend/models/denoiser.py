@@ -57,6 +57,9 @@ def build_denoiser(config: Any, latent_dim: int, text_dim: int) -> nn.Module:
     return DENOISERS[arch](config, latent_dim, text_dim)
 
 
+GUIDANCE_EMBED_SCALE = 1000.0  # guidance scale w enters the sinusoidal embedding as 1000 w (as in LCM)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim)."""
     half = dim // 2
@@ -162,7 +165,8 @@ class MotionMambaUNet(nn.Module):
     on the reversed sequence (the encoder scans forwards), so every token sees the whole motion.
     Conditioning: sinusoidal timestep MLP + projected pooled text -> FiLM at every level; text tokens feed
     the bottleneck's cross-attention. Config (``backend.config.MotionMambaConfig``): ``dims``, ``scans``,
-    ``groups`` (BSM groups), ``heads``, ``d_state``, ``expand``.
+    ``groups`` (BSM groups), ``heads``, ``d_state``, ``expand``, ``guidance_embed`` (a consistency-distilled
+    student: the guidance scale's embedding joins the timestep's, zero-initialised so it starts as its teacher).
     """
 
     def __init__(self, config: MotionMambaConfig, latent_dim: int, text_dim: int):
@@ -174,6 +178,11 @@ class MotionMambaUNet(nn.Module):
         d_cond = dims[-1]
         self.time_dim = dims[0]
         self.time_mlp = nn.Sequential(nn.Linear(dims[0], d_cond), nn.SiLU(), nn.Linear(d_cond, d_cond))
+        self.guidance_mlp = None
+        if config.guidance_embed:
+            self.guidance_mlp = nn.Sequential(nn.Linear(dims[0], d_cond), nn.SiLU(), nn.Linear(d_cond, d_cond))
+            nn.init.zeros_(self.guidance_mlp[-1].weight)
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
         self.text = TextCondition(text_dim, d_cond)
         self.cond_act = nn.SiLU()
         self.inp = nn.Linear(latent_dim, dims[0])
@@ -196,10 +205,15 @@ class MotionMambaUNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
-                pooled: torch.Tensor, drop: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                pooled: torch.Tensor, drop: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         text, text_padding, pooled_c = self.text(tokens, token_mask, pooled, drop)
-        c = self.cond_act(self.time_mlp(timestep_embedding(t, self.time_dim)) + pooled_c)
+        c = self.time_mlp(timestep_embedding(t, self.time_dim)) + pooled_c
+        if self.guidance_mlp is not None:
+            if guidance is None:
+                raise ValueError("this denoiser is a distilled student: pass the guidance scale (B,)")
+            c = c + self.guidance_mlp(timestep_embedding(GUIDANCE_EMBED_SCALE * guidance, self.time_dim))
+        c = self.cond_act(c)
         h = self.inp(x)
         skips = []
         for lvl, down in zip(self.down_levels, self.downs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +39,14 @@ class TextEncoder(nn.Module):
 
     ``path=None`` is all-MiniLM-L6-v2 (384-d, mean pooling, L2-normalised like sentence-transformers).
     A CLIP folder uses its text tower (pooled = the end-of-text token state); any other encoder is mean-pooled.
-    ``cache=True`` keeps each caption's embedding on the CPU (training sees the same captions again and again).
+    ``cache_size`` captions keep their embedding on the CPU, the most recently used (None: every caption, as
+    training sees the same ones again and again; a pipeline keeps a few hundred, so a new seed or a repeated
+    prompt skips the encoder).
     Batches of captions give each caption's embedding to float tolerance of encoding it alone.
     """
 
     def __init__(self, path: str | Path | None = None, max_length: int = TextEncoderConfig.max_length,
-                 cache: bool = False):
+                 cache_size: int | None = 0):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -69,7 +72,8 @@ class TextEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         self.model.eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def train(self, mode: bool = True) -> TextEncoder:  # always frozen, always eval
         return super().train(False)
@@ -95,14 +99,18 @@ class TextEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> TextBatch:
         """Encode a list of captions into a padded :class:`TextBatch` on this module's device."""
-        if self._cache is None:
+        if self.cache_size == 0:
             items = self._encode(list(captions))
         else:
+            items = []
             for c in captions:  # one at a time: a caption's embedding never depends on its batch
                 if c not in self._cache:
                     s, p = self._encode([c])[0]
                     self._cache[c] = (s.cpu(), p.cpu())
-            items = [self._cache[c] for c in captions]
+                self._cache.move_to_end(c)
+                items.append(self._cache[c])
+            while self.cache_size is not None and len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         length = max(s.shape[0] for s, _ in items)
         tokens = torch.zeros(len(items), length, self.dim, device=self.device)
         mask = torch.zeros(len(items), length, dtype=torch.bool, device=self.device)

@@ -9,7 +9,6 @@ decode is exactly the concatenation of the streamed windows and its cost is line
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import asdict
 
 import torch
@@ -109,21 +108,27 @@ class MotionVAE(nn.Module):
     def decode_window(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Frames 4*start .. 4*stop of the motion for latent z (B, N, C), read from tokens start-context ..
         stop+context only -> (B, 4 * (stop - start), D)."""
-        lo, hi = max(0, start - self.context), min(z.shape[1], stop + self.context)
-        h = self.dec_in(z[:, lo:hi])
-        for layer in self.dec:
-            h = layer(h)
-        out = self.dec_out(h)
-        return out[:, DOWNSAMPLE * (start - lo): DOWNSAMPLE * (stop - lo)]
+        return self.decode(z, [(start, stop)])
 
-    def decode_windows(self, z: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start_frame, frames (B, n, D)) window by window for latent z (B, N, C)."""
-        for start, stop in self.windows(z.shape[1]):
-            yield DOWNSAMPLE * start, self.decode_window(z, start, stop)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B, N, C) -> features (B, 4N, D): the concatenation of the decode windows."""
-        return torch.cat([frames for _, frames in self.decode_windows(z)], dim=1)
+    def decode(self, z: torch.Tensor, windows: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Latent (B, N, C) -> the frames of decode ``windows`` (default: all of them, (B, 4N, D)), concatenated
+        in order. Windows reading equally many tokens (context included) run as one batch: the frames of
+        decoding each alone (to float rounding), in a few larger calls."""
+        n = z.shape[1]
+        windows = self.windows(n) if windows is None else windows
+        spans = [(max(0, a - self.context), min(n, b + self.context)) for a, b in windows]
+        by_length: dict[int, list[int]] = {}
+        for i, (lo, hi) in enumerate(spans):
+            by_length.setdefault(hi - lo, []).append(i)
+        out: list[torch.Tensor] = [z] * len(windows)
+        for same in by_length.values():
+            h = self.dec_in(torch.cat([z[:, spans[i][0]: spans[i][1]] for i in same]))
+            for layer in self.dec:
+                h = layer(h)
+            for i, frames in zip(same, self.dec_out(h).split(z.shape[0])):
+                (a, b), lo = windows[i], spans[i][0]
+                out[i] = frames[:, DOWNSAMPLE * (a - lo): DOWNSAMPLE * (b - lo)]
+        return torch.cat(out, dim=1)
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1e-4, acc_weight: float = 0.0) -> dict[str, torch.Tensor]:
         """Training losses for a batch x (B, T, D): reconstruction (MSE, plus MSE of frame-to-frame
