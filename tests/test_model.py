@@ -218,7 +218,7 @@ def test_consistency_sampler_schedule_and_boundary():
     assert lcm_timesteps(4, 20, 1000) == [999, 759, 519, 279]
     assert lcm_timesteps(50, 20, 1000) == list(range(999, 0, -20))
     for bad in (0, 51):
-        with pytest.raises(ValueError, match="takes 1..50 steps"):
+        with pytest.raises(ValueError, match=r"takes 1\.\.50 steps"):
             lcm_timesteps(bad, 20, 1000)
     diff = Diffusion()
     x, eps = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
