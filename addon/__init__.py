@@ -14,7 +14,7 @@ def register() -> None:
     global _timer
     import bpy
 
-    from . import operators, properties, ui
+    from . import live, operators, properties, ui
 
     properties.register()
     for cls in (*operators.CLASSES, *ui.CLASSES):
@@ -25,6 +25,7 @@ def register() -> None:
             session = operators.session(bpy.context)
             interval = session.tick()
             properties.apply_limits(session.client.limits)  # the backend's announced ranges in the panel
+            live.tick()
         except Exception:  # a timer that raises is dropped by Blender: report and keep polling
             traceback.print_exc()
             interval = 1.0

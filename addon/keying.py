@@ -25,6 +25,7 @@ from .retarget import RetargetResult, natural_name
 
 GENERATION_PROPERTY = "motion_mamba"  # the custom property holding a generated Action's prompt, seed and settings
 SOURCE_PROPERTY = "motion_mamba_source"  # the motion as the backend sent it (pack_motion's layout, flat float32)
+LIVE_PROPERTY = "motion_mamba_live"  # marks the Live preview, which the next live result replaces
 PARTIAL_PROPERTY = "motion_mamba_partial"  # set while keys are still arriving; removed by finish()
 REPLACED_PROPERTY = "motion_mamba_replaced"  # the action this one replaced on its object (keeps it alive)
 PLACEMENTS = ("ACTIVE", "NLA", "NONE")  # the object's active action / an NLA strip / only in the history list
@@ -371,3 +372,24 @@ def remove_partial_actions(keep: Collection[str] = ()) -> list[str]:
     for action in partial:
         bpy.data.actions.remove(action)
     return names
+
+
+def replace_live_preview(names: Collection[str]) -> list[str]:
+    """Make the actions ``names`` the Live preview: the previous preview's actions are removed (their users get
+    the new one, as it was keyed in their place), these are marked. Returns the names removed."""
+    old = [a for a in bpy.data.actions if LIVE_PROPERTY in a and a.name not in names]
+    removed = [a.name for a in old]
+    for action in old:
+        bpy.data.actions.remove(action)
+    for name in names:
+        bpy.data.actions[name][LIVE_PROPERTY] = True
+    return removed
+
+
+def keep_live_preview() -> list[str]:
+    """Live is off: the preview's actions become normal generated actions (nothing replaces them). Returns their
+    names."""
+    kept = [a for a in bpy.data.actions if LIVE_PROPERTY in a]
+    for action in kept:
+        del action[LIVE_PROPERTY]
+    return [a.name for a in kept]

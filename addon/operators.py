@@ -77,9 +77,10 @@ def _run(operator, context, settings: Settings) -> set[str]:
     return {"FINISHED"}
 
 
-def _settings(props, request, motion=None) -> Settings:
+def panel_settings(props, request, motion=None, live: bool = False) -> Settings:
+    """How the panel's options put ``request``'s motion on the rig."""
     return Settings(request, props.preset, props.root_motion, props.keep_timing, props.nla_strip, props.foot_lock,
-                    motion)  # fmt: skip
+                    motion, live)  # fmt: skip
 
 
 def edited_action(context):
@@ -106,7 +107,7 @@ def _edit(operator, context, start: int | None, stop: int | None) -> set[str]:
         props.seed = random.randint(0, props.bl_rna.properties["seed"].hard_max)
     request = GenerateRequest(props.prompt, seed=props.seed, guidance=props.guidance, steps=props.steps,
                               edit=(start, stop))
-    return _run(operator, context, _settings(props, request, motion))
+    return _run(operator, context, panel_settings(props, request, motion))
 
 
 class MOTION_OT_generate(bpy.types.Operator):
@@ -119,7 +120,7 @@ class MOTION_OT_generate(bpy.types.Operator):
         props = context.scene.motion_mamba
         if props.randomise_seed:
             props.seed = random.randint(0, props.bl_rna.properties["seed"].hard_max)  # the backend's range
-        return _run(self, context, _settings(props, generate_request(props)))
+        return _run(self, context, panel_settings(props, generate_request(props)))
 
 
 class MOTION_OT_continue_action(bpy.types.Operator):

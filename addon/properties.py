@@ -28,6 +28,12 @@ def _is_armature(_self, obj) -> bool:
     return obj.type == "ARMATURE"
 
 
+def _live_changed(props, context) -> None:
+    from . import live  # live imports this module
+
+    live.changed(props, context)
+
+
 DEFAULTS = wire.GenerateRequest.defaults()  # the request's optional fields: the panel starts from these
 INT_MAX = 2**31 - 1  # Blender's int properties are 32-bit
 
@@ -40,7 +46,8 @@ def _seconds(limits: wire.Limits) -> FloatProperty:
 
 def _seed(limits: wire.Limits) -> IntProperty:
     return IntProperty(name="Seed", description="Same prompt + seed + settings give the same motion",
-                       default=DEFAULTS["seed"], min=limits.min_seed, max=min(limits.max_seed, INT_MAX))  # fmt: skip
+                       default=DEFAULTS["seed"], min=limits.min_seed, max=min(limits.max_seed, INT_MAX),
+                       update=_live_changed)  # fmt: skip
 
 
 def _guidance(limits: wire.Limits) -> FloatProperty:
@@ -72,7 +79,11 @@ class TimelineRowSettings(bpy.types.PropertyGroup):
 
 
 class MotionSettings(bpy.types.PropertyGroup):
-    prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'")
+    prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'",
+                           update=_live_changed)  # fmt: skip
+    live: BoolProperty(name="Live", default=False, update=_live_changed,
+                       description="Regenerate as the prompt or seed changes, with the backend's fast sampler, "
+                       "replacing the preview action in place; off keeps the last result")  # fmt: skip
     use_timeline: BoolProperty(name="Timeline", default=False,
                                description="Direct one continuous motion by a list of prompts and durations "
                                "(played back to back, blended where they meet)")  # fmt: skip

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import client, wire
 from .canonical import SMPL22_BUILTIN, CanonicalSkeleton
-from .keying import ActionKeyer, generation_settings, remove_partial_actions
+from .keying import ActionKeyer, generation_settings, remove_partial_actions, replace_live_preview
 from .retarget import BoneMap, Retargeter, TargetRig, map_bones, natural_name
 
 HELLO_INTERVAL = 3.0  # seconds between hellos while idle (how the status line notices a backend come and go)
@@ -37,6 +37,7 @@ class Settings:
     nla_strip: bool = False  # place the result as an NLA strip at the current frame, not as the active action
     foot_lock: bool = True  # feet planted in the motion stay planted
     motion: np.ndarray | None = field(default=None, compare=False)  # an edit's motion (pack_motion's layout)
+    live: bool = False  # a Live preview: its result replaces the previous preview (``addon.live``)
 
 
 @dataclass
@@ -113,6 +114,13 @@ class Session:
         """The actions the backend's model was trained on (empty when it does not say)."""
         actions = (self.server or {}).get("actions")
         return [str(a) for a in actions] if isinstance(actions, list) else []
+
+    @property
+    def fast_steps(self) -> int:
+        """The most steps the backend's distilled fast sampler covers (0: it has none)."""
+        model = (self.server or {}).get("model")
+        steps = model.get("fast_steps", 0) if isinstance(model, dict) else 0
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 0
 
     @property
     def connected(self) -> bool:
@@ -236,6 +244,8 @@ class Session:
             raise ValueError(f"asked for {job.settings.request.samples} samples, the backend sent {samples}")
         for sample, keyer in job.keyers.items():
             keyer.finish(np.concatenate(job.sources[sample]))
+        if job.settings.live:
+            replace_live_preview([k.action_name for k in job.keyers.values()])
         self.job = None
         scene = bpy.context.scene
         last = int(np.ceil(max(k.end_frame() for k in job.keyers.values())))

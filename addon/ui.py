@@ -8,6 +8,7 @@ import bpy
 import numpy as np
 
 from .canonical import SMPL22_NAMES
+from .live import live_steps
 from .operators import current_session
 from .properties import target_armature
 from .retarget import PRESET_LABELS, REQUIRED_JOINTS, BoneMap, map_bones, rig_warnings
@@ -68,7 +69,9 @@ class MOTION_PT_panel(bpy.types.Panel):
             draw_timeline(layout, props)
             col = layout.column(align=True)
         else:
-            layout.prop(props, "prompt", text="")
+            row = layout.row(align=True)
+            row.prop(props, "prompt", text="")
+            row.prop(props, "live", toggle=True, icon="REC" if props.live else "PLAY")
             col = layout.column(align=True)
             col.prop(props, "seconds")
         row = col.row(align=True)
@@ -105,6 +108,11 @@ class MOTION_PT_panel(bpy.types.Panel):
         row.prop(props, "keep_timing")
         row.prop(props, "nla_strip")
 
+        if props.live and session is not None:
+            fast = session.fast_steps
+            text = (f"Live: regenerates in place at {live_steps(props.steps, fast)} fast steps" if fast else
+                    f"Live: this backend has no fast sampler ({props.steps} steps per change)")  # fmt: skip
+            layout.label(text=text, icon="REC")
         job = session.job if session is not None else None
         if job is None:
             layout.operator("motion_mamba.generate", icon="PLAY")

@@ -23,9 +23,9 @@ if BACKEND_PYTHON == sys.executable:
     pytest.importorskip("torch", reason="the backend needs torch: set MOTION_MAMBA_BACKEND_PYTHON to a Python with it")
 
 import addon  # noqa: E402
-from addon import operators  # noqa: E402
+from addon import live, operators  # noqa: E402
 from addon.client import MotionClient  # noqa: E402
-from addon.keying import action_fcurves, source_motion  # noqa: E402
+from addon.keying import LIVE_PROPERTY, action_fcurves, source_motion  # noqa: E402
 from addon.session import Session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +233,53 @@ def test_continue_and_regenerate_range_make_new_actions_and_keep_the_rest(scene)
     assert len(generated()) == 3
     bpy.ops.ed.undo()
     assert len(generated()) == 2
+
+
+def test_live_regenerates_in_place_debounced_and_keeps_the_last(scene, monkeypatch):
+    """Live on: prompt and seed changes regenerate (several quick changes: one generation), each result replaces
+    the previous preview action; a change while a preview is still generating replaces that generation; the
+    user's action is never touched; Live off keeps the last preview as a normal generated action."""
+    session, rig = scene
+    user = rig.animation_data.action
+    props = bpy.context.scene.motion_mamba
+    monkeypatch.setattr(live, "DELAY_S", 0.05)
+    started = []
+    original = session.generate
+    monkeypatch.setattr(session, "generate", lambda settings, target: started.append(settings) or
+                        original(settings, target))  # fmt: skip
+
+    def previews() -> list:
+        return [a for a in bpy.data.actions if LIVE_PROPERTY in a]
+
+    def settled(prompt: str, seed: int):
+        return lambda: (session.job is None and len(previews()) == 1 and
+                        previews()[0]["motion_mamba"]["prompt"] == prompt and
+                        previews()[0]["motion_mamba"]["seed"] == seed)  # fmt: skip
+
+    props.live = True
+    for text in ("a person", "a person waves", "a person waves twice"):  # typing: one regeneration at the end
+        props.prompt = text
+    run_until(settled("a person waves twice", 5), 120)
+    assert [s.request.prompt for s in started] == ["a person waves twice"] and started[0].live
+    assert started[0].request.steps == live.live_steps(3, session.fast_steps) and started[0].request.samples == 1
+    first = previews()[0].name
+    assert rig.animation_data.action.name == first
+    props.seed = 9
+    run_until(settled("a person waves twice", 9), 120)
+    assert first not in bpy.data.actions and len(generated()) == 1  # replaced in place, not piled up
+    props.prompt = "a person runs"  # and while that one generates, another change replaces it
+    run_until(lambda: session.job is not None, 60)
+    props.prompt = "a person jumps"
+    run_until(settled("a person jumps", 9), 120)
+    assert [s.request.prompt for s in started][-2:] == ["a person runs", "a person jumps"]
+    assert len(generated()) == 1 and user.name in bpy.data.actions and len(action_fcurves(user)) == 3
+    last = previews()[0].name
+    props.live = False
+    assert previews() == [] and [a.name for a in generated()] == [last]  # kept, as a normal generated action
+    props.seed = 11  # Live off: changes regenerate nothing
+    time.sleep(0.2)
+    addon._timer()
+    assert session.job is None and len(started) == 4
 
 
 def test_cancel_leaves_no_half_action(scene):
