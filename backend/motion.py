@@ -426,24 +426,28 @@ def features_to_rotations(features: Array, channels: str = "auto") -> tuple[Arra
         channels = _rotation_channels(f, p, channel, skeleton)
     rest = p.new_tensor(skeleton.rest_offsets)
     parents, children = skeleton.parents, skeleton.children
-    world: list[torch.Tensor] = []
-    local: list[torch.Tensor] = []
-    for j in range(skeleton.num_joints):  # parents come before children in both skeletons
-        kids = list(children[j])
+    world = p.new_zeros(*p.shape[:-1], 4)  # (..., T, J, 4), filled level by level (a level's joints together)
+    for level in skeleton.levels:
+        index = list(level)
         guess = None
-        if j > 0:
-            guess = qmul(world[parents[j]], channel[..., j - 1, :]) if channels == "local" else world[parents[j]]
-        if len(kids) > 1:
-            current = p[..., kids, :] - p[..., j : j + 1, :]
-            prior = quat_to_matrix(guess) if j > 0 and channels == "local" else None
-            world.append(matrix_to_quat(_kabsch(rest[kids], current, prior)))
-        elif len(kids) == 1:
-            carried = qrot(guess, rest[kids[0]].expand((*p.shape[:-2], 3)))
-            world.append(qmul(_swing(carried, p[..., kids[0], :] - p[..., j, :]), guess))
-        else:
-            world.append(guess)
-        local.append(world[j] if j == 0 else qmul(qinv(world[parents[j]]), world[j]))
-    rotations = qfix(qnormalize(torch.stack(local, dim=-2)))
+        if level[0] > 0:
+            up = world[..., [parents[j] for j in level], :]
+            guess = qmul(up, channel[..., [j - 1 for j in level], :]) if channels == "local" else up
+        one = [k for k, j in enumerate(level) if len(children[j]) == 1]
+        if one:  # turn by the smallest swing that points the bone at the child
+            joints, kids = [index[k] for k in one], [children[index[k]][0] for k in one]
+            carried = qrot(guess[..., one, :], rest[kids].expand((*p.shape[:-2], len(one), 3)))
+            world[..., joints, :] = qmul(_swing(carried, p[..., kids, :] - p[..., joints, :]), guess[..., one, :])
+        for k, j in enumerate(level):
+            kids = list(children[j])
+            if len(kids) > 1:  # the rigid rotation that best fits the children
+                current = p[..., kids, :] - p[..., j : j + 1, :]
+                prior = quat_to_matrix(guess[..., k, :]) if j > 0 and channels == "local" else None
+                world[..., j, :] = matrix_to_quat(_kabsch(rest[kids], current, prior))
+            elif not kids:  # an end joint keeps its channel's orientation
+                world[..., j, :] = guess[..., k, :]
+    local = torch.cat([world[..., :1, :], qmul(qinv(world[..., list(parents[1:]), :]), world[..., 1:, :])], dim=-2)
+    rotations = qfix(qnormalize(local))
     return back(p[..., 0, :]), back(rotations)
 
 

@@ -59,6 +59,15 @@ class Skeleton:
         parents = self.parents
         return tuple(tuple(c for c in range(self.num_joints) if parents[c] == j) for j in range(self.num_joints))
 
+    @property
+    def levels(self) -> tuple[tuple[int, ...], ...]:
+        """Joints grouped by their depth in the tree (the root alone first): a level's parents are all in the
+        levels before it, so a level's joints can be posed together."""
+        parents, depth = self.parents, [0] * self.num_joints
+        for j in range(1, self.num_joints):  # parents come before children
+            depth[j] = depth[parents[j]] + 1
+        return tuple(tuple(j for j in range(self.num_joints) if depth[j] == d) for d in range(max(depth) + 1))
+
     def to_json(self) -> dict[str, Any]:
         """What clients need to rebuild the skeleton: names, parents and rest offsets (metres, Y up)."""
         if self.rest_offsets is None:

@@ -107,6 +107,18 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
+    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv1d`` (depthwise, causal) on (B, L, d_inner) as d_conv shifted multiply-adds: on the CPU this is
+        about twice as fast as the convolution op for these short, narrow sequences, and keeps the (B, L, d)
+        layout the scan reads fastest."""
+        length, k = x.shape[1], self.d_conv
+        padded = F.pad(x, (0, 0, k - 1, 0))
+        weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        out = padded[:, :length] * weight[:, 0]
+        for i in range(1, k):
+            out = out + padded[:, i: i + length] * weight[:, i]
+        return out if self.conv1d.bias is None else out + self.conv1d.bias
+
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (B, L, d_model), optional mask (B, L) bool True = valid -> (B, L, d_model)."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 \
@@ -114,7 +126,6 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba: expected (batch, length, {self.d_model}), "
                              f"got {tuple(getattr(hidden_states, 'shape', ()))}")
         check_mask(mask, hidden_states)
-        seqlen = hidden_states.shape[1]
         A = -torch.exp(self.A_log.float())
         cuda_ops = _cuda_ops() if hidden_states.is_cuda else None
         if cuda_ops is not None:  # mamba_ssm's kernels want (B, channels, L) with L innermost
@@ -133,7 +144,7 @@ class Mamba(nn.Module):
         if cuda_ops is not None:
             x = cuda_ops[1](x=x, weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu")
         else:
-            x = F.silu(self.conv1d(x)[..., :seqlen]).transpose(1, 2).contiguous().transpose(1, 2)
+            x = F.silu(self._causal_conv(x.transpose(1, 2))).transpose(1, 2)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L), bias added in the scan
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, d_state, L) views
