@@ -56,7 +56,8 @@ def _guidance(limits: wire.Limits) -> FloatProperty:
 
 
 def _steps(limits: wire.Limits) -> IntProperty:
-    return IntProperty(name="Steps", description="Denoising steps (more: slower, finer)", default=DEFAULTS["steps"],
+    return IntProperty(name="Steps", description="Denoising steps (a few use the backend's fast sampler; more: slower)",
+                       default=DEFAULTS["steps"],
                        min=limits.min_steps, max=min(limits.max_steps, INT_MAX))  # fmt: skip
 
 

@@ -150,6 +150,7 @@ class ModelConfig:
     feature_dim: int = 263
     max_seconds: float = 120.0
     latent_scale: float | None = None
+    rotation_channels: str = "auto"  # the data's rotation-channel convention (backend.motion.rotation_channels)
     cpu_threads: int | None = 1
     vae: VAEConfig | None = None
     denoiser: MotionMambaConfig | MLDTransformerConfig | None = None

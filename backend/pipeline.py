@@ -33,7 +33,7 @@ from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
 from backend.models.vae import DOWNSAMPLE, MotionVAE
-from backend.motion import features_to_positions, features_to_rotations, forward_kinematics, rotation_channels
+from backend.motion import ROTATION_CHANNELS, features_to_positions, features_to_rotations, forward_kinematics
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 MAX_SAMPLES = 64  # samples per prompt in one call
@@ -158,7 +158,10 @@ class MotionPipeline:
         self.captions: CaptionIndex | None = None  # what the model was trained on, when its checkpoint says
         self.lcm = typed.lcm  # the consistency-distilled sampler's settings, when the checkpoint ships one
         self.student: nn.Module | None = None  # that sampler's denoiser (``backend.lcm``)
-        self._channels: str | None = None  # the rotation channels' convention, the same in all of a model's output
+        if typed.rotation_channels not in ROTATION_CHANNELS:
+            raise ValueError(f"{source}: rotation_channels must be one of {ROTATION_CHANNELS}, got "
+                             f"{typed.rotation_channels!r}")
+        self.rotation_channels = typed.rotation_channels  # the training data's convention ("auto": detect)
 
     @classmethod
     def _build(cls, config: dict, source: str) -> MotionPipeline:
@@ -472,11 +475,9 @@ class MotionPipeline:
                       prompt, seed)
 
     def _rotations(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``features_to_rotations`` with the channel convention detected on this model's first output and
-        kept (it follows from the training data; detecting it on every chunk cost a third of the rotations)."""
-        if self._channels is None:
-            self._channels = rotation_channels(features)
-        return features_to_rotations(features, self._channels)
+        """``features_to_rotations`` in the convention of the model's training data, which its checkpoint
+        records (detecting it on every chunk cost a third of the rotations; "auto" still does)."""
+        return features_to_rotations(features, self.rotation_channels)
 
     @torch.no_grad()
     def edit(self, root_translation: np.ndarray, rotations: np.ndarray, start: int, stop: int, prompt: str,

@@ -198,7 +198,18 @@ class DenoiserTask:
         if self.captions is None:  # what the model knows: its training captions, indexed once
             self.captions = CaptionIndex.build(self.text, self.data)
         self.captions.save(folder)
+        if self.config.get("rotation_channels", "auto") == "auto":  # the data's convention, for generation
+            self.config["rotation_channels"] = self._rotation_channels()
         save_json(folder / "config.json", {**self.config, "kind": "pipeline", "step": step})
+
+    def _rotation_channels(self) -> str:
+        """The rotation-channel convention most of (up to) 16 evenly spread training clips follow."""
+        from backend.motion import rotation_channels
+
+        features = self.dataset.features
+        picks = sorted({int(i) for i in np.linspace(0, len(features) - 1, min(len(features), 16))})
+        votes = [rotation_channels(np.asarray(features[i]) * self.std + self.mean) for i in picks]
+        return max(set(votes), key=votes.count)
 
     def extra_state(self) -> dict:
         return {"latent_scale": self.latent_scale}

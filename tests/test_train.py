@@ -102,6 +102,7 @@ def test_run_folder_is_a_generation_checkpoint(trained):
     run = trained["run"]
     config = load_config(run)
     assert config["kind"] == "pipeline" and config["step"] == 40 and config["latent_scale"] > 0
+    assert config["rotation_channels"] == "humanml3d"  # HumanML3D's own clips: generation reads them so
     assert load_config(trained["vae_dir"])["kind"] == "vae"
     pipe = MotionPipeline.from_checkpoint(run, device="cpu")
     for seconds in (0.3, 2.0, 7.45):
