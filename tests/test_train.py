@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from addon.timeline import parse_timeline
 from backend import generate
 from backend.checkpoint import load_config, load_state, read_config_file, save_state
 from backend.config import ModelConfig
 from backend.models.consistency import build_student
 from backend.models.text_encoder import TextEncoder
-from backend.pipeline import MotionPipeline
+from backend.pipeline import MotionPipeline, collect
 from backend.train import batch_indices, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,6 +429,12 @@ def test_lcm_run_is_a_checkpoint_with_a_fast_sampler(dataset, trained, lcm_confi
     high = pipe("a person walks forward", seconds=2.0, seed=3, steps=1, guidance=30.0)
     top = pipe("a person walks forward", seconds=2.0, seed=3, steps=1, guidance=config["lcm"]["guidance_max"])
     np.testing.assert_array_equal(high.features, top.features)
+    # timelines and edits take the fast sampler too: rows blend, kept frames stay exactly
+    rows = parse_timeline("0 1 a person walks forward\n1 2 a person waves")
+    shot = collect(pipe.timeline(rows, seed=1, steps=2))[0]
+    assert shot.frames == 40 and np.isfinite(shot.rotations).all()
+    more = pipe.continue_motion(fast[2].root_translation, fast[2].rotations, 1.0, "a person waves", steps=2)
+    assert more.frames == 60 and np.allclose(more.rotations[:40], fast[2].rotations, atol=1e-6)
 
 
 def test_lcm_bad_teacher(dataset, trained, lcm_config, tmp_path):
