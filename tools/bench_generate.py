@@ -82,7 +82,7 @@ def main() -> None:
     pipe.cpu_threads = args.threads
     info = pipe.describe()
     fast = getattr(pipe, "uses_student", None)
-    rows = [(f"DDIM {n} steps, guidance {args.guidance:g} (2 passes)", n) for n in args.ddim
+    rows = [(f"DDIM {n} step{'s' * (n != 1)}, guidance {args.guidance:g} (2 passes)", n) for n in args.ddim
             if fast is None or not fast(n)]
     rows += [(f"fast sampler {n} step{'s' * (n > 1)}", n) for n in args.fast if fast is not None and fast(n)]
     print(f"model {info['model']} ({info['arch']}), cpu, torch threads {args.threads}, {args.seconds:g} s of motion,"

@@ -91,7 +91,7 @@ def measure_point(
         tokens = -(-round(secs * pipe.fps) // DOWNSAMPLE)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        z = pipe._latents([PROMPT], [0], tokens, 2.5, steps, None)
+        z = pipe._latents([PROMPT], [0], tokens, 2.5, steps, None, None)
         sync()
         t1 = time.perf_counter()
         with torch.no_grad():

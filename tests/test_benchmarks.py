@@ -1,0 +1,40 @@
+"""The benchmark tools run as their docstrings say (smoke runs on random tiny weights): a tool nobody runs breaks
+unnoticed when the APIs it calls change."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_generate_times_every_sampler_and_profiles_the_stages():
+    text = _run("tools/bench_generate.py", "--config", "tiny", "--seconds", "2", "--repeats", "1", "--ddim", "3", "1",
+                "--profile")
+    times, profile = text.split("where the time")
+    rows = re.findall(r"^\| DDIM (\d+) steps?,.*?\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", times, re.M)
+    assert [r[0] for r in rows] == ["3", "1"], text
+    assert float(rows[0][3]) == 1.0 and 0 < float(rows[1][3]) < 1.0  # one step costs less than three
+    number = r" \| (-?[\d.]+)"
+    stages = re.findall(r"^\| DDIM 3 steps,[^|]*" + number * 6 + r" \|$", profile, re.M)
+    assert len(stages) == 1, text
+    *parts, total = map(float, stages[0])
+    assert all(p > 0 for p in parts[:4]) and abs(sum(parts) - total) < 0.2, stages  # the stages add up
+
+
+def test_bench_scaling_quick_run_measures_both_models():
+    text = _run("tools/bench_scaling.py", "--quick")
+    points = re.findall(r"^cpu (\w+) +(\d+) s: +([\d.]+) s", text, re.M)
+    assert sorted({p[0] for p in points}) == ["mld_transformer", "motion_mamba"] and len(points) == 6, text
+    assert all(float(p[2]) > 0 for p in points)
