@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from backend.models import vae as vae_module
 from backend.models.consistency import consistency_x0, lcm_timesteps
 from backend.models.denoiser import DENOISERS, build_denoiser, register_denoiser
 from backend.models.diffusion import Diffusion
@@ -59,7 +60,9 @@ def test_vae_window_reads_only_its_context(vae):
 
 
 @torch.no_grad()
-def test_vae_full_decode_is_the_streamed_windows(vae):
+@pytest.mark.parametrize("per_call", [16, 2])
+def test_vae_full_decode_is_the_streamed_windows(vae, monkeypatch, per_call):
+    monkeypatch.setattr(vae_module, "DECODE_BATCH", per_call)  # 2: one window of the 2 samples per call
     z = torch.randn(2, 9, 4)
     windows = vae.windows(9)
     assert windows == [(0, 3), (3, 6), (6, 9)]  # 5, 7 and 5 tokens read: two batched calls, not three

@@ -18,6 +18,7 @@ from backend.config import ModelConfig, VAEConfig
 from backend.models.blocks import HierarchicalTemporalMamba
 
 DOWNSAMPLE = 4  # frames per latent token
+DECODE_BATCH = 16  # decode windows (times the batch's samples) run in one call at most
 
 
 class TemporalMamba(nn.Module):
@@ -112,8 +113,8 @@ class MotionVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, windows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Latent (B, N, C) -> the frames of decode ``windows`` (default: all of them, (B, 4N, D)), concatenated
-        in order. Windows reading equally many tokens (context included) run as one batch: the frames of
-        decoding each alone (to float rounding), in a few larger calls."""
+        in order. Windows reading equally many tokens (context included) run together, ``DECODE_BATCH`` at a
+        time: the frames of decoding each alone (to float rounding), in a few larger calls."""
         n = z.shape[1]
         windows = self.windows(n) if windows is None else windows
         spans = [(max(0, a - self.context), min(n, b + self.context)) for a, b in windows]
@@ -121,13 +122,16 @@ class MotionVAE(nn.Module):
         for i, (lo, hi) in enumerate(spans):
             by_length.setdefault(hi - lo, []).append(i)
         out: list[torch.Tensor] = [z] * len(windows)
+        per_call = max(1, DECODE_BATCH // z.shape[0])
         for same in by_length.values():
-            h = self.dec_in(torch.cat([z[:, spans[i][0]: spans[i][1]] for i in same]))
-            for layer in self.dec:
-                h = layer(h)
-            for i, frames in zip(same, self.dec_out(h).split(z.shape[0])):
-                (a, b), lo = windows[i], spans[i][0]
-                out[i] = frames[:, DOWNSAMPLE * (a - lo): DOWNSAMPLE * (b - lo)]
+            for first in range(0, len(same), per_call):  # bounded work per call: memory stays flat in length
+                group = same[first: first + per_call]
+                h = self.dec_in(torch.cat([z[:, spans[i][0]: spans[i][1]] for i in group]))
+                for layer in self.dec:
+                    h = layer(h)
+                for i, frames in zip(group, self.dec_out(h).split(z.shape[0])):
+                    (a, b), lo = windows[i], spans[i][0]
+                    out[i] = frames[:, DOWNSAMPLE * (a - lo): DOWNSAMPLE * (b - lo)]
         return torch.cat(out, dim=1)
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1e-4, acc_weight: float = 0.0) -> dict[str, torch.Tensor]:
