@@ -19,6 +19,7 @@ from .operators import current_session, panel_settings, redraw_panels
 from .properties import generate_request, target_armature
 
 DELAY_S = 0.4  # quiet time after the last change before regenerating (typing a word is one generation)
+LIVE_STEPS = 2  # fast-sampler steps per preview: 51 ms a sentence, smoother than 1 step (docs/fast_sampler.md)
 _due: float | None = None  # when the next live regeneration should start
 
 
@@ -34,8 +35,9 @@ def changed(props, _context=None) -> None:
 
 
 def live_steps(steps: int, fast_steps: int) -> int:
-    """The panel's step count, capped at what the backend's fast sampler covers (when it has one)."""
-    return min(steps, fast_steps) if fast_steps else steps
+    """Steps of a live preview: ``LIVE_STEPS`` of the backend's fast sampler (``fast_steps``: the most it covers),
+    or the panel's ``steps`` where the backend has none."""
+    return min(LIVE_STEPS, fast_steps) if fast_steps else steps
 
 
 def tick() -> None:

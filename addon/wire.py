@@ -125,7 +125,7 @@ class GenerateRequest:
     seconds: float = 4.0
     seed: int = 0
     guidance: float = 2.5
-    steps: int = 50
+    steps: int = 10  # the knee of quality against time for the shipped model (README, docs/fast_sampler.md)
     samples: int = 1
     timeline: tuple | None = None  # of addon.timeline.TimelineRow
     edit: tuple[int, int] | None = None  # (start, stop): frames of the motion sent along to (re)generate

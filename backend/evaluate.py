@@ -301,7 +301,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise ValueError(f"the {args.split} split has {n_clips} clips; R-precision needs at least {GUO['r_batch']}")
     notes = [
         f"MultiModality: {args.mm_samples} samples of {args.mm_prompts} prompts, {args.mm_pairs} pairs "
-        f"(Guo et al.: {GUO['mm_samples']}, {GUO['mm_prompts']}, {GUO['mm_pairs']})."
+        f"(Guo et al.: {GUO['mm_samples']}, {GUO['mm_prompts']}, {GUO['mm_pairs']})." if args.mm_prompts > 0 else
+        "MultiModality: not measured (--mm-prompts 0)."
     ]
     div_pairs = min(GUO["diversity_pairs"], n_clips)
     if div_pairs < GUO["diversity_pairs"]:

@@ -262,6 +262,7 @@ def test_live_regenerates_in_place_debounced_and_keeps_the_last(scene, monkeypat
     run_until(settled("a person waves twice", 5), 120)
     assert [s.request.prompt for s in started] == ["a person waves twice"] and started[0].live
     assert started[0].request.steps == live.live_steps(3, session.fast_steps) and started[0].request.samples == 1
+    assert (live.live_steps(10, 4), live.live_steps(10, 1), live.live_steps(7, 0)) == (live.LIVE_STEPS, 1, 7)
     first = previews()[0].name
     assert rig.animation_data.action.name == first
     props.seed = 9

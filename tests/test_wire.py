@@ -207,7 +207,7 @@ def test_client_refuses_bad_arguments_before_sending():
             client.ping(timeout=0.3)
 def test_generate_request_defaults_checks_and_header():
     request = GenerateRequest("a person walks")
-    assert GenerateRequest.defaults() == {"seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 50, "samples": 1}
+    assert GenerateRequest.defaults() == {"seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 10, "samples": 1}
     assert request.check() is request and request.cost(20) == 80 * 1 * 50
     assert GenerateRequest.from_header({"prompt": "a person walks", "type": "generate"}) == request
     assert GenerateRequest.from_header(request.to_header()) == request
