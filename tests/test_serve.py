@@ -807,9 +807,9 @@ def test_a_raw_client_sending_only_prompt_and_seconds_gets_a_motion(server, pipe
         while stream[-1].type not in ("done", "error"):
             stream.append(raw_reply(sock, 60_000))
     assert stream[0].type == "accepted" and stream[-1].type == "done", stream[-1].header
-    assert sum(m.type == "progress" for m in stream) == 50  # the default steps
+    assert sum(m.type == "progress" for m in stream) == GenerateRequest.steps  # the default steps
     frames = sorted((m for m in stream if m.type == "frames"), key=lambda m: m["start"])
-    want = pipe(PROMPT, seconds=1.0)  # the defaults: seed 0, guidance 2.5, 50 steps, one sample
+    want = pipe(PROMPT, seconds=1.0)  # the defaults: seed 0, guidance 2.5, GenerateRequest.steps steps, one sample
     got = np.concatenate([m.data for m in frames])
     assert np.array_equal(got[:, 3:].reshape(want.rotations.shape), want.rotations.astype(np.float32))
 
