@@ -171,8 +171,11 @@ class MotionPipeline:
         vae = MotionVAE.from_config(typed)
         denoiser = build_denoiser(typed.denoiser, vae.latent_dim, encoder.dim)
         d = typed.feature_dim
-        return cls(config, vae, denoiser, encoder, np.zeros(d, np.float32), np.ones(d, np.float32),
+        pipe = cls(config, vae, denoiser, encoder, np.zeros(d, np.float32), np.ones(d, np.float32),
                    torch.device("cpu"), source)
+        if typed.lcm is not None:
+            pipe.student = build_student(typed, vae.latent_dim, encoder.dim).eval()
+        return pipe
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "auto") -> MotionPipeline:
@@ -197,11 +200,8 @@ class MotionPipeline:
             raise ValueError(f"{path}: normaliser has shape {mean.shape}, the VAE expects {pipe.vae.feature_dim}")
         pipe.mean, pipe.std = mean, std
         pipe.captions = CaptionIndex.load(path)
-        if pipe.lcm is not None:
-            typed = ModelConfig.from_dict(config, str(path))
-            student = build_student(typed, pipe.vae.latent_dim, pipe.text_encoder.dim)
-            load_weights(student, path / STUDENT_FILE)
-            pipe.student = student.eval()
+        if pipe.student is not None:
+            load_weights(pipe.student, path / STUDENT_FILE)
         return pipe.to(resolve_device(device))
 
     @classmethod
