@@ -25,13 +25,17 @@ _due: float | None = None  # when the next live regeneration should start
 
 def changed(props, _context=None) -> None:
     """Update callback of the prompt, the seed and Live itself: schedule a regeneration, or with Live turned off,
-    keep the preview as a normal action."""
+    stop a preview still generating and keep the last one as a normal action."""
     global _due
     if props.live:
         _due = time.monotonic() + DELAY_S
-    else:
-        _due = None
-        keep_live_preview()
+        return
+    _due = None
+    session = current_session()
+    if session is not None and session.job is not None and session.job.settings.live:
+        session.cancel()  # a preview still generating: the last finished one is what Live off keeps
+        session.error = ""
+    keep_live_preview()
 
 
 def live_steps(steps: int, fast_steps: int) -> int:

@@ -281,6 +281,12 @@ def test_live_regenerates_in_place_debounced_and_keeps_the_last(scene, monkeypat
     time.sleep(0.2)
     addon._timer()
     assert session.job is None and len(started) == 4
+    props.live = True  # Live off while a preview generates: that one stops, the last finished one stays
+    props.prompt = "a person bows"
+    run_until(lambda: session.job is not None, 60)
+    props.live = False
+    assert session.job is None and session.error == "" and previews() == []
+    assert [a.name for a in generated()] == [last] and len(started) == 5
 
 
 def test_cancel_leaves_no_half_action(scene):
