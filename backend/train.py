@@ -487,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         history = train(args.kind, args.data, args.out, args.config, args.resume, args.steps, args.vae,
                         args.text_encoder, args.device, teacher=args.teacher)
+        if torch.distributed.is_initialized():  # every rank done before any tears the group down: a gloo peer
+            torch.distributed.barrier()  # closing mid-teardown aborted the other (seen once in CI under load)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
