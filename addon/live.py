@@ -24,11 +24,18 @@ _due: float | None = None  # when the next live regeneration should start
 
 
 def changed(props, _context=None) -> None:
-    """Update callback of the prompt, the seed and Live itself: schedule a regeneration, or with Live turned off,
-    stop a preview still generating and keep the last one as a normal action."""
+    """Update callback of the prompt and the seed: with Live on, schedule a regeneration (off: nothing to do)."""
     global _due
     if props.live:
         _due = time.monotonic() + DELAY_S
+
+
+def toggled(props, context=None) -> None:
+    """Update callback of Live: on, schedule a regeneration; off, stop a preview still generating and keep the
+    last one as a normal action."""
+    global _due
+    if props.live:
+        changed(props, context)
         return
     _due = None
     session = current_session()

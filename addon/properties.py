@@ -34,6 +34,12 @@ def _live_changed(props, context) -> None:
     live.changed(props, context)
 
 
+def _live_toggled(props, context) -> None:
+    from . import live
+
+    live.toggled(props, context)
+
+
 DEFAULTS = wire.GenerateRequest.defaults()  # the request's optional fields: the panel starts from these
 INT_MAX = 2**31 - 1  # Blender's int properties are 32-bit
 
@@ -82,7 +88,7 @@ class TimelineRowSettings(bpy.types.PropertyGroup):
 class MotionSettings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="Describe the motion, e.g. 'a person walks forward and waves'",
                            update=_live_changed)  # fmt: skip
-    live: BoolProperty(name="Live", default=False, update=_live_changed,
+    live: BoolProperty(name="Live", default=False, update=_live_toggled,
                        description="Regenerate as the prompt or seed changes, with the backend's fast sampler, "
                        "replacing the preview action in place; off keeps the last result")  # fmt: skip
     use_timeline: BoolProperty(name="Timeline", default=False,
