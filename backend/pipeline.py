@@ -303,7 +303,11 @@ class MotionPipeline:
         range it learned), and each step predicts the clean latent, then noises it afresh to the next step."""
         c = self.vae.latent_dim
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        noise = torch.stack([torch.randn(tokens, c, generator=g) for g in generators])
+
+        def draw() -> torch.Tensor:  # the next noise of every sample, from its own seeded generator
+            return torch.stack([torch.randn(tokens, c, generator=g) for g in generators]).to(self.device)
+
+        x = draw()  # the starting noise, drawn before anything else for the same seeds as before
         student = self.student if self.uses_student(steps) else None
         plain = windows is None  # one window per sample, the whole latent: no gathering or blending
         if plain:
@@ -351,7 +355,6 @@ class MotionPipeline:
                 blended[w.sample, w.lo: w.hi] += w.weight.to(x.device)[:, None] * out[k, : w.hi - w.lo]
             return blended / total
 
-        x = noise.to(self.device)
         if student is None:
             timesteps = self.diffusion.ddim_timesteps(steps)
         else:
@@ -367,8 +370,7 @@ class MotionPipeline:
             else:
                 x = consistency_x0(self.diffusion, output, x, t_batch)
                 if t_prev is not None:
-                    fresh = torch.stack([torch.randn(tokens, c, generator=g) for g in generators]).to(self.device)
-                    x = self.diffusion.add_noise(x, fresh, torch.full_like(t_batch, t_prev))
+                    x = self.diffusion.add_noise(x, draw(), torch.full_like(t_batch, t_prev))
             if known is not None:
                 x = known.put_back(x, self.diffusion, t_prev)
             if callback is not None:
