@@ -320,6 +320,55 @@ def features_to_positions(features: Array) -> Array:
     return back(torch.cat([root_position[..., None, :], joints], dim=-2))
 
 
+POSE_SMOOTHING_SIGMA = 0.65  # frames (33 ms at 20 fps): smooth_pose's Gaussian
+SMOOTH_REACH = 3  # frames: smooth_pose's result at a frame reads the features this far each side (4 sigma)
+PLANT_CONTACT = 0.3  # a foot-contact channel above this holds its joint on the ground (decoded contacts are soft)
+PLANT_SMOOTHING_SIGMA = 1.0  # frames: the root's correction is smoothed, so a foot landing or lifting adds no jerk
+PLANT_REACH = 6  # frames: plant_feet's result at a frame reads the features this far on (4 sigma + 1) and before
+
+
+def smooth_pose(features: Array) -> Array:
+    """Features (..., T, D) filtered in time by a Gaussian of ``POSE_SMOOTHING_SIGMA`` frames: the
+    frame-to-frame jitter a decoder adds (which the eye sees and jerk measures) removed, held poses unchanged.
+    The foot joints' root-relative positions and the contact channels stay as they were: filtering feet rounds
+    off each step's lift and landing, and a foot dragged near the floor slides (``plant_feet`` holds the planted
+    ones instead). A frame's result reads the features within ``SMOOTH_REACH`` frames of it."""
+    f, back, skeleton = _features_arg(features)
+    feet = list(skeleton.foot_left + skeleton.foot_right)
+    smoothed = f.clone()
+    smoothed[..., : -len(feet)] = _gaussian_smooth_time(f[..., : -len(feet)], POSE_SMOOTHING_SIGMA)
+    kept = [4 + 3 * (j - 1) + k for j in feet for k in range(3)]  # their "ric" channels
+    smoothed[..., kept] = f[..., kept]
+    return back(smoothed)
+
+
+def plant_feet(features: Array) -> Array:
+    """Features (..., T, D) whose root travels with the planted feet (so they do not skate).
+
+    In each frame step where a foot joint's decoded contact channel is above ``PLANT_CONTACT`` at both ends, the
+    root's horizontal step changes by minus the mean horizontal slide of the planted joints, which then stay put;
+    the change is smoothed over time (Gaussian, ``PLANT_SMOOTHING_SIGMA`` frames). Only the root's linear
+    velocity channels (1, 2) change: pose, heights and heading stay. A frame's result reads the features within
+    ``PLANT_REACH`` frames of it only, so chunks with that much margin each side give the whole motion's values.
+    """
+    f, back, skeleton = _features_arg(features)
+    if f.shape[-2] < 2:
+        return back(f)
+    p = features_to_positions(f)
+    root_quat, _ = _root_rotation_and_position(f)
+    feet = list(skeleton.foot_left + skeleton.foot_right)  # the order of the four contact channels
+    contact = (f[..., -len(feet):] > PLANT_CONTACT).to(f.dtype)
+    held = torch.minimum(contact[..., :-1, :], contact[..., 1:, :])  # (..., T-1, 4): planted at both ends
+    slide = (p[..., 1:, feet, :] - p[..., :-1, feet, :]) * p.new_tensor([1.0, 0.0, 1.0])
+    correction = -(held[..., None] * slide).sum(-2) / held.sum(-1, keepdim=True).clamp(min=1.0)
+    step = p[..., 1:, 0, :] - p[..., :-1, 0, :] + _gaussian_smooth_time(correction, PLANT_SMOOTHING_SIGMA)
+    local = qrot(root_quat[..., 1:, :], step * step.new_tensor([1.0, 0.0, 1.0]))  # into the root's frame
+    planted = f.clone()
+    planted[..., :-1, 1] = local[..., 0]
+    planted[..., :-1, 2] = local[..., 2]
+    return back(planted)
+
+
 def _kabsch(rest: torch.Tensor, current: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation matrices R (..., 3, 3) minimising sum |R rest_i - current_i|^2 over vectors i (rest: (N, 3)),
     plus, when given, a pull towards the rotation matrices ``prior`` (..., 3, 3) weighing as much as 10% of the

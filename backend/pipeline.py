@@ -33,7 +33,16 @@ from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
 from backend.models.vae import DOWNSAMPLE, MotionVAE
-from backend.motion import ROTATION_CHANNELS, features_to_positions, features_to_rotations, forward_kinematics
+from backend.motion import (
+    PLANT_REACH,
+    ROTATION_CHANNELS,
+    SMOOTH_REACH,
+    features_to_positions,
+    features_to_rotations,
+    forward_kinematics,
+    plant_feet,
+    smooth_pose,
+)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 MAX_SAMPLES = 64  # samples per prompt in one call
@@ -460,11 +469,19 @@ class MotionPipeline:
                 return
             start = group[0][0] * DOWNSAMPLE
             with torch_threads(threads):  # not held across a yield: the caller runs with its own setting
-                window = self.vae.decode(z, group)[:, : frames - start].float().cpu().numpy()
-                chunks = [self._chunk(decoded[k], window[k] * self.std + self.mean, start, prompts[k], seeds[k])
-                          for k in range(len(prompts))]
+                window = self._decode(z, group[0][0], group[-1][1])[:, : frames - start]
+                chunks = [self._chunk(decoded[k], window[k], start, prompts[k], seeds[k]) for k in range(len(prompts))]
             for k, chunk in enumerate(chunks):
                 yield k, start, chunk
+
+    def _decode(self, z: torch.Tensor, start: int, stop: int) -> np.ndarray:
+        """Frames of latent tokens [start, stop) of z (B, N, C) as features (B, frames, D): de-normalised, the
+        pose's jitter filtered (``smooth_pose``), the feet planted (``plant_feet``); both read a margin of frames
+        decoded beyond the range, so a chunk's frames are the whole motion's."""
+        margin = -(-(SMOOTH_REACH + PLANT_REACH) // DOWNSAMPLE)
+        lo, hi = max(0, start - margin), min(z.shape[1], stop + margin)
+        features = self.vae.decode(z, [(lo, hi)]).float().cpu().numpy() * self.std + self.mean
+        return plant_feet(smooth_pose(features))[:, DOWNSAMPLE * (start - lo): DOWNSAMPLE * (stop - lo)]
 
     def _chunk(self, decoded: list[np.ndarray], features: np.ndarray, start: int, prompt: str,
                seed: int) -> Motion:
@@ -518,7 +535,7 @@ class MotionPipeline:
                               callback, stop_when, known=known)
             if z is None:
                 return None
-            decoded = self.vae.decode(z)[0].float().cpu().numpy() * self.std + self.mean
+            decoded = self._decode(z, 0, tokens)[0]
         root_c, rot_c = self._rotations(decoded.astype(np.float64))
         root_g, rot_g = place_range(root_w, rot_w, root_c, rot_c, lo, start, stop, floor, self.fps)
         root_w[start:stop], rot_w[start:stop] = root_g, rot_g

@@ -11,7 +11,9 @@ from backend.motion import (
     features_to_positions,
     features_to_rotations,
     forward_kinematics,
+    plant_feet,
     positions_to_features,
+    smooth_pose,
 )
 from backend.skeleton import KIT21, SMPL22, skeleton_for_dim
 
@@ -166,3 +168,70 @@ def test_single_frame_rotations(humanml3d_samples):
     assert root.shape == (1, 3) and quats.shape == (1, 22, 4)
     error = np.linalg.norm(forward_kinematics(root, quats) - features_to_positions(features), axis=-1)
     assert error.mean() < 0.01
+
+
+def _planted_slide(features: np.ndarray) -> float:
+    """Mean horizontal slide (m per frame) of the foot joints over the steps their contact channel holds."""
+    p = features_to_positions(features)
+    feet = list(SMPL22.foot_left + SMPL22.foot_right)
+    held = (features[:-1, -4:] > 0.5) & (features[1:, -4:] > 0.5)
+    slide = np.linalg.norm(np.diff(p[:, feet][..., [0, 2]], axis=0), axis=-1)
+    return float(slide[held].mean())
+
+
+def test_plant_feet_holds_planted_feet_where_the_root_drifts(humanml3d_samples):
+    """Real clips with a sideways root drift added (the skate a model's root makes): planting takes the drift
+    out of the planted feet, changes only the root's velocity channels, and leaves real motion nearly as it was."""
+    for name, features, _ in load_clips(humanml3d_samples):
+        drifted = features.astype(np.float64).copy()
+        drifted[:, 2] += 0.02  # 2 cm per frame sideways, in the root's frame
+        planted = plant_feet(drifted)
+        assert planted.dtype == np.float64 and planted.shape == drifted.shape
+        changed = np.flatnonzero(np.abs(planted - drifted).max(axis=0) > 1e-9)
+        assert set(changed) <= {1, 2}, (name, changed)
+        assert _planted_slide(drifted) > 0.015, name
+        assert _planted_slide(planted) < 0.5 * _planted_slide(features) + 0.002, name  # below the real clip's
+        before, after = (features_to_positions(f)[:, 0, [0, 2]] for f in (features.astype(np.float64), planted))
+        travel = [np.linalg.norm(np.diff(p, axis=0), axis=-1).sum() for p in (before, after)]
+        assert abs(travel[1] - travel[0]) < 0.15 * travel[0] + 0.2, (name, travel)  # the drift (4 m) is gone
+
+
+def test_plant_feet_reads_only_its_reach_so_chunks_match_the_whole(humanml3d_samples):
+    from backend.motion import PLANT_REACH
+
+    features = load_clips(humanml3d_samples)[0][1]
+    whole = plant_feet(features)
+    for a, b in ((0, 40), (40, 100), (100, len(features))):
+        lo, hi = max(0, a - PLANT_REACH), min(len(features), b + PLANT_REACH)
+        np.testing.assert_allclose(plant_feet(features[lo:hi])[a - lo: b - lo], whole[a:b], atol=1e-6)
+    batch = plant_feet(torch.from_numpy(np.stack([features, features[::-1].copy()])))  # torch, leading dims
+    np.testing.assert_allclose(batch[0].numpy(), whole, atol=1e-5)
+    assert np.array_equal(plant_feet(features[:1]), features[:1])  # one frame: no step to correct
+    bad = features.copy()
+    bad[3, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        plant_feet(bad)
+
+
+def test_smooth_pose_takes_out_jitter_and_keeps_held_poses_and_feet(humanml3d_samples):
+    """Frame-to-frame jitter (what a decoder adds) added to real clips goes; a held pose, the feet's positions
+    and the contacts stay exactly; a frame reads only its reach."""
+    from backend.metrics import jerk
+    from backend.motion import SMOOTH_REACH
+
+    feet = list(SMPL22.foot_left + SMPL22.foot_right)
+    feet_channels = [4 + 3 * (j - 1) + k for j in feet for k in range(3)] + list(range(259, 263))
+    rng = np.random.default_rng(0)
+    for name, features, _ in load_clips(humanml3d_samples):
+        clean = features.astype(np.float64)
+        noisy = clean.copy()
+        noisy[:, 4:67] += rng.normal(0.0, 0.01, size=noisy[:, 4:67].shape)  # 1 cm of jitter on every joint
+        smoothed = smooth_pose(noisy)
+        assert np.array_equal(smoothed[:, feet_channels], noisy[:, feet_channels]), name
+        before, after = (jerk(features_to_positions(f), 20) for f in (noisy, smoothed))
+        assert after < 0.5 * before, (name, before, after)
+        a, b = 60, 120
+        np.testing.assert_allclose(smooth_pose(noisy[a - SMOOTH_REACH: b + SMOOTH_REACH])[SMOOTH_REACH:-SMOOTH_REACH],
+                                   smoothed[a:b], atol=1e-9)
+    held = np.repeat(load_clips(humanml3d_samples)[0][1][:1], 30, axis=0)
+    np.testing.assert_allclose(smooth_pose(held), held, atol=1e-5)  # float32 in, float32 out

@@ -351,3 +351,30 @@ def test_generate_cli_says_when_the_model_has_not_seen_the_prompt(tmp_path, caps
     assert generate.main([prompt, "--seconds", "1", "--steps", "2", "--out", str(tmp_path / "m.npz")]) == 0
     out = capsys.readouterr().out
     assert ("note: this model has not seen anything like" in out) == noted, out
+
+
+@torch.no_grad()
+def test_shipped_model_walks_on_planted_feet():
+    """The shipped model's walk against its raw decode (the same latent): where the decoded contacts hold a foot
+    down it stays (the root travels with it: ``plant_feet``), GMD's skate ratio falls, the walk still goes."""
+    from addon.wire import GenerateRequest
+    from backend.metrics import foot_skate_ratio
+    from backend.motion import PLANT_CONTACT, features_to_positions
+
+    pipe = MotionPipeline.from_checkpoint(DEFAULT_WEIGHTS, device="cpu")
+    feet = [7, 10, 8, 11]  # the contact channels' joints
+
+    def planted_slide_and_skate(features: np.ndarray) -> tuple[float, float]:
+        p = features_to_positions(features.astype(np.float64))
+        held = (features[:-1, -4:] > PLANT_CONTACT) & (features[1:, -4:] > PLANT_CONTACT)
+        slide = np.linalg.norm(np.diff(p[:, feet][..., [0, 2]], axis=0), axis=-1)
+        return float(slide[held].mean()), foot_skate_ratio(p, (10, 11), pipe.fps)
+
+    for seed in (0, 1):
+        walk = pipe("a person walks forward", seconds=4.0, seed=seed)
+        z = pipe._latents(["a person walks forward"], [seed], walk.frames // 4, GenerateRequest.guidance,
+                          GenerateRequest.steps, None, None, None)
+        raw = pipe.vae.decode(z)[0].numpy() * pipe.std + pipe.mean
+        (slide, skate), (raw_slide, raw_skate) = planted_slide_and_skate(walk.features), planted_slide_and_skate(raw)
+        assert slide < 0.5 * raw_slide and skate < 0.6 * raw_skate, (seed, slide, raw_slide, skate, raw_skate)
+        assert np.linalg.norm(walk.root_translation[-1, [0, 2]] - walk.root_translation[0, [0, 2]]) > 2.0

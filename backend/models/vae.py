@@ -3,8 +3,10 @@
 The encoder and decoder are Mamba stacks along time (alternating scan direction, so every frame sees both
 its past and its future) with strided convolutions between them (x2 down twice; transposed convolutions
 x2 up twice). The decoder only ever decodes a *window* of latent tokens plus a few tokens of context on
-each side and keeps the window's frames: training and inference use that same windowed path, so the full
-decode is exactly the concatenation of the streamed windows and its cost is linear in the length.
+each side; neighbouring windows' frames cross-fade over the context they share (a window's weight falls
+linearly to 0 across its context), so no seam shows where one window ends and the next begins. Training and
+inference use that same windowed path, so a streamed decode is exactly the whole one and its cost is linear
+in the length.
 """
 
 from __future__ import annotations
@@ -107,32 +109,58 @@ class MotionVAE(nn.Module):
         return [(s, min(s + self.window, tokens)) for s in range(0, tokens, self.window)]
 
     def decode_window(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Frames 4*start .. 4*stop of the motion for latent z (B, N, C), read from tokens start-context ..
-        stop+context only -> (B, 4 * (stop - start), D)."""
+        """Frames 4*start .. 4*stop of the motion for latent z (B, N, C) -> (B, 4 * (stop - start), D); they
+        read tokens from one window and its context before ``start`` to one window and its context after
+        ``stop`` (the neighbours they cross-fade with)."""
         return self.decode(z, [(start, stop)])
 
+    def _span(self, window: tuple[int, int], tokens: int) -> tuple[int, int]:
+        """The tokens [lo, hi) a window reads: its own plus ``context`` each side, inside the latent."""
+        return max(0, window[0] - self.context), min(tokens, window[1] + self.context)
+
+    def _fade(self, window: tuple[int, int], span: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """A window's blending weight on each frame of its span: 1 on its own frames, falling linearly to 0
+        across the context on each side (frame centres, so never exactly 0 inside the span)."""
+        (a, b), (lo, hi) = window, span
+        t = torch.arange(DOWNSAMPLE * lo, DOWNSAMPLE * hi, device=like.device, dtype=like.dtype) + 0.5
+        w = torch.ones_like(t)
+        if lo < a:
+            w = torch.minimum(w, (t - DOWNSAMPLE * lo) / (DOWNSAMPLE * (a - lo)))
+        if hi > b:
+            w = torch.minimum(w, (DOWNSAMPLE * hi - t) / (DOWNSAMPLE * (hi - b)))
+        return w
+
     def decode(self, z: torch.Tensor, windows: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Latent (B, N, C) -> the frames of decode ``windows`` (default: all of them, (B, 4N, D)), concatenated
-        in order. Windows reading equally many tokens (context included) run together, ``DECODE_BATCH`` at a
-        time: the frames of decoding each alone (to float rounding), in a few larger calls."""
+        """Latent (B, N, C) -> the frames of ``windows`` (token ranges; default: all of :meth:`windows`, giving
+        (B, 4N, D)), concatenated in order: each frame the weighted mean of the decode windows whose spans
+        cover it (:meth:`_fade`). Only the windows those frames need are decoded; windows reading equally many
+        tokens run together, ``DECODE_BATCH`` at a time: memory stays flat in the length."""
         n = z.shape[1]
-        windows = self.windows(n) if windows is None else windows
-        spans = [(max(0, a - self.context), min(n, b + self.context)) for a, b in windows]
+        grid = self.windows(n)
+        windows = grid if windows is None else windows
+        spans = [self._span(w, n) for w in grid]
+        wanted = [i for i, (lo, hi) in enumerate(spans) if any(lo < b and a < hi for a, b in windows)]
+        first = min(spans[i][0] for i in wanted)
+        frames = DOWNSAMPLE * (max(spans[i][1] for i in wanted) - first)
+        total = z.new_zeros(z.shape[0], frames, self.feature_dim)
+        weight = z.new_zeros(frames, 1)
         by_length: dict[int, list[int]] = {}
-        for i, (lo, hi) in enumerate(spans):
-            by_length.setdefault(hi - lo, []).append(i)
-        out: list[torch.Tensor] = [z] * len(windows)
+        for i in wanted:
+            by_length.setdefault(spans[i][1] - spans[i][0], []).append(i)
         per_call = max(1, DECODE_BATCH // z.shape[0])
         for same in by_length.values():
-            for first in range(0, len(same), per_call):  # bounded work per call: memory stays flat in length
-                group = same[first: first + per_call]
+            for start in range(0, len(same), per_call):
+                group = same[start: start + per_call]
                 h = self.dec_in(torch.cat([z[:, spans[i][0]: spans[i][1]] for i in group]))
                 for layer in self.dec:
                     h = layer(h)
-                for i, frames in zip(group, self.dec_out(h).split(z.shape[0])):
-                    (a, b), lo = windows[i], spans[i][0]
-                    out[i] = frames[:, DOWNSAMPLE * (a - lo): DOWNSAMPLE * (b - lo)]
-        return torch.cat(out, dim=1)
+                for i, out in zip(group, self.dec_out(h).split(z.shape[0])):
+                    lo, hi = (DOWNSAMPLE * (k - first) for k in spans[i])
+                    fade = self._fade(grid[i], spans[i], out)[:, None]
+                    total[:, lo:hi] += out * fade
+                    weight[lo:hi] += fade
+        blended = total / weight
+        return torch.cat([blended[:, DOWNSAMPLE * (a - first): DOWNSAMPLE * (b - first)] for a, b in windows], dim=1)
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1e-4, acc_weight: float = 0.0) -> dict[str, torch.Tensor]:
         """Training losses for a batch x (B, T, D): reconstruction (MSE, plus MSE of frame-to-frame
