@@ -8,10 +8,11 @@ are this process's CPU seconds, the best of ``--repeats`` (other load on a share
 time); "new prompt" encodes a prompt never seen before, "same prompt" repeats one (its encoding is cached, as
 when only the seed changes). Ratios are to the first row, measured in the same run.
 
-``--profile`` adds where the time of a new prompt goes: text encoder, denoiser, VAE decode, positions and
-rotations, and the rest (DDIM arithmetic, Python glue), timed by wrapping those calls of the pipeline in
-use. The wrapping names functions, not lines, so the script profiles older versions of the pipeline too
-(``cd OLD_CHECKOUT && python /path/to/tools/bench_generate.py --profile``): before/after on one machine.
+``--profile`` adds where the time of a new prompt goes: text encoder, denoiser, VAE decode, the pose smoothing
+and foot planting, positions and rotations, and the rest (DDIM arithmetic, Python glue), timed by wrapping those
+calls of the pipeline in use. The wrapping names functions, not lines, so the script profiles older versions of
+the pipeline too (``cd OLD_CHECKOUT && python /path/to/tools/bench_generate.py --profile``): before/after on one
+machine.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import backend.pipeline as pipeline_module
 from backend.pipeline import MotionPipeline
 
-STAGES = ("text encoder", "denoiser", "VAE decode", "positions + rotations")
+STAGES = ("text encoder", "denoiser", "VAE decode", "smooth + plant", "positions + rotations")
 
 
 class StageClock:
@@ -58,6 +59,9 @@ class StageClock:
                 self.wrap(model, "forward", "denoiser")
         for name in ("decode", "decode_window"):
             self.wrap(pipe.vae, name, "VAE decode")
+        for name in ("smooth_pose", "plant_feet"):  # absent before stop 16: the stage reads 0
+            if hasattr(pipeline_module, name):
+                self.wrap(pipeline_module, name, "smooth + plant")
         for name in ("features_to_positions", "features_to_rotations"):
             self.wrap(pipeline_module, name, "positions + rotations")
 
