@@ -59,7 +59,7 @@ class StageClock:
                 self.wrap(model, "forward", "denoiser")
         for name in ("decode", "decode_window"):
             self.wrap(pipe.vae, name, "VAE decode")
-        for name in ("smooth_pose", "plant_feet"):  # absent before stop 16: the stage reads 0
+        for name in ("smooth_pose", "plant_feet"):  # absent before 2026-11-29: the stage reads 0
             if hasattr(pipeline_module, name):
                 self.wrap(pipeline_module, name, "smooth + plant")
         for name in ("features_to_positions", "features_to_rotations"):
