@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         v = np.array(values)
         print(f"| {name} | {len(v)} | {100 * v[:, 0].mean():.2f} / {100 * v[:, 0].max():.2f} | "
               f"{v[:, 1].mean():.2f} / {v[:, 1].max():.2f} |")
-    print(f"| every frame of the real takes | {len(ref)} | median {100 * np.median(ref[:, 0]):.2f}, p95 "
-          f"{100 * np.percentile(ref[:, 0], 95):.2f} | median {np.median(ref[:, 1]):.2f}, p95 "
-          f"{np.percentile(ref[:, 1], 95):.2f} |")
+    print(f"| every frame of the real takes | {len(ref)} | mean {100 * ref[:, 0].mean():.2f}, median "
+          f"{100 * np.median(ref[:, 0]):.2f}, p95 {100 * np.percentile(ref[:, 0], 95):.2f} | mean "
+          f"{ref[:, 1].mean():.2f}, median {np.median(ref[:, 1]):.2f}, p95 {np.percentile(ref[:, 1], 95):.2f} |")
     print(f"\nlargest change to a kept frame: {kept_change:.2e}")
     return 0
 
