@@ -337,7 +337,7 @@ def smooth_pose(features: Array) -> Array:
     feet = list(skeleton.foot_left + skeleton.foot_right)
     smoothed = f.clone()
     smoothed[..., : -len(feet)] = _gaussian_smooth_time(f[..., : -len(feet)], POSE_SMOOTHING_SIGMA)
-    kept = [4 + 3 * (j - 1) + k for j in feet for k in range(3)]  # their "ric" channels
+    kept = skeleton.position_channels(feet)
     smoothed[..., kept] = f[..., kept]
     return back(smoothed)
 

@@ -12,6 +12,7 @@ skeleton. Those lengths, and the rigid pelvis and upper-chest offsets, were meas
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,12 @@ class Skeleton:
         """4 root + (J-1)*3 positions + (J-1)*6 rotations + J*3 velocities + 4 foot contacts."""
         j = self.num_joints
         return 4 + (j - 1) * 9 + j * 3 + 4
+
+    def position_channels(self, joints: Sequence[int]) -> list[int]:
+        """The feature channels holding these joints' root-relative positions (x, y, z each; not the root's)."""
+        if not all(0 < j < self.num_joints for j in joints):
+            raise ValueError(f"joints must be in 1..{self.num_joints - 1} (the root has no position channels)")
+        return [4 + 3 * (j - 1) + k for j in joints for k in range(3)]
 
     @property
     def parents(self) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from backend.motion import (
+    PLANT_CONTACT,
     canonicalize_positions,
     features_to_positions,
     features_to_rotations,
@@ -174,7 +175,7 @@ def _planted_slide(features: np.ndarray) -> float:
     """Mean horizontal slide (m per frame) of the foot joints over the steps their contact channel holds."""
     p = features_to_positions(features)
     feet = list(SMPL22.foot_left + SMPL22.foot_right)
-    held = (features[:-1, -4:] > 0.5) & (features[1:, -4:] > 0.5)
+    held = (features[:-1, -4:] > PLANT_CONTACT) & (features[1:, -4:] > PLANT_CONTACT)
     slide = np.linalg.norm(np.diff(p[:, feet][..., [0, 2]], axis=0), axis=-1)
     return float(slide[held].mean())
 
@@ -220,7 +221,8 @@ def test_smooth_pose_takes_out_jitter_and_keeps_held_poses_and_feet(humanml3d_sa
     from backend.motion import SMOOTH_REACH
 
     feet = list(SMPL22.foot_left + SMPL22.foot_right)
-    feet_channels = [4 + 3 * (j - 1) + k for j in feet for k in range(3)] + list(range(259, 263))
+    feet_channels = SMPL22.position_channels(feet) + list(range(259, 263))
+    assert SMPL22.position_channels([1])[0] == GROUPS["root-relative positions"].start
     rng = np.random.default_rng(0)
     for name, features, _ in load_clips(humanml3d_samples):
         clean = features.astype(np.float64)

@@ -360,9 +360,10 @@ def test_shipped_model_walks_on_planted_feet():
     from addon.wire import GenerateRequest
     from backend.metrics import foot_skate_ratio
     from backend.motion import PLANT_CONTACT, features_to_positions
+    from backend.skeleton import SMPL22
 
     pipe = MotionPipeline.from_checkpoint(DEFAULT_WEIGHTS, device="cpu")
-    feet = [7, 10, 8, 11]  # the contact channels' joints
+    feet = list(SMPL22.foot_left + SMPL22.foot_right)  # the contact channels' joints
 
     def planted_slide_and_skate(features: np.ndarray) -> tuple[float, float]:
         p = features_to_positions(features.astype(np.float64))
