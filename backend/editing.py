@@ -6,9 +6,10 @@ local rotations (T, J, 4) of the canonical skeleton, metres, Y up, at the model'
 seconds of the kept motion each side as known latent tokens (each side encoded by the VAE on its own, put back,
 noised to the step's level, after every denoising step), so the new frames are generated to fit between them.
 The decoded range is then placed in the world at the last kept frame before it (heading and position), and
-made to join exactly: each join's pose offset fades out over ``JOIN_S`` seconds into the range, and before a
-kept suffix the root path's remaining heading and position error is spread over the whole range, so the suffix
-stays where it was.
+made to join: before a kept suffix the root path's remaining heading and position error is spread over the whole
+range, so the suffix stays where it was; at each join the range starts as the kept motion carried on at its last
+speed and cross-fades to the decoded frames over ``JOIN_S`` seconds (the decoded frames nearest a join, where
+generated latent tokens meet known ones, are the least reliable: they weigh least).
 
 This module holds the world <-> feature steps; the denoising is the pipeline's.
 """
@@ -23,8 +24,9 @@ from backend.quaternion import qinv, qmul, qnormalize, qrot
 from backend.skeleton import SMPL22
 
 CONTEXT_S = 4.0  # seconds of kept motion each side that the denoiser sees
-JOIN_S = 0.5  # seconds over which a join's pose offset fades into the generated frames
-SLOPE_S = 0.1  # seconds over which the offset's per-frame change at a join dies away (exp(-t / SLOPE_S))
+JOIN_S = 0.6  # seconds over which a join cross-fades from the kept motion carried on to the generated frames
+JOIN_DECELERATION = 4.0  # m/s^2: the root's speed change a join's cross-fade allows (it lengthens beyond JOIN_S)
+SLOPE_S = 0.25  # seconds over which the kept motion's speed, carried on past a join, dies away (exp(-t / SLOPE_S))
 
 
 def check_motion(root: np.ndarray, rotations: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,22 +113,30 @@ def fade(count: int, frames: float) -> np.ndarray:
     return 1.0 - u * u * (3 - 2 * u)
 
 
-def join_offsets(kept_root: np.ndarray, kept_rot: np.ndarray, win_root: np.ndarray, win_rot: np.ndarray, n: int,
-                 join: float, slope: float) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets for the n generated frames beside a join (s = 1..n frames from the kept frame next to it): the
-    kept motion's difference from the placed window at the two kept frames nearest the join (index 0 nearest,
-    index 1 the next: roots (2, 3), rotations (2, J, 4)), carried on at its per-frame change (which dies away over
-    ``slope`` frames, so a fast motion on one side does not swing far) and faded out over ``join`` frames. Value
-    and slope match at the join: the position and velocity are continuous."""
+def carry_on(root: np.ndarray, rot: np.ndarray, n: int, slope: float) -> tuple[np.ndarray, np.ndarray]:
+    """The kept motion carried on past a join for n frames: its frame nearest the join (index 0 of roots (2, 3)
+    and rotations (2, J, 4)) moved on at the per-frame change from the next (index 1), that speed dying away
+    over ``slope`` frames (exp(-s / slope)), so a fast motion does not swing far."""
     s = np.arange(1, n + 1, dtype=np.float64)
-    w = fade(n, join)
-    reach = s * np.exp(-s / slope)  # how far the slope carries: its per-frame change, dying away
-    near = kept_root[0] - win_root[0]
-    root = (near + reach[:, None] * (near - (kept_root[1] - win_root[1]))) * w[:, None]
-    q_near = _qmul(kept_rot[0], _qinv(win_rot[0]))  # (J, 4)
-    q_next = _qmul(kept_rot[1], _qinv(win_rot[1]))
-    carried = _qmul(qpow(_qmul(q_near, _qinv(q_next))[None], reach[:, None]), q_near[None])  # (n, J, 4)
-    return root, qpow(carried, w[:, None])
+    reach = slope * (1.0 - np.exp(-s / slope))  # frames of travel at the join's speed after s frames
+    root_out = root[0] + reach[:, None] * (root[0] - root[1])
+    turn = _qmul(rot[0], _qinv(rot[1]))  # (J, 4): each joint's last per-frame turn
+    return root_out, _qmul(qpow(turn[None], reach[:, None]), rot[0][None])
+
+
+def join_frames(kept_step: np.ndarray, window_step: np.ndarray, fps: float) -> float:
+    """Frames a join cross-fades over: ``JOIN_S``, longer where the root's per-frame steps on the two sides differ
+    in speed by more than ``JOIN_DECELERATION`` allows to change in that time (e.g. a run into a standing pose)."""
+    change = float(np.linalg.norm(kept_step - window_step)) * fps  # m/s
+    return fps * max(JOIN_S, 2.0 * change / JOIN_DECELERATION)
+
+
+def cross_fade(root: np.ndarray, rot: np.ndarray, root_to: np.ndarray, rot_to: np.ndarray,
+               weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (n, 3), (n, J, 4) moved towards others by ``weight`` (n,): 0 keeps them, 1 gives the others
+    (positions linearly, rotations by slerp, joint by joint)."""
+    w = weight[:, None]
+    return root + w * (root_to - root), _qmul(qpow(_qmul(rot_to, _qinv(rot)), w), rot)
 
 
 def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c: np.ndarray, lo: int, start: int,
@@ -138,8 +148,9 @@ def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c
     after) has that kept frame's heading and position. Before a kept suffix, the heading and position the path
     still misses at ``stop`` are spread over the range (by a smoothstep of time: no change of speed at the joins;
     the model does not see where the suffix is, so a range too short for the way to it slides). At each join the
-    difference between the kept frames and the window (every joint's rotation, the root's position) is carried
-    into the range at its per-frame change and faded out over ``JOIN_S`` (``join_offsets``).
+    range cross-fades over ``JOIN_S`` (smoothstep) from the kept motion carried on past the join (``carry_on``:
+    every joint's rotation and the root's position at their last per-frame change, dying away over ``SLOPE_S``)
+    to the placed window: at the join the kept motion's value and speed, away from it the window's.
     """
     frames = root_w.shape[0]
     anchor = start - 1 if start > 0 else stop
@@ -149,7 +160,7 @@ def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c
     root[:, 1] = root_c[:, 1] + floor
     rot = rot_c.copy()
     rot[:, 0] = _qmul(q_turn, rot_c[:, 0])
-    n, join, slope = stop - start, JOIN_S * fps, SLOPE_S * fps
+    n, slope = stop - start, SLOPE_S * fps
     if stop < frames and start > 0:  # reach the kept suffix: spread the heading and position the path misses
         share = np.zeros(len(root))
         u = np.arange(1, n + 2) / (n + 1)  # n + 1 steps, the last into `stop`; smoothstep: no speed jump at joins
@@ -166,14 +177,11 @@ def place_range(root_w: np.ndarray, rot_w: np.ndarray, root_c: np.ndarray, rot_c
     root_g, rot_g = root[gen].copy(), rot[gen].copy()
     if start > 0:
         before = [start - 1, max(start - 2, 0)]
-        offsets = join_offsets(root_w[before], rot_w[before], root[[b - lo for b in before]],
-                               rot[[b - lo for b in before]], n, join, slope)
-        root_g += offsets[0]
-        rot_g = _qmul(offsets[1], rot_g)
+        weight = fade(n, join_frames(root_w[before[0]] - root_w[before[1]], root_g[min(1, n - 1)] - root_g[0], fps))
+        root_g, rot_g = cross_fade(root_g, rot_g, *carry_on(root_w[before], rot_w[before], n, slope), weight)
     if stop < frames:
-        after = [stop, min(stop + 1, frames - 1, lo + len(root) - 1)]
-        offsets = join_offsets(root_w[after], rot_w[after], root[[a - lo for a in after]],
-                               rot[[a - lo for a in after]], n, join, slope)
-        root_g += offsets[0][::-1]
-        rot_g = _qmul(offsets[1][::-1].copy(), rot_g)
+        after = [stop, min(stop + 1, frames - 1)]
+        weight = fade(n, join_frames(root_w[after[1]] - root_w[after[0]], root_g[-1] - root_g[max(n - 2, 0)], fps))
+        root_to, rot_to = carry_on(root_w[after], rot_w[after], n, slope)
+        root_g, rot_g = cross_fade(root_g, rot_g, root_to[::-1].copy(), rot_to[::-1].copy(), weight[::-1].copy())
     return root_g, qnormalize(torch.as_tensor(rot_g)).numpy()

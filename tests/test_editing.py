@@ -59,25 +59,21 @@ def test_kept_frames_stay_exactly_and_lengths_add_up(tiny, takes):
         assert all(np.isfinite(a).all() for a in (motion.features, motion.positions, motion.rotations))
 
 
-def test_joins_into_generated_frames_stay_small(shipped, takes):
-    """The shipped model continues real takes it never saw, and regenerates a range inside them: where the
-    generated frames begin after kept ones, the worst joint's position jump stays under 5 cm and its velocity
-    jump under 2 m/s: a guard, not the goal (measured 2.1-4.6 cm, 0.35-1.46 m/s with a walking prompt on takes
-    that barely move; the takes' own frames: median 0.4 cm, 0.26 m/s; issue 18's target is 1 cm). Where a range
-    ends in a kept suffix the path is pulled to it (docs/timeline.md), so a prompt unlike the suffix slides there
-    (up to 10 cm here): printed, not asserted."""
+def test_joins_add_at_most_a_centimetre_to_the_take_there(shipped, takes):
+    """The shipped model continues real takes it never saw and regenerates a range inside them, with a prompt
+    unlike the takes (they barely move): at every join (into the generated frames, and out of them into the kept
+    suffix) the worst joint's position jump exceeds the real take's own at that frame by at most 1 cm (issue 18's
+    gap), its velocity jump by at most 0.5 m/s. Measured: jumps 0.3-1.6 cm, 0.14-0.65 m/s (before the joins
+    cross-faded from the kept motion carried on: 2.1-4.6 cm into the range, up to 10 cm into the suffix)."""
     fps = shipped.fps
     for root, rot in takes:
-        real = np.array([bench.jumps(forward_kinematics(root, rot), t, fps) for t in range(2, len(root) - 1)])
+        real = forward_kinematics(root, rot)
         edited = shipped.edit(root, rot, 3 * fps, 6 * fps, "a person walks forward", steps=10)
         more = shipped.continue_motion(root[: 5 * fps], rot[: 5 * fps], 2.0, "a person walks forward", steps=10)
-        into = [bench.jumps(edited.positions, 3 * fps, fps), bench.jumps(more.positions, 5 * fps, fps)]
-        out_of = bench.jumps(edited.positions, 6 * fps, fps)
-        median, p95 = (np.round(np.percentile(real, q, axis=0), 3).tolist() for q in (50, 95))
-        print(f"\njoins into generated frames (position m, velocity m/s): {np.round(into, 3).tolist()}; into the "
-              f"kept suffix: {np.round(out_of, 3).tolist()}; the take's own frames: median {median}, p95 {p95}")
-        for position, velocity in into:
-            assert position < 0.05 and velocity < 2.0, into
+        joins = [(edited.positions, 3 * fps), (edited.positions, 6 * fps), (more.positions, 5 * fps)]
+        added = np.array([np.subtract(bench.jumps(p, t, fps), bench.jumps(real, t, fps)) for p, t in joins])
+        print(f"\njoins' excess over the take (position m, velocity m/s): {np.round(added, 3).tolist()}")
+        assert (added[:, 0] <= 0.01).all() and (added[:, 1] <= 0.5).all(), added
 
 
 def test_bad_motion_and_ranges_are_refused(tiny, takes):
