@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend.editing import JOIN_S, carry_on, cross_fade, fade, join_frames
 from backend.motion import features_to_rotations, forward_kinematics
 from backend.pipeline import MotionPipeline
 
@@ -74,6 +75,30 @@ def test_joins_add_at_most_a_centimetre_to_the_take_there(shipped, takes):
         added = np.array([np.subtract(bench.jumps(p, t, fps), bench.jumps(real, t, fps)) for p, t in joins])
         print(f"\njoins' excess over the take (position m, velocity m/s): {np.round(added, 3).tolist()}")
         assert (added[:, 0] <= 0.01).all() and (added[:, 1] <= 0.5).all(), added
+
+
+def test_join_starts_as_the_kept_motion_carried_on_and_ends_as_the_window():
+    """The join's parts on made-up motion: the kept root moving 5 cm per frame, every joint turning 2 degrees per
+    frame; a window 30 cm and 20 degrees away, standing still. The first generated frame continues the kept
+    motion's step; after the fade the window is untouched; a big speed change lengthens the fade."""
+    fps, n, joints = 20, 30, 22
+    kept_root = np.array([[0.0, 0.9, 0.1], [0.0, 0.9, 0.05]])  # nearest the join first
+    angle = np.radians([2.0, 0.0])
+    kept_rot = np.stack([np.tile([np.cos(a / 2), 0.0, np.sin(a / 2), 0.0], (joints, 1)) for a in angle])
+    root_to, rot_to = carry_on(kept_root, kept_rot, n, 5.0)
+    assert np.allclose(root_to[0] - kept_root[0], (kept_root[0] - kept_root[1]) * 5 * (1 - np.exp(-1 / 5)))
+    assert np.linalg.norm(np.diff(root_to, axis=0), axis=-1).max() < 0.05  # the carried speed only dies away
+    window_root = np.tile([0.3, 0.9, 0.0], (n, 1))
+    window_rot = np.tile([np.cos(np.radians(10)), np.sin(np.radians(10)), 0.0, 0.0], (n, joints, 1))
+    frames = join_frames(kept_root[0] - kept_root[1], np.zeros(3), fps)
+    assert frames == JOIN_S * fps  # 1 m/s of change fits in JOIN_S
+    root, rot = cross_fade(window_root, window_rot, root_to, rot_to, fade(n, frames))
+    first_step = root[0] - kept_root[0]
+    assert np.linalg.norm(first_step - (kept_root[0] - kept_root[1])) < 0.02, first_step  # was 0.3 m away
+    assert np.allclose(root[int(frames):], window_root[int(frames):]) and np.allclose(rot[int(frames):],
+                                                                                      window_rot[int(frames):])
+    assert np.allclose(np.linalg.norm(rot, axis=-1), 1.0)
+    assert join_frames(np.array([0.15, 0.0, 0.0]), np.zeros(3), fps) > 2 * JOIN_S * fps  # 3 m/s to standing
 
 
 def test_bad_motion_and_ranges_are_refused(tiny, takes):
