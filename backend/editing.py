@@ -66,8 +66,9 @@ def piece_features(root: np.ndarray, rotations: np.ndarray, floor: float) -> np.
     features = positions_to_features(positions, rotations=local)
     lowest = float(forward_kinematics(root, rotations)[..., 1].min())
     lift = lowest - floor  # canonicalising put this piece's lowest joint at 0: its height over the floor
-    features[:, 3] += lift  # root height
-    features[:, 5: 4 + 3 * (SMPL22.num_joints - 1): 3] += lift  # the joints' heights (root-relative XZ only)
+    groups = SMPL22.feature_groups
+    features[:, groups["root_height"]] += lift
+    features[:, groups["positions"]][:, 1::3] += lift  # the joints' heights (root-relative in XZ only)
     return features
 
 

@@ -314,7 +314,7 @@ def features_to_positions(features: Array) -> Array:
     f, back, skeleton = _features_arg(features)
     root_quat, root_position = _root_rotation_and_position(f)
     j = skeleton.num_joints
-    ric = f[..., 4 : 4 + (j - 1) * 3].reshape(*f.shape[:-1], j - 1, 3)
+    ric = f[..., skeleton.feature_groups["positions"]].reshape(*f.shape[:-1], j - 1, 3)
     joints = qrot(qinv(root_quat)[..., None, :].expand((*ric.shape[:-1], 4)), ric)
     joints = joints + (root_position * root_position.new_tensor([1.0, 0.0, 1.0]))[..., None, :]
     return back(torch.cat([root_position[..., None, :], joints], dim=-2))
@@ -336,7 +336,8 @@ def smooth_pose(features: Array) -> Array:
     f, back, skeleton = _features_arg(features)
     feet = list(skeleton.foot_left + skeleton.foot_right)
     smoothed = f.clone()
-    smoothed[..., : -len(feet)] = _gaussian_smooth_time(f[..., : -len(feet)], POSE_SMOOTHING_SIGMA)
+    pose = slice(0, skeleton.feature_groups["contacts"].start)
+    smoothed[..., pose] = _gaussian_smooth_time(f[..., pose], POSE_SMOOTHING_SIGMA)
     kept = skeleton.position_channels(feet)
     smoothed[..., kept] = f[..., kept]
     return back(smoothed)
@@ -357,7 +358,7 @@ def plant_feet(features: Array) -> Array:
     p = features_to_positions(f)
     root_quat, _ = _root_rotation_and_position(f)
     feet = list(skeleton.foot_left + skeleton.foot_right)  # the order of the four contact channels
-    contact = (f[..., -len(feet):] > PLANT_CONTACT).to(f.dtype)
+    contact = (f[..., skeleton.feature_groups["contacts"]] > PLANT_CONTACT).to(f.dtype)
     held = torch.minimum(contact[..., :-1, :], contact[..., 1:, :])  # (..., T-1, 4): planted at both ends
     slide = (p[..., 1:, feet, :] - p[..., :-1, feet, :]) * p.new_tensor([1.0, 0.0, 1.0])
     correction = -(held[..., None] * slide).sum(-2) / held.sum(-1, keepdim=True).clamp(min=1.0)
@@ -395,7 +396,7 @@ def _swing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _channel_rotations(f: torch.Tensor, skeleton: Skeleton) -> torch.Tensor:
     """The rotation channels as quaternions (..., T, J-1, 4) of joints 1..J-1."""
     j = skeleton.num_joints
-    cont6d = f[..., 4 + (j - 1) * 3 : 4 + (j - 1) * 9].reshape(*f.shape[:-1], j - 1, 6)
+    cont6d = f[..., skeleton.feature_groups["rotations"]].reshape(*f.shape[:-1], j - 1, 6)
     return matrix_to_quat(cont6d_to_matrix(cont6d))
 
 

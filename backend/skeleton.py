@@ -42,16 +42,29 @@ class Skeleton:
         return len(self.joint_names)
 
     @property
-    def feature_dim(self) -> int:
-        """4 root + (J-1)*3 positions + (J-1)*6 rotations + J*3 velocities + 4 foot contacts."""
+    def feature_groups(self) -> dict[str, slice]:
+        """HumanML3D's feature layout, group by group, in order: the root's angular velocity about Y (1), its
+        linear XZ velocity in its own frame (2), its height (1); joints 1..J-1's root-relative positions
+        (3 each) and 6D rotations (6 each); all J joints' velocities (3 each); the foot contacts (4)."""
         j = self.num_joints
-        return 4 + (j - 1) * 9 + j * 3 + 4
+        sizes = {"root_angular": 1, "root_linear": 2, "root_height": 1, "positions": (j - 1) * 3,
+                 "rotations": (j - 1) * 6, "velocities": j * 3, "contacts": 4}
+        groups, start = {}, 0
+        for name, size in sizes.items():
+            groups[name] = slice(start, start + size)
+            start += size
+        return groups
+
+    @property
+    def feature_dim(self) -> int:
+        return self.feature_groups["contacts"].stop
 
     def position_channels(self, joints: Sequence[int]) -> list[int]:
         """The feature channels holding these joints' root-relative positions (x, y, z each; not the root's)."""
         if not all(0 < j < self.num_joints for j in joints):
             raise ValueError(f"joints must be in 1..{self.num_joints - 1} (the root has no position channels)")
-        return [4 + 3 * (j - 1) + k for j in joints for k in range(3)]
+        first = self.feature_groups["positions"].start
+        return [first + 3 * (j - 1) + k for j in joints for k in range(3)]
 
     @property
     def parents(self) -> tuple[int, ...]:

@@ -24,7 +24,6 @@ sees a half-written dataset.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -58,7 +57,7 @@ from backend.data.retarget import (
 )
 from backend.data.splits import RULES, held_out_pairs, make_splits, take_splits
 from backend.motion import canonicalize_rotations, features_to_positions, positions_to_features
-from backend.skeleton import SMPL22
+from backend.skeleton import SMPL22, Skeleton
 
 WANTED_SUFFIXES = (".bvh", ".amc", ".asf", ".json", ".txt", ".csv")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
@@ -228,14 +227,12 @@ def _labelled_license(files: dict[str, bytes]) -> str:
     return ", ".join(sorted(found)) or "unknown (no recognised LICENSE file in the source; check its terms)"
 
 
-def compute_normalizer(features: list[np.ndarray], num_joints: int) -> tuple[np.ndarray, np.ndarray]:
+def compute_normalizer(features: list[np.ndarray], skeleton: Skeleton) -> tuple[np.ndarray, np.ndarray]:
     """Mean and Std over all frames, with HumanML3D's Std: each feature group gets its group's mean std."""
     data = np.concatenate(features, axis=0).astype(np.float64)
     mean, std = data.mean(axis=0), data.std(axis=0)
-    j = num_joints
-    bounds = [0, 1, 3, 4, 4 + (j - 1) * 3, 4 + (j - 1) * 9, 4 + (j - 1) * 9 + j * 3, data.shape[1]]
-    for lo, hi in itertools.pairwise(bounds):
-        std[lo:hi] = std[lo:hi].mean()
+    for group in skeleton.feature_groups.values():
+        std[group] = std[group].mean()
     if not (std > 0).all():
         raise ValueError("a feature group has zero variance over the train split: too little data")
     return mean.astype(np.float32), std.astype(np.float32)
@@ -417,7 +414,7 @@ def prepare(
         train_features = [np.load(tmp / "new_joint_vecs" / f"{i}.npy") for i in splits["train"]]
         skeleton = jmap.skeleton if jmap is not None else SMPL22
         mean, std = compute_normalizer(train_features or [np.load(tmp / "new_joint_vecs" / f"{i}.npy") for i in ok],
-                                       skeleton.num_joints)
+                                       skeleton)
         np.save(tmp / "Mean.npy", mean)
         np.save(tmp / "Std.npy", std)
 
