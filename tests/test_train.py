@@ -437,6 +437,37 @@ def test_lcm_run_is_a_checkpoint_with_a_fast_sampler(dataset, trained, lcm_confi
     assert more.frames == 60 and np.allclose(more.rotations[:40], fast[2].rotations, atol=1e-6)
 
 
+def test_lcm_endpoint_pairs_are_the_teachers_own_samples(dataset, trained, lcm_config, tmp_path):
+    """With ``endpoint_weight`` the run samples training captions with the teacher once (guided DDIM from seeded
+    noise, padded clips masked) and adds the student's one-step error on them; the pairs are kept in the run's
+    state, so a resume reuses them (``test_resume_reproduces_the_uninterrupted_run`` covers the plain loss)."""
+    config = json.loads(lcm_config.read_text())
+    config["lcm"].update(endpoint_weight=0.5, endpoint_pairs=6, endpoint_teacher_steps=3)
+    path = tmp_path / "endpoint.json"
+    path.write_text(json.dumps(config))
+    history = train("lcm", dataset, tmp_path / "run", config=path, steps=2, teacher=trained["run"], progress=False)
+    for h in history:
+        assert h["loss"] == pytest.approx(h["consistency"] + 0.5 * h["endpoint"], rel=1e-5)
+        assert h["endpoint"] > 0 and np.isfinite(h["endpoint"])
+    pairs = load_state(tmp_path / "run" / "train_state.pt")["task"]["endpoints"]
+    assert len(pairs["captions"]) == 6 and pairs["noise"].shape == pairs["sample"].shape
+    assert ((pairs["guidance"] >= 1.0) & (pairs["guidance"] <= 5.0)).all()
+    teacher = MotionPipeline.from_checkpoint(trained["run"], device="cpu")
+    for k in range(6):  # each sample is the teacher's, alone and unpadded, from its noise
+        valid = pairs["mask"][k]
+        assert not pairs["sample"][k][~valid].any()
+        x = pairs["noise"][k][valid][None]
+        text = teacher.text_encoder([pairs["captions"][k]])
+        cond = (text.tokens.repeat(2, 1, 1), text.mask.repeat(2, 1), text.pooled.repeat(2, 1))
+        timesteps = teacher.diffusion.ddim_timesteps(3)
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                both = teacher.denoiser(x.repeat(2, 1, 1), torch.full((2,), t), *cond, torch.tensor([False, True]))
+                guided = both[1:] + pairs["guidance"][k] * (both[:1] - both[1:])
+                x = teacher.diffusion.ddim_step(guided, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+        torch.testing.assert_close(x[0], pairs["sample"][k][valid], atol=1e-4, rtol=1e-4)
+
+
 def test_lcm_bad_teacher(dataset, trained, lcm_config, tmp_path):
     with pytest.raises(ValueError, match="pass --teacher DIR"):
         train("lcm", dataset, tmp_path / "a", config=lcm_config, steps=1, progress=False)
