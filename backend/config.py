@@ -27,8 +27,6 @@ class VAEConfig:
     layers: int = 1
     d_state: int = 16
     expand: float = 2.0
-    window: int = 8
-    context: int = 2
 
 
 @dataclass(frozen=True)

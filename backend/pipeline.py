@@ -3,7 +3,7 @@
     pipe = MotionPipeline.from_checkpoint()              # backend/weights/default, or a run folder
     motion = pipe("a person walks forward", seconds=10.0, seed=0)
     motion = pipe(GenerateRequest("a person walks forward", seconds=10.0))   # the same, as the wire's type
-    for sample, start, chunk in pipe.stream(...):        # frames window by window, as the VAE decodes
+    for sample, start, chunk in pipe.stream(...):        # frames chunk by chunk, as the VAE decodes
         ...
 
 Fields, their defaults and the prompt checks are ``addon.wire.GenerateRequest``'s; the pipeline adds only its
@@ -47,6 +47,7 @@ from backend.motion import (
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 MAX_SAMPLES = 64  # samples per prompt in one call
 TEXT_CACHE = 256  # prompts whose text encoding a pipeline keeps (a new seed or a repeated prompt skips it)
+STREAM_TOKENS = 8  # latent tokens (32 frames, 1.6 s at 20 fps) in a stream's first chunk
 TIMELINE_BLEND_S = 1.0  # seconds each side of a timeline row over which it hands over to its neighbours
 
 
@@ -389,7 +390,7 @@ class MotionPipeline:
     def stream(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],
                seed: int | Sequence[int] | None = None, callback: Callable[[int, int], None] | None = None,
                stop: Callable[[], bool] | None = None, **fields: object) -> Iterator[tuple[int, int, Motion]]:
-        """Yield (sample_index, start_frame, chunk) as the VAE decodes the latent window by window.
+        """Yield (sample_index, start_frame, chunk) as the VAE decodes the latent chunk by chunk.
 
         Takes what ``requests`` takes. Samples are ordered prompt by prompt, ``samples`` per prompt; sample k of
         a prompt uses seed + k. ``callback(step, total)`` runs after every denoising step; ``stop()`` is asked
@@ -447,8 +448,8 @@ class MotionPipeline:
                 plan: Plan | None, callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
                 whole: bool = False) -> Iterator[tuple[int, int, Motion]]:
         """Denoise (``plan``: the texts and windows of a timeline, else one window per sample with its prompt)
-        and decode; ``prompts`` name the samples. ``whole``: one chunk per sample (no streaming: every decode
-        window in one batched pass, rotations computed once)."""
+        and decode; ``prompts`` name the samples. ``whole``: one chunk per sample (no streaming: the latent
+        decoded once, rotations computed once)."""
         threads = self.cpu_threads if self.device.type == "cpu" else None
         texts, windows = (prompts, None) if plan is None else plan
         with torch_threads(threads):
@@ -456,21 +457,22 @@ class MotionPipeline:
         if z is None:
             return
         decoded: list[list[np.ndarray]] = [[] for _ in prompts]
-        windows = self.vae.windows(z.shape[1])
-        # A chunk is one decode window, then as many windows as were yielded before it (1, 1, 2, 4, ...): the
-        # first frames come at once, and recomputing the prefix stays linear in the length overall.
-        groups, done = [], 0
-        while done < len(windows):
-            size = len(windows) if whole else max(1, done)
-            groups.append(windows[done: done + size])
-            done += size
-        for group in groups:
+        tokens = z.shape[1]
+        # Chunks of STREAM_TOKENS latent tokens, then as many as were yielded before (1, 1, 2, 4, ... times): the
+        # first frames come at once, and decoding each chunk's prefix stays linear in the length overall.
+        bounds, done = [], 0
+        while done < tokens:
+            size = tokens if whole else STREAM_TOKENS * max(1, done // STREAM_TOKENS)
+            bounds.append((done, min(tokens, done + size)))
+            done = bounds[-1][1]
+        for lo, hi in bounds:
             if stop is not None and stop():
                 return
-            start = group[0][0] * DOWNSAMPLE
+            start = lo * DOWNSAMPLE
             with torch_threads(threads):  # not held across a yield: the caller runs with its own setting
-                window = self._decode(z, group[0][0], group[-1][1])[:, : frames - start]
-                chunks = [self._chunk(decoded[k], window[k], start, prompts[k], seeds[k]) for k in range(len(prompts))]
+                features = self._decode(z, lo, hi)[:, : frames - start]
+                chunks = [self._chunk(decoded[k], features[k], start, prompts[k], seeds[k])
+                          for k in range(len(prompts))]
             for k, chunk in enumerate(chunks):
                 yield k, start, chunk
 
@@ -480,7 +482,7 @@ class MotionPipeline:
         decoded beyond the range, so a chunk's frames are the whole motion's."""
         margin = -(-(SMOOTH_REACH + PLANT_REACH) // DOWNSAMPLE)
         lo, hi = max(0, start - margin), min(z.shape[1], stop + margin)
-        features = self.vae.decode(z, [(lo, hi)]).float().cpu().numpy() * self.std + self.mean
+        features = self.vae.decode(z, hi)[:, DOWNSAMPLE * lo:].float().cpu().numpy() * self.std + self.mean
         return plant_feet(smooth_pose(features))[:, DOWNSAMPLE * (start - lo): DOWNSAMPLE * (stop - lo)]
 
     def _chunk(self, decoded: list[np.ndarray], features: np.ndarray, start: int, prompt: str,

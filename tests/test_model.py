@@ -31,7 +31,7 @@ def _randomize(module: nn.Module) -> nn.Module:
 @pytest.fixture(scope="module")
 def vae() -> MotionVAE:
     torch.manual_seed(0)
-    return MotionVAE(latent_dim=4, width=16, d_state=4, window=3, context=1).eval()
+    return MotionVAE(latent_dim=4, width=16, d_state=4).eval()
 
 
 def test_vae_latent_is_temporal_quarter_length(vae):
@@ -44,56 +44,37 @@ def test_vae_latent_is_temporal_quarter_length(vae):
 
 
 @torch.no_grad()
-def test_vae_window_reads_only_its_neighbours_spans(vae):
-    z = torch.randn(1, 20, 4)
-    windows = vae.windows(20)
-    assert windows[:4] == [(0, 3), (3, 6), (6, 9), (9, 12)]
-    start, stop = windows[2]  # cross-fades with (3, 6), reading 2..7, and (9, 12), reading 8..13
-    ref = vae.decode_window(z, start, stop)
-    far = z.clone()
-    far[:, :2] += 5.0
-    far[:, 13:] -= 5.0
-    assert torch.equal(vae.decode_window(far, start, stop), ref)
-    near = z.clone()
-    near[:, 2] += 5.0  # only the previous window reads it: the frames it fades into change, the others not
-    changed = (vae.decode_window(near, start, stop) - ref).abs().amax(dim=(0, 2)) > 1e-6
-    assert changed[: 4 * vae.context].all() and not changed[4 * vae.context:].any()
-
-
-@torch.no_grad()
-def test_vae_windows_cross_fade_over_their_shared_context(vae):
-    z = torch.randn(1, 6, 4)
-    (a0, b0), (a1, b1) = vae.windows(6)
-    ctx = vae.context
-
-    def alone(lo: int, hi: int) -> torch.Tensor:  # one window's own decode of tokens [lo, hi)
-        h = vae.dec_in(z[:, lo:hi])
-        for layer in vae.dec:
-            h = layer(h)
-        return vae.dec_out(h)
-
-    first, second = alone(a0, b0 + ctx), alone(a1 - ctx, b1)
-    out = vae.decode(z)
-    # far from the boundary each window alone; at it, both: the first's weight falls and the second's rises
-    torch.testing.assert_close(out[:, :2], first[:, :2])
-    torch.testing.assert_close(out[:, -2:], second[:, -2:])
-    seam = 4 * b0  # the first frame of the second window, where the two weigh 1 - 1/8 and 1 (frame centres)
-    w1, w2 = 1 - 0.5 / (4 * ctx), 1.0
-    expected = (w1 * first[:, seam] + w2 * second[:, seam - 4 * (a1 - ctx)]) / (w1 + w2)
-    torch.testing.assert_close(out[:, seam], expected)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("per_call", [16, 2])
-def test_vae_full_decode_is_the_streamed_windows(vae, monkeypatch, per_call):
-    monkeypatch.setattr(vae_module, "DECODE_BATCH", per_call)  # 2: one window of the 2 samples per call
+@pytest.mark.parametrize("layers", [1, 2])
+def test_vae_decoder_is_causal_with_one_token_of_lookahead(layers):
+    """A prefix of the latent decodes to the whole latent's frames (what makes a stream exact), also with two
+    Mamba layers per resolution (the decoder scans forwards only, the encoder alternates): changing token k
+    changes frames from 4 (k - 1) on, never before (the up-convolutions read one token ahead: ``LOOKAHEAD``)."""
+    torch.manual_seed(0)
+    vae = MotionVAE(latent_dim=4, width=16, d_state=4, layers=layers).eval()
     z = torch.randn(2, 9, 4)
-    windows = vae.windows(9)
-    assert windows == [(0, 3), (3, 6), (6, 9)]  # 4, 5 and 4 tokens read: two batched calls, not three
-    one_by_one = torch.cat([vae.decode_window(z, a, b) for a, b in windows], dim=1)
-    assert one_by_one.shape == (2, 36, 263)
-    torch.testing.assert_close(vae.decode(z), one_by_one, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(vae.decode(z, windows[1:]), one_by_one[:, 12:], rtol=1e-5, atol=1e-6)
+    whole = vae.decode(z)
+    assert whole.shape == (2, 36, 263)
+    for stop in range(1, 10):
+        torch.testing.assert_close(vae.decode(z, stop), whole[:, : 4 * stop], rtol=1e-5, atol=1e-6)
+    for k in (3, 8):
+        changed = z.clone()
+        changed[:, k] += 3.0
+        moved = (vae.decode(changed) - whole).abs().amax(dim=(0, 2)) > 1e-6
+        assert not moved[: 4 * (k - vae_module.LOOKAHEAD)].any() and moved[4 * (k - 1): 4 * k].any()
+    x = torch.randn(1, 36, 263)  # with two layers the encoder sees both ways: a late frame moves the first token
+    later = x.clone()
+    later[:, -1] += 3.0
+    assert torch.allclose(vae.encode(x)[0][:, 0], vae.encode(later)[0][:, 0]) == (layers == 1)
+    with pytest.raises(ValueError, match=r"stop must be in 1\.\.9"):
+        vae.decode(z, 0)
+
+
+@torch.no_grad()
+def test_vae_decodes_samples_in_calls_of_bounded_frames(vae, monkeypatch):
+    z = torch.randn(3, 10, 4)
+    together = vae.decode(z)
+    monkeypatch.setattr(vae_module, "DECODE_FRAMES", 50)  # 44 frames read per sample: one sample a call
+    torch.testing.assert_close(vae.decode(z), together, rtol=1e-5, atol=1e-6)
 
 
 def test_vae_loss_backpropagates(vae):
@@ -256,27 +237,3 @@ def test_consistency_sampler_schedule_and_boundary():
     torch.testing.assert_close(consistency_x0(diff, eps, x, t), diff.split(eps, x, t)[0], rtol=1e-4, atol=1e-4)
 
 
-@torch.no_grad()
-def test_shipped_vae_shows_no_seam_between_decode_windows(humanml3d_samples):
-    """Real HumanML3D clips through the shipped VAE: the joints' jerk where one decode window hands over to
-    the next is that of the frames inside windows (each window decoded alone and cut: 2.1-3.2x on these)."""
-    import numpy as np
-
-    from backend.checkpoint import load_config, load_normalizer, load_weights
-    from backend.config import ModelConfig
-    from backend.metrics import jerk_per_frame
-    from backend.motion import features_to_positions
-    from backend.pipeline import DEFAULT_WEIGHTS
-
-    vae = MotionVAE.from_config(ModelConfig.from_dict(load_config(DEFAULT_WEIGHTS)))
-    load_weights(vae, DEFAULT_WEIGHTS / "vae.safetensors")
-    mean, std = load_normalizer(DEFAULT_WEIGHTS)
-    frames = 4 * vae.window  # a decode window's frames
-    for path in sorted((humanml3d_samples / "new_joint_vecs").glob("*.npy")):
-        real = np.load(path)[: 4 * vae.window * 6]
-        x = torch.from_numpy(((real - mean) / std).astype(np.float32))[None]
-        decoded = vae.eval().decode(vae.encode(x)[0])[0].numpy() * std + mean
-        jerk = jerk_per_frame(features_to_positions(decoded), 20)  # jerk[t] spans frames t .. t + 3
-        seam = np.array([(t + 3) // frames != t // frames for t in range(len(jerk))])
-        assert seam.sum() >= 9, path.name
-        assert jerk[seam].mean() < 1.3 * jerk[~seam].mean(), path.name

@@ -11,8 +11,8 @@ when only the seed changes). Ratios are to the first row, measured in the same r
 ``--profile`` adds where the time of a new prompt goes: text encoder, denoiser, VAE decode, the pose smoothing
 and foot planting, positions and rotations, and the rest (DDIM arithmetic, Python glue), timed by wrapping those
 calls of the pipeline in use. The wrapping names functions, not lines, so the script profiles older versions of
-the pipeline too (``cd OLD_CHECKOUT && python /path/to/tools/bench_generate.py --profile``): before/after on one
-machine.
+the pipeline too (``cd OLD_CHECKOUT && PYTHONPATH=. python /path/to/tools/bench_generate.py --profile``):
+before/after on one machine.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class StageClock:
         for model in (pipe.denoiser, getattr(pipe, "student", None)):
             if model is not None:
                 self.wrap(model, "forward", "denoiser")
-        for name in ("decode", "decode_window"):
-            self.wrap(pipe.vae, name, "VAE decode")
+        for name in ("decode", "decode_window"):  # decode_window: before 2026-11-29 (windowed decoding)
+            if hasattr(pipe.vae, name):
+                self.wrap(pipe.vae, name, "VAE decode")
         for name in ("smooth_pose", "plant_feet"):  # absent before 2026-11-29: the stage reads 0
             if hasattr(pipeline_module, name):
                 self.wrap(pipeline_module, name, "smooth + plant")
