@@ -19,7 +19,7 @@ from .operators import current_session, panel_settings, redraw_panels
 from .properties import generate_request, target_armature
 
 DELAY_S = 0.4  # quiet time after the last change before regenerating (typing a word is one generation)
-LIVE_STEPS = 2  # fast-sampler steps per preview: 51 ms a sentence, smoother than 1 step (docs/fast_sampler.md)
+LIVE_STEPS = 1  # fast-sampler steps per preview: the fastest, and nearest real in jerk and skate (docs/fast_sampler.md)
 _due: float | None = None  # when the next live regeneration should start
 
 
