@@ -220,36 +220,6 @@ def test_text_encoder_offline_minilm(tmp_path):
         TextEncoder(tmp_path)
 
 
-def test_text_encoder_trace_gives_the_models_numbers(monkeypatch, caplog):
-    """One caption at a time goes through the frozen TorchScript trace: for captions of 3 to 32 tokens (the
-    trace was made on another length) the same states and pooled vector as the model itself, and as a padded
-    batch; a model that does not trace is encoded without it, with a warning."""
-    traced, plain = TextEncoder(cache_size=0), TextEncoder(cache_size=0)
-    plain._frozen_failed = True
-    captions = ["x", "a man jumps", "a person walks forward, then waves with the right hand",
-                "someone does a cartwheel to the side, lands on both feet, then bows politely to the crowd again "
-                "and again and again until everyone has left the hall"]
-    batch = plain(captions)
-    for k, caption in enumerate(captions):
-        one, reference = traced([caption]), plain([caption])
-        assert traced._frozen is not None
-        torch.testing.assert_close(one.tokens, reference.tokens, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(one.pooled, reference.pooled, atol=1e-6, rtol=1e-5)
-        length = int(batch.mask[k].sum())
-        torch.testing.assert_close(one.tokens[0], batch.tokens[k, :length], atol=1e-5, rtol=1e-5)
-    assert int(batch.mask[-1].sum()) == 32  # the longest caption is cut at max_length
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("cannot trace this model")
-
-    monkeypatch.setattr(torch.jit, "trace", refuse)
-    fresh = TextEncoder(cache_size=0)
-    with caplog.at_level("WARNING"):
-        out = fresh([captions[1]])
-    assert "not traced (cannot trace this model)" in caplog.text and fresh._frozen is None
-    torch.testing.assert_close(out.tokens, plain([captions[1]]).tokens)
-
-
 def test_consistency_sampler_schedule_and_boundary():
     assert lcm_timesteps(1, 20, 1000) == [999]
     assert lcm_timesteps(2, 20, 1000) == [999, 499]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_NAME = "all-MiniLM-L6-v2"
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,8 +43,6 @@ class TextEncoder(nn.Module):
     training sees the same ones again and again; a pipeline keeps a few hundred, so a new seed or a repeated
     prompt skips the encoder).
     Batches of captions give each caption's embedding to float tolerance of encoding it alone.
-    On the CPU one caption at a time (every cached encoding) goes through a frozen TorchScript trace of the model,
-    made at the first one: the same numbers to ~1e-6 in ~40% less time (MiniLM, one thread: ~12 -> ~7 ms).
     """
 
     def __init__(self, path: str | Path | None = None, max_length: int = TextEncoderConfig.max_length,
@@ -80,8 +74,6 @@ class TextEncoder(nn.Module):
         self.dim = int(self.model.config.hidden_size)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._frozen: torch.jit.ScriptModule | None = None  # the trace for single captions on the CPU
-        self._frozen_failed = False
 
     def train(self, mode: bool = True) -> TextEncoder:  # always frozen, always eval
         return super().train(False)
@@ -90,34 +82,16 @@ class TextEncoder(nn.Module):
     def _encode(self, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(self.device)
-        out = self._run(enc["input_ids"], enc["attention_mask"])
-        states = out["last_hidden_state"].float()
+        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        states = out.last_hidden_state.float()
         mask = enc["attention_mask"].bool()
         if self.kind == "clip":
-            pooled = out["pooler_output"].float()
+            pooled = out.pooler_output.float()
         else:
             m = mask.unsqueeze(-1).float()
             pooled = (states * m).sum(1) / m.sum(1).clamp(min=1.0)
             pooled = nn.functional.normalize(pooled, dim=-1)
         return [(states[i, mask[i]], pooled[i]) for i in range(len(captions))]
-
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's outputs by name; one unpadded caption on the CPU through the frozen trace (made now if
-        need be; where tracing fails, the model itself, with a warning saying why)."""
-        if len(ids) == 1 and ids.device.type == "cpu" and not self._frozen_failed:
-            if self._frozen is None:
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # TracerWarnings on branches that are constant here
-                        traced = torch.jit.trace(self.model, (ids, mask), strict=False)
-                        self._frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-                except Exception as exc:  # a model TorchScript cannot trace: the eager path, a little slower
-                    log.warning("text encoder %s: not traced (%s); encoding without TorchScript", self.name, exc)
-                    self._frozen_failed = True
-            if self._frozen is not None:
-                return self._frozen(ids, mask)
-        out = self.model(input_ids=ids, attention_mask=mask)
-        return {"last_hidden_state": out.last_hidden_state, "pooler_output": getattr(out, "pooler_output", None)}
 
     @property
     def device(self) -> torch.device:
