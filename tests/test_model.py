@@ -73,7 +73,7 @@ def test_vae_decoder_is_causal_with_one_token_of_lookahead(layers):
 def test_vae_decodes_samples_in_calls_of_bounded_frames(vae, monkeypatch):
     z = torch.randn(3, 10, 4)
     together = vae.decode(z)
-    monkeypatch.setattr(vae_module, "DECODE_FRAMES", 50)  # 44 frames read per sample: one sample a call
+    monkeypatch.setattr(vae_module, "DECODE_FRAMES", 50)  # 40 frames per sample: one sample a call
     torch.testing.assert_close(vae.decode(z), together, rtol=1e-5, atol=1e-6)
 
 
