@@ -110,7 +110,8 @@ class MOTION_PT_panel(bpy.types.Panel):
 
         if props.live and session is not None:
             fast = session.fast_steps
-            text = (f"Live: regenerates in place at {live_steps(props.steps, fast)} fast steps" if fast else
+            steps = live_steps(props.steps, fast)
+            text = (f"Live: regenerates in place at {steps} fast step{'s' * (steps != 1)}" if fast else
                     f"Live: this backend has no fast sampler ({props.steps} steps per change)")  # fmt: skip
             layout.label(text=text, icon="REC")
         job = session.job if session is not None else None
