@@ -100,6 +100,18 @@ def test_scan_optional_terms(implementation, with_D, with_z, with_bias, softplus
     assert_matches_oracle(inputs, delta_softplus=softplus)
 
 
+@pytest.mark.parametrize(("batch", "dim", "dstate", "length", "groups"), [(2, 4, 16, 7, 0), (2, 8, 16, 257, 2)])
+def test_inference_scan_matches_oracle(implementation, batch, dim, dstate, length, groups):
+    """Without gradients the scan skips autograd (and the kernel keeps no checkpoints): same values."""
+    inputs = make_inputs(batch, dim, dstate, length, groups=groups, seed=7)
+    ref, ref_state = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        ours, our_state = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    assert not ours.requires_grad
+    torch.testing.assert_close(ours, ref.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(our_state, ref_state.detach(), atol=1e-4, rtol=1e-4)
+
+
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 3), dim=st.integers(1, 6), dstate=st.integers(1, 64), length=st.integers(1, 70),
        flags=st.integers(0, 15), seed=st.integers(0, 2**16))

@@ -341,6 +341,9 @@ def _cache_dir() -> Path:
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
 OPENMP = "-fopenmp"  # threads over blocks of channels; without it (e.g. Apple clang) the kernel runs serially
 NATIVE = "-march=native"  # AVX2 / AVX-512 where the CPU has them: 3-6x faster than baseline SSE2
+# gcc and clang default to 256-bit vectors even where the CPU has AVX-512; the scan's 16 lanes fill one 512-bit
+# register: ~20% faster there (x86 only: other compilers and targets reject the flag, and the build retries without)
+WIDE = "-mprefer-vector-width=512"
 
 
 def _cpu_id() -> str:
@@ -357,7 +360,7 @@ def build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', '')!r}; install gcc or clang, or set CC)")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, OPENMP, NATIVE, platform.machine(), _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, OPENMP, NATIVE, WIDE, platform.machine(), _cpu_id()]).encode())
     target = _cache_dir() / f"scan_kernel_{key.hexdigest()[:16]}{'.dll' if os.name == 'nt' else '.so'}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -365,8 +368,8 @@ def build() -> ctypes.CDLL:
             src, out = Path(tmp) / "scan_kernel.c", Path(tmp) / target.name
             src.write_text(SOURCE)
             errors = []
-            # some compilers reject -march=native or -fopenmp: retry without
-            for flags in ([*FLAGS, OPENMP, NATIVE], [*FLAGS, OPENMP], FLAGS):
+            # some compilers reject the vector width, -march=native or -fopenmp: retry without
+            for flags in ([*FLAGS, OPENMP, NATIVE, WIDE], [*FLAGS, OPENMP, NATIVE], [*FLAGS, OPENMP], FLAGS):
                 cmd = [cc, *flags, str(src), "-o", str(out)]
                 result = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if result.returncode == 0:

@@ -101,8 +101,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         B_t = B_t.repeat_interleave(groups // B_t.shape[1], dim=1)
         C_t = C_t.repeat_interleave(groups // C_t.shape[1], dim=1)
     D, delta_bias = (None if t is None else t.float().contiguous() for t in (D, delta_bias))
-    out, last_state = _SelectiveScan.apply(u.float(), delta.float(), A.float().contiguous(), B_t, C_t, D,
-                                           None if z is None else z.float(), delta_bias, bool(delta_softplus))
+    args = (u.float(), delta.float(), A.float().contiguous(), B_t, C_t, D, None if z is None else z.float(),
+            delta_bias, bool(delta_softplus))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:-1]):
+        out, last_state = _SelectiveScan.apply(*args)
+    else:  # inference: the implementation directly (the autograd Function costs ~15 us a call)
+        out, last_state, _ = _implementation_for(u).forward(*args, for_backward=False)
     out = out.to(dtype_in)
     return (out, last_state) if return_last_state else out
 
@@ -115,8 +119,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        # The C kernel reads CPU memory; other devices (CUDA without mamba_ssm, MPS) get the PyTorch scan.
-        impl = _implementation() if u.device.type == "cpu" else _TorchScan
+        impl = _implementation_for(u)
         out, last_state, saved = impl.forward(u, delta, A, B, C, D, z, delta_bias, softplus,
                                               for_backward=any(ctx.needs_input_grad))
         ctx.impl, ctx.softplus = impl, softplus
@@ -207,3 +210,8 @@ def _choose_implementation():
 
 
 _implementation = functools.cache(_choose_implementation)
+
+
+def _implementation_for(u: torch.Tensor):
+    """The C kernel reads CPU memory; other devices (CUDA without mamba_ssm, MPS) get the PyTorch scan."""
+    return _implementation() if u.device.type == "cpu" else _TorchScan

@@ -70,6 +70,8 @@ class TextEncoder(nn.Module):
         else:
             self.model = AutoModel.from_pretrained(self.path, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self.kind != "clip" and getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # BERT's [CLS] pooler: unused here (mean pooling), one matrix product a prompt
         self.model.eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
         self.cache_size = cache_size
