@@ -298,7 +298,7 @@ class MotionPipeline:
             raise ValueError("requests generated together must share seconds, guidance, steps, samples and timeline")
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _latents(self, prompts: list[str], seeds: list[int], tokens: int, guidance: float, steps: int,
                  callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
                  windows: list[Window] | None = None, known: Known | None = None) -> torch.Tensor | None:
@@ -443,7 +443,7 @@ class MotionPipeline:
                 windows.append(Window(sample, lo, hi, texts.index(row.prompt), weight))
         return texts, windows
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _stream(self, prompts: list[str], seeds: list[int], frames: int, guidance: float, steps: int,
                 plan: Plan | None, callback: Callable[[int, int], None] | None, stop: Callable[[], bool] | None,
                 whole: bool = False) -> Iterator[tuple[int, int, Motion]]:
@@ -500,7 +500,7 @@ class MotionPipeline:
         records (detecting it on every chunk cost a third of the rotations; "auto" still does)."""
         return features_to_rotations(features, self.rotation_channels)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def edit(self, root_translation: np.ndarray, rotations: np.ndarray, start: int, stop: int, prompt: str,
              seed: int = 0, guidance: float = GenerateRequest.guidance, steps: int = GenerateRequest.steps,
              callback: Callable[[int, int], None] | None = None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scan_reference import selective_scan_ref
 
-from backend.models import ssm
+from backend.models import scan_kernel, ssm
 from backend.models.blocks import BidirectionalSpatialMamba, HierarchicalTemporalMamba
 from backend.models.mamba import Mamba
 
@@ -73,6 +73,23 @@ def test_mamba_matches_mamba_ssm_reference_forward_and_gradients():
     for a, b in zip(torch.autograd.grad((ours * weight).sum(), params),
                     torch.autograd.grad((ref * weight).sum(), params)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("batch", "length", "d_model"), [(1, 1, 8), (2, 3, 16), (3, 50, 12), (1, 200, 32)])
+def test_mamba_inference_matches_the_reference(batch, length, d_model, monkeypatch):
+    """Without gradients (where the compiled scan is in use) the layer's convolution and SiLU run fused in the
+    kernel and its scan skips autograd: mamba_ssm's reference forward all the same, also shorter than the
+    convolution."""
+    fused = []
+    monkeypatch.setattr(scan_kernel, "conv_silu", lambda *a, f=scan_kernel.conv_silu: fused.append(1) or f(*a))
+    layer = seeded(Mamba, d_model).eval()
+    x = torch.randn(batch, length, d_model)
+    with torch.inference_mode():
+        ours, ref = layer(x), reference_mamba_forward(layer, x)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert len(fused) == int(ssm.uses_compiled_scan())
+    layer(x.requires_grad_()).sum().backward()  # with gradients: the differentiable path
+    assert len(fused) == int(ssm.uses_compiled_scan()) and layer.conv1d.weight.grad.abs().sum() > 0
 
 
 def test_mamba_is_causal():

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.models.ssm import selective_scan
+from backend.models import scan_kernel
+from backend.models.ssm import selective_scan, uses_compiled_scan
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,21 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv1d`` (depthwise, causal) on (B, L, d_inner) as d_conv shifted multiply-adds: on the CPU this is
-        about twice as fast as the convolution op for these short, narrow sequences, and keeps the (B, L, d)
-        layout the scan reads fastest."""
+    def _conv_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(``conv1d``) (depthwise, causal) on (B, L, d_inner), keeping the (B, L, d) layout the scan reads
+        fastest. Without gradients, where the compiled CPU scan is in use, one fused pass of its kernel (~4x
+        faster than the ops below at these sizes); else d_conv shifted multiply-adds (on the CPU about twice as fast
+        as the convolution op for these short, narrow sequences)."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and uses_compiled_scan() \
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.conv1d.weight.requires_grad)):
+            return scan_kernel.conv_silu(x, self.conv1d.weight, self.conv1d.bias)
         length, k = x.shape[1], self.d_conv
         padded = F.pad(x, (0, 0, k - 1, 0))
         weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
         out = padded[:, :length] * weight[:, 0]
         for i in range(1, k):
             out = out + padded[:, i: i + length] * weight[:, i]
-        return out if self.conv1d.bias is None else out + self.conv1d.bias
+        return F.silu(out if self.conv1d.bias is None else out + self.conv1d.bias)
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (B, L, d_model), optional mask (B, L) bool True = valid -> (B, L, d_model)."""
@@ -144,7 +149,7 @@ class Mamba(nn.Module):
         if cuda_ops is not None:
             x = cuda_ops[1](x=x, weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu")
         else:
-            x = F.silu(self._causal_conv(x.transpose(1, 2))).transpose(1, 2)
+            x = self._conv_silu(x.transpose(1, 2)).transpose(1, 2)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L), bias added in the scan
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, d_state, L) views

@@ -312,6 +312,30 @@ void scan_bwd(const Scan *s, const Slot *slots, int64_t W, const int64_t *bounds
         DISPATCH(BWD)
     }
 }
+
+/* The Mamba layer's depthwise causal convolution and SiLU, forward only: out[b, t, c] = silu(sum_k wt[k, c]
+   x[b, t - K + 1 + k, c] + bias[c]) (the taps in order, then the bias: the PyTorch path's order). x (b, L, d) in
+   any strides; wt (K, d), out (b, L, d) contiguous; bias may be NULL. */
+void conv_silu(const float *x, int64_t sb, int64_t st, int64_t sd, const float *wt, const float *bias, float *out,
+               int64_t batch, int64_t L, int64_t d, int64_t K) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t t = 0; t < L; t++) {
+            float *o = out + (b * L + t) * d;
+            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t from = t - K + 1 + k;
+                if (from < 0) continue;  /* the zero padding before the first step */
+                const float *xs = x + b * sb + from * st, *w = wt + k * d;
+                #pragma omp simd
+                for (int64_t c = 0; c < d; c++) o[c] += w[c] * xs[c * sd];
+            }
+            #pragma omp simd
+            for (int64_t c = 0; c < d; c++) {
+                const float v = o[c] + (bias ? bias[c] : 0.0f);
+                o[c] = v / (1.0f + vexp(-v));
+            }
+        }
+}
 """
 
 
@@ -383,7 +407,8 @@ def build() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), i64, ptr, i64, ptr, i64]
     lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), i64, ptr, i64, i64]
-    lib.scan_fwd.restype = lib.scan_bwd.restype = None
+    lib.conv_silu.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.scan_fwd.restype = lib.scan_bwd.restype = lib.conv_silu.restype = None
     return lib
 
 
@@ -437,6 +462,18 @@ def _tasks(blocks: int, steps: int) -> tuple[ctypes.Array, int, int]:
     threads = max(1, torch.get_num_threads())
     parts = min(blocks, threads, max(1, blocks * steps // 512))
     return (ctypes.c_int64 * (parts + 1))(*(blocks * i // parts for i in range(parts + 1))), parts, threads
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(depthwise causal conv1d over time) of x (b, L, d) float32, any strides, with a Conv1d's weight
+    (d, 1, K) and bias (d,): the Mamba layer's, forward only (no autograd), as one contiguous (b, L, d) tensor."""
+    batch, length, dim = x.shape
+    wt = weight.detach().reshape(dim, -1).t().contiguous()
+    b = None if bias is None else bias.detach().contiguous()
+    out = x.new_empty(batch, length, dim)
+    load().conv_silu(x.data_ptr(), *x.stride(), wt.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
+                     batch, length, dim, wt.shape[0])
+    return out
 
 
 class CompiledScan:

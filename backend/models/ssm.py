@@ -23,7 +23,7 @@ from backend.models import scan_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["mamba_ssm_available", "selective_scan"]
+__all__ = ["mamba_ssm_available", "selective_scan", "uses_compiled_scan"]
 
 
 @functools.cache
@@ -210,6 +210,11 @@ def _choose_implementation():
 
 
 _implementation = functools.cache(_choose_implementation)
+
+
+def uses_compiled_scan() -> bool:
+    """True when CPU scans run on the compiled C kernel (it built here)."""
+    return _implementation() is scan_kernel.CompiledScan
 
 
 def _implementation_for(u: torch.Tensor):
