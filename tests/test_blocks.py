@@ -75,14 +75,15 @@ def test_mamba_matches_mamba_ssm_reference_forward_and_gradients():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("batch", "length", "d_model"), [(1, 1, 8), (2, 3, 16), (3, 50, 12), (1, 200, 32)])
-def test_mamba_inference_matches_the_reference(batch, length, d_model, monkeypatch):
+@pytest.mark.parametrize(("batch", "length", "d_model", "d_conv"),
+                         [(1, 1, 8, 4), (2, 3, 16, 4), (3, 50, 12, 4), (1, 200, 32, 4), (2, 9, 8, 2), (1, 6, 8, 7)])
+def test_mamba_inference_matches_the_reference(batch, length, d_model, d_conv, monkeypatch):
     """Without gradients (where the compiled scan is in use) the layer's convolution and SiLU run fused in the
     kernel and its scan skips autograd: mamba_ssm's reference forward all the same, also shorter than the
     convolution."""
     fused = []
     monkeypatch.setattr(scan_kernel, "conv_silu", lambda *a, f=scan_kernel.conv_silu: fused.append(1) or f(*a))
-    layer = seeded(Mamba, d_model).eval()
+    layer = seeded(Mamba, d_model, d_conv=d_conv).eval()
     x = torch.randn(batch, length, d_model)
     with torch.inference_mode():
         ours, ref = layer(x), reference_mamba_forward(layer, x)
