@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,14 @@ def test_bench_scaling_quick_run_measures_both_models():
     points = re.findall(r"^cpu (\w+) +(\d+) s: +([\d.]+) s", text, re.M)
     assert sorted({p[0] for p in points}) == ["mld_transformer", "motion_mamba"] and len(points) == 6, text
     assert all(float(p[2]) > 0 for p in points)
+
+
+def test_bench_mamba_layer_compares_both_paths_at_every_shape():
+    from backend.models.ssm import uses_compiled_scan
+
+    if not uses_compiled_scan():
+        pytest.skip("the compiled CPU scan could not be built here: the tool has nothing to compare")
+    text = _run("tools/bench_mamba_layer.py")
+    rows = re.findall(r"^\| (\d+), (\d+), (\d+)" + r" \| ([\d.]+)" * 6 + r" \|$", text, re.M)
+    assert len(rows) == 6, text
+    assert all(float(v) > 0 for row in rows for v in row[3:]), text
