@@ -79,6 +79,15 @@ def load_state(path: str | Path) -> dict:
 LEGACY_VAE_KEYS = ("window", "context")  # the decode windows of older checkpoints: their weights decode the same
 
 
+def drop_legacy_keys(config: dict) -> dict:
+    """A config (a checkpoint's, or a run's saved training state's) without the keys older versions wrote that
+    no longer mean anything (the VAE's decode windows, before it decoded in one causal pass on 2026-11-29)."""
+    if isinstance(config.get("vae"), dict):
+        for key in LEGACY_VAE_KEYS:
+            config["vae"].pop(key, None)
+    return config
+
+
 def load_config(folder: str | Path) -> dict:
     """Read and check ``folder/config.json``; clear errors for a missing folder or a foreign one."""
     folder = Path(folder)
@@ -94,9 +103,7 @@ def load_config(folder: str | Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{folder} is not a Motion Mamba checkpoint (config.json format is "
                          f"{config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
-    if isinstance(config.get("vae"), dict):  # written before the VAE decoded in one causal pass (2026-11-29)
-        for key in LEGACY_VAE_KEYS:
-            config["vae"].pop(key, None)
+    drop_legacy_keys(config)
     ModelConfig.from_dict(config, str(path))  # every key known and typed, or a ValueError naming it
     return config
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from backend.checkpoint import (
     TRAIN_STATE,
     atomic_write,
+    drop_legacy_keys,
     load_config,
     load_normalizer,
     load_state,
@@ -371,7 +372,7 @@ def train(kind: str, data: str | Path, out: str | Path, config: str | Path | Non
         if not (out / TRAIN_STATE).is_file():
             raise FileNotFoundError(f"--resume: {out} has no {TRAIN_STATE} to resume from")
         state = load_state(out / TRAIN_STATE)
-        cfg, source = state["config"], str(out / TRAIN_STATE)
+        cfg, source = drop_legacy_keys(state["config"]), str(out / TRAIN_STATE)
     else:
         config = config or DEFAULT_CONFIGS.get(kind, "default")
         cfg, source = read_config_file(config), str(config)

@@ -223,6 +223,21 @@ def test_resume_reproduces_the_uninterrupted_run(dataset, short_config, lcm_conf
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_a_run_saved_when_the_vae_decoded_in_windows(dataset, short_config, tmp_path):
+    """A training state written before the VAE decoded in one pass names its decode windows: it still resumes
+    (those keys mean nothing now), and the run's config no longer carries them."""
+    run = tmp_path / "old"
+    train("vae", dataset, run, config=short_config, steps=4, progress=False, stop_after=3)  # last save: step 2
+    state = load_state(run / "train_state.pt")
+    state["config"]["vae"].update(window=8, context=2)
+    save_state(run / "train_state.pt", state)
+    resumed = train("vae", dataset, run, steps=4, resume=True, progress=False)
+    saved = load_state(run / "train_state.pt")
+    assert len(resumed) == 4 and saved["step"] == 4
+    written = json.loads((run / "config.json").read_text())
+    assert "window" not in saved["config"]["vae"] and "window" not in written["vae"]
+
+
 def _subprocess_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
