@@ -517,7 +517,7 @@ def test_the_panel_says_when_the_model_has_seen_nothing_like_the_prompt(monkeypa
         session = operators.session(bpy.context)
         run_until(lambda: session.connected, 30)
         assert "walks forward" in session.actions and "waves the right hand" in session.actions
-        assert session.fast_steps == 4  # the shipped distilled sampler, announced in hello (Live uses it)
+        assert session.fast_steps == 1  # the shipped distilled sampler (one step), announced in hello (Live uses it)
         bpy.ops.motion_mamba.create_armature()
         props = bpy.context.scene.motion_mamba
         props.seconds, props.steps = 1.0, 2
