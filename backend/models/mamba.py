@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend.models import scan_kernel
-from backend.models.ssm import selective_scan, uses_compiled_scan
+from backend.models.ssm import needs_grad, selective_scan, uses_compiled_scan
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Mamba(nn.Module):
         faster than the ops below at these sizes); else d_conv shifted multiply-adds (on the CPU about twice as fast
         as the convolution op for these short, narrow sequences)."""
         if x.device.type == "cpu" and x.dtype == torch.float32 and uses_compiled_scan() \
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.conv1d.weight.requires_grad)):
+                and not needs_grad(x, self.conv1d.weight, self.conv1d.bias):
             return scan_kernel.conv_silu(x, self.conv1d.weight, self.conv1d.bias)
         length, k = x.shape[1], self.d_conv
         padded = F.pad(x, (0, 0, k - 1, 0))

@@ -23,7 +23,7 @@ from backend.models import scan_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["mamba_ssm_available", "selective_scan", "uses_compiled_scan"]
+__all__ = ["mamba_ssm_available", "needs_grad", "selective_scan", "uses_compiled_scan"]
 
 
 @functools.cache
@@ -103,7 +103,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     D, delta_bias = (None if t is None else t.float().contiguous() for t in (D, delta_bias))
     args = (u.float(), delta.float(), A.float().contiguous(), B_t, C_t, D, None if z is None else z.float(),
             delta_bias, bool(delta_softplus))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:-1]):
+    if needs_grad(*args[:-1]):
         out, last_state = _SelectiveScan.apply(*args)
     else:  # inference: the implementation directly (the autograd Function costs ~15 us a call)
         out, last_state, _ = _implementation_for(u).forward(*args, for_backward=False)
@@ -210,6 +210,12 @@ def _choose_implementation():
 
 
 _implementation = functools.cache(_choose_implementation)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will want gradients through these tensors (grad mode on and one of them requires it):
+    else the forward-only paths (no autograd Function, no checkpoints, the fused convolution) serve."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def uses_compiled_scan() -> bool:
