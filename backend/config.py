@@ -77,7 +77,8 @@ class LCMConfig:
     guidance_max: float = 5.0
     skip: int = 20  # teacher timesteps per distillation step (a 50-step DDIM grid over 1000)
     ema: float = 0.95  # decay of the target network
-    max_steps: int = 4  # requests with at most this many steps use the student
+    max_steps: int = 4  # requests with at most this many steps use the fast sampler
+    refine_from: int = 0  # 0: those steps are all the student's; t: its one step, the rest the teacher's from t
     endpoint_weight: float = 0.0  # weight of the one-step loss on the teacher's own samples (0: plain LCD)
     endpoint_pairs: int = 1024  # (noise, teacher sample) pairs made once at the start when that weight is > 0
     endpoint_teacher_steps: int = 10  # the teacher's DDIM steps for each of those samples

@@ -134,11 +134,9 @@ def _gaussian_smooth_time(x: torch.Tensor, sigma: float) -> torch.Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    lead, (t, c) = x.shape[:-2], x.shape[-2:]
-    flat = x.reshape(-1, t, c).transpose(1, 2).reshape(-1, 1, t)
-    padded = F.pad(flat, (radius, radius), mode="replicate")
-    smoothed = F.conv1d(padded, kernel.view(1, 1, -1))
-    return smoothed.reshape(-1, c, t).transpose(1, 2).reshape(*lead, t, c)
+    t = x.shape[-2]
+    padded = x[..., torch.arange(-radius, t + radius, device=x.device).clamp(0, t - 1), :]  # edge frames repeated
+    return padded.unfold(-2, 2 * radius + 1, 1) @ kernel  # (..., T, C, taps) @ (taps,): no float64 convolution
 
 
 def leg_scale(positions: Array, skeleton: Skeleton = SMPL22) -> Array:

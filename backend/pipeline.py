@@ -28,7 +28,7 @@ from backend.checkpoint import load_config, load_normalizer, load_weights, read_
 from backend.config import ModelConfig
 from backend.coverage import CaptionIndex, Coverage
 from backend.editing import CONTEXT_S, check_motion, piece_features, place_range, with_gap
-from backend.models.consistency import STUDENT_FILE, build_student, consistency_x0, lcm_timesteps
+from backend.models.consistency import STUDENT_FILE, build_student, consistency_x0, fast_schedule
 from backend.models.denoiser import build_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -309,8 +309,9 @@ class MotionPipeline:
         windows overlap their outputs blend by their weights (a timeline). ``known`` latent tokens are put back,
         noised to the step's level, after every step (inpainting), and exactly at the end.
 
-        With the consistency student (``uses_student``) guidance is an input, not a second batch (clamped to the
-        range it learned), and each step predicts the clean latent, then noises it afresh to the next step."""
+        The fast sampler (``uses_student``) runs ``fast_schedule``: the consistency student's steps take guidance
+        as an input, not a second batch (clamped to the range it learned), predict the clean latent and noise it
+        afresh to the next step's level; the teacher's refining steps after it (``lcm.refine_from``) are DDIM's."""
         c = self.vae.latent_dim
         generators = [torch.Generator().manual_seed(s) for s in seeds]
 
@@ -331,9 +332,12 @@ class MotionPipeline:
             mask = torch.stack([torch.arange(longest) < w.hi - w.lo for w in windows]).to(self.device)
         if student is not None:
             scale = min(max(guidance, self.lcm.guidance_min), self.lcm.guidance_max)
-            args = (text.tokens[which], text.mask[which], text.pooled[which], None, mask,
-                    torch.full((n,), scale, device=self.device))
-        elif guidance != 1.0:  # one batch: conditional first half, unconditional second half
+            student_args = (text.tokens[which], text.mask[which], text.pooled[which], None, mask,
+                            torch.full((n,), scale, device=self.device))
+            schedule = fast_schedule(steps, self.lcm.skip, self.diffusion.num_timesteps, self.lcm.refine_from)
+        else:
+            schedule = [(t, False) for t in self.diffusion.ddim_timesteps(steps)]
+        if guidance != 1.0:  # the teacher's batch: conditional first half, unconditional second half
             args = (text.tokens[which].repeat(2, 1, 1), text.mask[which].repeat(2, 1),
                     text.pooled[which].repeat(2, 1), torch.arange(2 * n, device=self.device) >= n,
                     None if mask is None else mask.repeat(2, 1))
@@ -343,7 +347,7 @@ class MotionPipeline:
         for w in windows:
             total[w.sample, w.lo: w.hi, 0] += w.weight.to(self.device)
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, by_student: bool) -> torch.Tensor:
             if plain:
                 batch = x
             else:
@@ -351,8 +355,8 @@ class MotionPipeline:
                 for k, w in enumerate(windows):
                     batch[k, : w.hi - w.lo] = x[w.sample, w.lo: w.hi]
             step = t[:1].expand(n)
-            if student is not None:
-                out = student(batch, step, *args)
+            if by_student:
+                out = student(batch, step, *student_args)
             elif guidance == 1.0:
                 out = self.denoiser(batch, step, *args)
             else:
@@ -365,17 +369,13 @@ class MotionPipeline:
                 blended[w.sample, w.lo: w.hi] += w.weight.to(x.device)[:, None] * out[k, : w.hi - w.lo]
             return blended / total
 
-        if student is None:
-            timesteps = self.diffusion.ddim_timesteps(steps)
-        else:
-            timesteps = lcm_timesteps(steps, self.lcm.skip, self.diffusion.num_timesteps)
-        for i, t in enumerate(timesteps):
+        for i, (t, by_student) in enumerate(schedule):
             if stop is not None and stop():
                 return None
             t_batch = torch.full((len(x),), t, dtype=torch.long, device=self.device)
-            output = model_fn(x, t_batch)
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            if student is None:
+            output = model_fn(x, t_batch, by_student)
+            t_prev = schedule[i + 1][0] if i + 1 < len(schedule) else None
+            if not by_student:
                 x = self.diffusion.ddim_step(output, x, t, t_prev)
             else:
                 x = consistency_x0(self.diffusion, output, x, t_batch)
@@ -384,7 +384,7 @@ class MotionPipeline:
             if known is not None:
                 x = known.put_back(x, self.diffusion, t_prev)
             if callback is not None:
-                callback(i + 1, len(timesteps))
+                callback(i + 1, len(schedule))
         return x / self.latent_scale
 
     def stream(self, prompt: str | GenerateRequest | Sequence[str | GenerateRequest],

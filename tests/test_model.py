@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from backend.models import vae as vae_module
-from backend.models.consistency import consistency_x0, lcm_timesteps
+from backend.models.consistency import consistency_x0, fast_schedule, lcm_timesteps
 from backend.models.denoiser import DENOISERS, build_denoiser, register_denoiser
 from backend.models.diffusion import Diffusion
 from backend.models.text_encoder import TextEncoder
@@ -228,6 +228,16 @@ def test_consistency_sampler_schedule_and_boundary():
     for bad in (0, 51):
         with pytest.raises(ValueError, match=r"takes 1\.\.50 steps"):
             lcm_timesteps(bad, 20, 1000)
+    # the fast sampler: the student's own steps, or its one step refined by the teacher's DDIM from refine_from
+    assert fast_schedule(4, 20, 1000) == [(t, True) for t in lcm_timesteps(4, 20, 1000)]
+    assert fast_schedule(1, 20, 1000, refine_from=200) == [(999, True)]
+    assert fast_schedule(2, 20, 1000, refine_from=200) == [(999, True), (200, False)]
+    assert fast_schedule(4, 20, 1000, refine_from=200) == [(999, True), (200, False), (133, False), (67, False)]
+    for bad in (-5, 1000):
+        with pytest.raises(ValueError, match=r"refine_from must be a timestep in 1\.\.999"):
+            fast_schedule(2, 20, 1000, refine_from=bad)
+    with pytest.raises(ValueError, match="at least 1 step"):
+        fast_schedule(0, 20, 1000, refine_from=200)
     diff = Diffusion()
     x, eps = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
     # at t = 0 the consistency function is the identity (its boundary condition), whatever the network says

@@ -8,6 +8,8 @@ import torch
 
 from backend.motion import (
     PLANT_CONTACT,
+    POSE_SMOOTHING_SIGMA,
+    _gaussian_smooth_time,
     canonicalize_positions,
     features_to_positions,
     features_to_rotations,
@@ -237,3 +239,22 @@ def test_smooth_pose_takes_out_jitter_and_keeps_held_poses_and_feet(humanml3d_sa
                                    smoothed[a:b], atol=1e-9)
     held = np.repeat(load_clips(humanml3d_samples)[0][1][:1], 30, axis=0)
     np.testing.assert_allclose(smooth_pose(held), held, atol=1e-5)  # float32 in, float32 out
+
+
+def test_time_smoothing_is_a_gaussian_filter_with_repeated_edges():
+    """``_gaussian_smooth_time`` against numpy's convolution of each channel, edge frames repeated (scipy's
+    ``gaussian_filter1d(mode='nearest')``), at the pose filter's, the foot planting's and HumanML3D's sigmas; also
+    sequences shorter than the kernel, leading dimensions, and torch tensors with gradients."""
+    rng = np.random.default_rng(0)
+    for sigma in (POSE_SMOOTHING_SIGMA, 1.0, 20.0):
+        radius = int(4.0 * sigma + 0.5)
+        kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        kernel /= kernel.sum()
+        for frames in (1, 5, 200):
+            x = rng.normal(size=(2, frames, 3))
+            expected = np.stack([np.stack([np.convolve(np.pad(x[b, :, c], radius, mode="edge"), kernel, "valid")
+                                           for c in range(3)], -1) for b in range(2)])
+            got = _gaussian_smooth_time(torch.from_numpy(x), sigma).numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-12)
+    x = torch.randn(12, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: _gaussian_smooth_time(v, 1.0), (x,))  # training losses smooth too

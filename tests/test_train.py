@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from addon.timeline import parse_timeline
 from backend import generate
-from backend.checkpoint import load_config, load_state, read_config_file, save_state
+from backend.checkpoint import load_config, load_state, read_config_file, save_json, save_state
 from backend.config import ModelConfig
-from backend.models.consistency import build_student
+from backend.models.consistency import build_student, consistency_x0
 from backend.models.text_encoder import TextEncoder
+from backend.motion import plant_feet, smooth_pose
 from backend.pipeline import MotionPipeline, collect
 from backend.train import batch_indices, main, train
 
@@ -450,6 +451,49 @@ def test_lcm_run_is_a_checkpoint_with_a_fast_sampler(dataset, trained, lcm_confi
     assert shot.frames == 40 and np.isfinite(shot.rotations).all()
     more = pipe.continue_motion(fast[2].root_translation, fast[2].rotations, 1.0, "a person waves", steps=2)
     assert more.frames == 60 and np.allclose(more.rotations[:40], fast[2].rotations, atol=1e-6)
+
+
+def test_fast_sampler_refined_by_the_teacher(dataset, trained, lcm_config, tmp_path):
+    """``lcm.refine_from``: 2+ fast steps are the student's one step, its sample noised to refine_from with the
+    seed's next noise, then the teacher's guided DDIM steps from there: exactly that composition, by hand."""
+    run = tmp_path / "lcm"
+    train("lcm", dataset, run, config=lcm_config, steps=2, teacher=trained["run"], progress=False)
+    config = load_config(run)
+    config["lcm"]["refine_from"] = 300
+    save_json(run / "config.json", config)
+    pipe = MotionPipeline.from_checkpoint(run, device="cpu")
+    assert pipe.lcm.refine_from == 300 and pipe.uses_student(4) and not pipe.uses_student(5)
+    calls = []
+    for name in ("student", "denoiser"):
+        forward = getattr(pipe, name).forward
+
+        def spy(x, t, *args, _forward=forward, _name=name, **kwargs):
+            calls.append((_name, int(t[0]), x.shape[0]))
+            return _forward(x, t, *args, **kwargs)
+
+        getattr(pipe, name).forward = spy
+    guidance, seed, frames = 2.5, 3, 40
+    got = pipe("a person walks forward", seconds=frames / pipe.fps, seed=seed, steps=3, guidance=guidance)
+    assert calls == [("student", 999, 1), ("denoiser", 300, 2), ("denoiser", 150, 2)]
+    calls.clear()
+    text = pipe.text_encoder(["a person walks forward"])
+    generator = torch.Generator().manual_seed(seed)
+    tokens = frames // 4
+    x = torch.randn(tokens, pipe.vae.latent_dim, generator=generator)[None]
+    with torch.inference_mode():
+        t = torch.tensor([999])
+        out = pipe.student(x, t, text.tokens, text.mask, text.pooled, None, None, torch.tensor([guidance]))
+        x = consistency_x0(pipe.diffusion, out, x, t)
+        noise = torch.randn(tokens, pipe.vae.latent_dim, generator=generator)[None]
+        x = pipe.diffusion.add_noise(x, noise, torch.tensor([300]))
+        for t, t_prev in ((300, 150), (150, None)):
+            cond, uncond = pipe.denoiser(x.repeat(2, 1, 1), torch.tensor([t, t]), text.tokens.repeat(2, 1, 1),
+                                         text.mask.repeat(2, 1), text.pooled.repeat(2, 1),
+                                         torch.tensor([False, True])).chunk(2)
+            x = pipe.diffusion.ddim_step(uncond + guidance * (cond - uncond), x, t, t_prev)
+        expected = pipe.vae.decode(x / pipe.latent_scale)
+    decoded = expected[0].numpy() * pipe.std + pipe.mean
+    np.testing.assert_allclose(got.features, plant_feet(smooth_pose(decoded)), atol=1e-5)
 
 
 def test_lcm_endpoint_pairs_are_the_teachers_own_samples(dataset, trained, lcm_config, tmp_path):

@@ -1,5 +1,6 @@
-"""The consistency sampler of a distilled student (``backend.lcm`` trains it): its timesteps, its clean-latent
-estimate and its architecture (the teacher's, with a guidance-scale input)."""
+"""The consistency sampler of a distilled student (``backend.lcm`` trains it): its timesteps (alone, or followed by
+its teacher's refinement), its clean-latent estimate and its architecture (the teacher's, with a guidance-scale
+input)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,20 @@ def lcm_timesteps(steps: int, skip: int, num_timesteps: int) -> list[int]:
     if not 1 <= steps <= len(grid):
         raise ValueError(f"the consistency sampler takes 1..{len(grid)} steps, got {steps}")
     return grid[:: len(grid) // steps][:steps]
+
+
+def fast_schedule(steps: int, skip: int, num_timesteps: int, refine_from: int = 0) -> list[tuple[int, bool]]:
+    """The fast sampler's ``steps`` steps as (timestep, by the student?) pairs.
+
+    ``refine_from`` 0: the student's multistep consistency schedule (:func:`lcm_timesteps`). Otherwise one student
+    step from the top, then ``steps`` - 1 guided DDIM steps of the teacher from ``refine_from`` evenly down to 0
+    (the student's sample noised to that level and refined): 2 steps, refine_from 200 -> [(999, True),
+    (200, False)]; 4 steps -> [(999, True), (200, False), (133, False), (67, False)]."""
+    if not refine_from:
+        return [(t, True) for t in lcm_timesteps(steps, skip, num_timesteps)]
+    if not 0 < refine_from < num_timesteps:
+        raise ValueError(f"refine_from must be a timestep in 1..{num_timesteps - 1}, got {refine_from}")
+    if steps < 1:
+        raise ValueError(f"the fast sampler takes at least 1 step, got {steps}")
+    top = lcm_timesteps(1, skip, num_timesteps)[0]
+    return [(top, True)] + [(round(refine_from * k / (steps - 1)), False) for k in range(steps - 1, 0, -1)]
