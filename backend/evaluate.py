@@ -321,7 +321,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             continue
         pipe = MotionPipeline.from_checkpoint(path, device=str(device))
         for n in steps if name == "motion_mamba" else steps[:1]:  # the baseline at the first step count
-            sampler = "fast" if pipe.uses_student(n) else "DDIM"
+            sampler = pipe.sampler(n)
             label = name if len(steps) == 1 else f"{name} ({sampler}, {n} step{'s' * (n != 1)})"
             method, timers[label] = pipeline_method(label, pipe, path, n, args.guidance, args.batch_size)
             methods.append(method)

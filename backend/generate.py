@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     info = pipe.describe()
     what = f"a timeline of {len(rows)} rows" if rows else repr(args.prompt)
     print(f"{motion.frames} frames ({motion.seconds:.2f} s at {motion.fps} fps) of {what}, seed "
-          f"{request.seed}, {request.steps} {'fast' if pipe.uses_student(request.steps) else 'DDIM'} steps, guidance "
+          f"{request.seed}, {request.steps} {pipe.sampler(request.steps)} steps, guidance "
           f"{request.guidance}: generated in {t2 - t1:.2f} s on "
           f"{info['device']} (model {info['model']}, loaded in {t1 - t0:.2f} s)")
     for prompt in dict.fromkeys(row.prompt for row in rows) if rows else [args.prompt]:

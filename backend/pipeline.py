@@ -262,6 +262,10 @@ class MotionPipeline:
         rather than DDIM with classifier-free guidance on the teacher."""
         return self.student is not None and steps <= self.lcm.max_steps
 
+    def sampler(self, steps: int) -> str:
+        """What runs ``steps`` steps, as reports name it: "fast" (``uses_student``) or "DDIM"."""
+        return "fast" if self.uses_student(steps) else "DDIM"
+
     @property
     def limits(self) -> Limits:
         """What this model takes: the protocol's limits with the model's own length, steps and samples; one

@@ -429,6 +429,7 @@ def test_lcm_run_is_a_checkpoint_with_a_fast_sampler(dataset, trained, lcm_confi
     assert pipe.student is not None and teacher.student is None
     assert pipe.describe()["fast_steps"] == 4 and teacher.describe()["fast_steps"] == 0
     assert [pipe.uses_student(n) for n in (1, 2, 4, 5, 50)] == [True, True, True, False, False]
+    assert [pipe.sampler(n) for n in (4, 5)] == ["fast", "DDIM"] and teacher.sampler(1) == "DDIM"
     # more steps than the student covers: DDIM on the teacher, exactly as the teacher's own folder generates
     ddim = pipe("a person walks forward", seconds=2.0, seed=3, steps=6)
     alone = teacher("a person walks forward", seconds=2.0, seed=3, steps=6)

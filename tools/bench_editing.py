@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         bridges.append((test.ids[k], bridged))
         print(f"{test.ids[k]}: {prompt!r}")
     ref = np.array(reference)
-    print(f"\n{len(takes)} real test takes (>= 8 s), {args.steps} DDIM steps, model {pipe.describe()['model']}")
+    print(f"\n{len(takes)} real test takes (>= 8 s), {args.steps} {pipe.sampler(args.steps)} steps, "
+          f"model {pipe.describe()['model']}")
     print("worst joint at each join; 'real there': the real take at the same frame; 'added': the join's excess "
           "over it\n| joins of | count | position jump: mean / max (cm) | real there: mean / max | added: mean / "
           "max | velocity jump: mean / max (m/s) | real there: mean / max | added: mean / max |\n"

@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             texts.append(r.prompt)
         print(f"timeline {k + 1}/{len(timelines)}: {' | '.join(r.prompt[:30] for r in rows)}")
 
-    print(f"\n{len(timelines)} timelines x {args.rows} rows (3-5 s each, test captions), {args.steps} DDIM steps, "
-          f"blend {TIMELINE_BLEND_S:g} s; transition = +-{WINDOW_S:g} s around each boundary, within-segment = "
+    print(f"\n{len(timelines)} timelines x {args.rows} rows (3-5 s each, test captions), {args.steps} "
+          f"{pipe.sampler(args.steps)} steps, blend {TIMELINE_BLEND_S:g} s; transition = +-{WINDOW_S:g} s around each "
+          f"boundary, within-segment = "
           f"+-{WINDOW_S:g} s around each segment's middle (m/s^3, means over the boundaries / middles)\n")
     print("| method | transition peak | within peak | peak ratio | transition mean | within mean | mean ratio |")
     print("|---|---|---|---|---|---|---|")

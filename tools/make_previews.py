@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="generation checkpoint (default: the shipped one)")
     parser.add_argument("--out", default="docs/previews", help="folder for the PNGs and measurements.md")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="denoising steps (up to the checkpoint's fast_steps: its fast sampler; more: DDIM)")
     parser.add_argument("--first", type=int, default=len(PROMPTS), help="only the first N prompts (a quick look)")
     args = parser.parse_args(argv)
     prompts = PROMPTS[: max(args.first, 0)]
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Previews of `{pipe.describe()['model']}`",
         "",
-        f"`python tools/make_previews.py` (seed {args.seed}, {args.steps} DDIM steps, default guidance). Heights are"
+        f"`python tools/make_previews.py --steps {args.steps}` (seed {args.seed}, {args.steps}"
+        f" {pipe.sampler(args.steps)} steps, default guidance). Heights are"
         " metres above the floor (the canonical skeleton is 1.7 m tall; wrists hang at ~0.85 m, feet rest at ~0.05"
         " m); bend is the pelvis-to-head line's angle from vertical.",
         "",
