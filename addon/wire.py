@@ -125,7 +125,8 @@ class GenerateRequest:
     seconds: float = 4.0
     seed: int = 0
     guidance: float = 2.5
-    steps: int = 10  # the knee of quality against time for the shipped model (README, docs/fast_sampler.md)
+    steps: int = 4  # the knee of quality against time for the shipped model: its fast sampler (README,
+    # docs/fast_sampler.md); where a checkpoint has none, 4 DDIM steps
     samples: int = 1
     timeline: tuple | None = None  # of addon.timeline.TimelineRow
     edit: tuple[int, int] | None = None  # (start, stop): frames of the motion sent along to (re)generate

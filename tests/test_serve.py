@@ -800,7 +800,7 @@ def test_a_raw_client_sending_only_prompt_and_seconds_gets_a_motion(server, pipe
     with contextlib.closing(raw_socket(server.endpoint)) as sock:
         sock.send_multipart([b'{"type":"hello","id":"h","version":1}'])
         assert raw_reply(sock)["defaults"] == GenerateRequest.defaults() == {
-            "seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 10, "samples": 1}
+            "seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 4, "samples": 1}
         sock.send_multipart([json.dumps({"type": "generate", "id": "g1", "version": 1, "prompt": PROMPT,
                                          "seconds": 1.0}).encode()])
         stream = [raw_reply(sock, 60_000)]

@@ -207,8 +207,8 @@ def test_client_refuses_bad_arguments_before_sending():
             client.ping(timeout=0.3)
 def test_generate_request_defaults_checks_and_header():
     request = GenerateRequest("a person walks")
-    assert GenerateRequest.defaults() == {"seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 10, "samples": 1}
-    assert request.check() is request and request.cost(20) == 80 * 1 * 10
+    assert GenerateRequest.defaults() == {"seconds": 4.0, "seed": 0, "guidance": 2.5, "steps": 4, "samples": 1}
+    assert request.check() is request and request.cost(20) == 80 * 1 * 4
     assert GenerateRequest.from_header({"prompt": "a person walks", "type": "generate"}) == request
     assert GenerateRequest.from_header(request.to_header()) == request
     with pytest.raises(WireError, match="costs 2400000 frame-steps"):
