@@ -7,8 +7,9 @@ classifier-free guidance is folded in (one conditional pass per step instead of 
 takes a clip's latent z0, noises it to a timestep t of the teacher's DDIM grid (every ``skip`` timesteps),
 runs one guided DDIM step of the teacher from t to t - skip, and pulls the student's consistency output at t
 towards the target network's (an EMA of the student) at t - skip: every point of a teacher trajectory maps
-to the same clean latent. Sampling (``backend.models.consistency``): predict the clean latent, noise it to
-the next timestep, repeat.
+to the same clean latent. Sampling (``backend.models.consistency.fast_schedule``): predict the clean latent,
+noise it to the next timestep, repeat; or, with ``lcm.refine_from``, one student step whose sample the teacher's
+guided DDIM refines from that timestep.
 
 With ``lcm.endpoint_weight`` > 0 the student also learns the end of whole teacher trajectories: at the start,
 ``endpoint_pairs`` training captions (with their clips' lengths and a guidance scale drawn as above) are sampled
