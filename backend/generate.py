@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="classifier-free guidance scale (default %(default)s)")
     parser.add_argument("--steps", type=int, default=defaults["steps"],
                         help="denoising steps (default %(default)s; at most the checkpoint's fast_steps use its "
-                        "distilled fast sampler, more use DDIM)")
+                        "fast sampler, more use DDIM)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: backend/weights/default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", required=True, help=f"output file ({', '.join(FORMATS)})")
