@@ -495,6 +495,11 @@ def test_fast_sampler_refined_by_the_teacher(dataset, trained, lcm_config, tmp_p
         expected = pipe.vae.decode(x / pipe.latent_scale)
     decoded = expected[0].numpy() * pipe.std + pipe.mean
     np.testing.assert_allclose(got.features, plant_feet(smooth_pose(decoded)), atol=1e-5)
+    # an edit takes the same schedule: the kept frames stay exactly, the new ones come from the refined sample
+    calls.clear()
+    more = pipe.continue_motion(got.root_translation, got.rotations, 1.0, "a person waves", steps=2)
+    assert [c[:2] for c in calls] == [("student", 999), ("denoiser", 300)]
+    assert more.frames == 60 and np.allclose(more.rotations[:40], got.rotations, atol=1e-6)
 
 
 def test_lcm_endpoint_pairs_are_the_teachers_own_samples(dataset, trained, lcm_config, tmp_path):
