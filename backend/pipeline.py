@@ -184,6 +184,11 @@ class MotionPipeline:
         pipe = cls(config, vae, denoiser, encoder, np.zeros(d, np.float32), np.ones(d, np.float32),
                    torch.device("cpu"), source)
         if typed.lcm is not None:
+            lcm = typed.lcm
+            try:  # the schedule of the most steps it takes: a bad lcm section fails here, naming the checkpoint
+                fast_schedule(max(lcm.max_steps, 1), lcm.skip, typed.diffusion.num_timesteps, lcm.refine_from)
+            except ValueError as error:
+                raise ValueError(f"{source}: its lcm section: {error}") from None
             pipe.student = build_student(typed, vae.latent_dim, encoder.dim).eval()
         return pipe
 

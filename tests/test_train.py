@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -461,6 +462,10 @@ def test_fast_sampler_refined_by_the_teacher(dataset, trained, lcm_config, tmp_p
     train("lcm", dataset, run, config=lcm_config, steps=2, teacher=trained["run"], progress=False)
     config = load_config(run)
     config["lcm"]["refine_from"] = 300
+    for bad, says in ((1000, "refine_from must be a timestep in 1..999"), (-1, "refine_from must be a timestep")):
+        save_json(run / "config.json", {**config, "lcm": {**config["lcm"], "refine_from": bad}})
+        with pytest.raises(ValueError, match=f"lcm section: {re.escape(says)}"):
+            MotionPipeline.from_checkpoint(run, device="cpu")
     save_json(run / "config.json", config)
     pipe = MotionPipeline.from_checkpoint(run, device="cpu")
     assert pipe.lcm.refine_from == 300 and pipe.uses_student(4) and not pipe.uses_student(5)
