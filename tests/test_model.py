@@ -10,7 +10,7 @@ from backend.models import vae as vae_module
 from backend.models.consistency import consistency_x0, fast_schedule, lcm_timesteps
 from backend.models.denoiser import DENOISERS, build_denoiser, register_denoiser
 from backend.models.diffusion import Diffusion
-from backend.models.text_encoder import TextEncoder
+from backend.models.text_encoder import TextEncoder, native_bert_layers
 from backend.models.vae import MotionVAE
 
 UNET = {"arch": "motion_mamba", "dims": [16, 24, 32], "scans": [2, 1, 1], "groups": 4, "heads": 2, "d_state": 4}
@@ -218,6 +218,32 @@ def test_text_encoder_offline_minilm(tmp_path):
     assert similar > unrelated + 0.2
     with pytest.raises(FileNotFoundError, match="no Hugging Face text encoder"):
         TextEncoder(tmp_path)
+
+
+def test_text_encoder_runs_bert_as_native_layers_with_hugging_faces_numbers():
+    """The shipped encoder runs its BERT layers as torch's TransformerEncoderLayers: the token states of a padded
+    batch and of single captions are Hugging Face's own forward's (same weights) to float tolerance; models the
+    conversion does not cover (relative positions, another activation) keep Hugging Face's layers."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    from backend.models.text_encoder import default_encoder_path
+
+    enc = TextEncoder(cache_size=0)
+    assert enc.native_layers is not None and len(enc.native_layers) == 6
+    reference = AutoModel.from_pretrained(default_encoder_path(), local_files_only=True).eval()
+    captions = ["walk", "a person jumps up and down three times, then sits on the floor and waves both hands", "hi"]
+    tokens = enc.tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**tokens).last_hidden_state
+        batch = enc(captions)
+        for i, caption in enumerate(captions):
+            valid = tokens["attention_mask"][i].bool()
+            torch.testing.assert_close(batch.tokens[i, : int(valid.sum())], expected[i, valid], atol=1e-5, rtol=0)
+            torch.testing.assert_close(enc([caption]).tokens[0], expected[i, valid], atol=1e-5, rtol=0)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    assert native_bert_layers(BertModel(BertConfig(**small))) is not None
+    assert native_bert_layers(BertModel(BertConfig(**small, position_embedding_type="relative_key"))) is None
+    assert native_bert_layers(BertModel(BertConfig(**small, hidden_act="relu"))) is None
 
 
 def test_consistency_sampler_schedule_and_boundary():
