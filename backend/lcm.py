@@ -45,7 +45,7 @@ class LCMTask(DenoiserTask):
 
     The config (``configs/lcm.json`` by default) brings ``train.lcm`` (batch, lr, steps; the data mix
     ``source_repeats`` is the teacher's unless given) and the ``lcm`` section (guidance range, skip, EMA decay,
-    max_steps); every model section comes from the teacher.
+    max_steps, refine_from); every model section comes from the teacher.
     """
 
     stage_name = "lcm"

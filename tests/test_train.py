@@ -200,9 +200,12 @@ def test_generate_cli_bad_input(trained, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def lcm_config(tmp_path_factory) -> Path:
-    """Consistency distillation for the tests: batches of 4, saving every 2 steps, a fixed LR horizon."""
+    """Consistency distillation for the tests: batches of 4, saving every 2 steps, a fixed LR horizon; 2-4 fast
+    steps are the student's own (LCM's multistep sampling: ``test_fast_sampler_refined_by_the_teacher`` sets the
+    teacher's refinement)."""
     config = read_config_file("lcm")
     config["train"]["lcm"].update(batch_size=4, max_frames=64, save_every=2, schedule_steps=40)
+    config["lcm"]["refine_from"] = 0
     path = tmp_path_factory.mktemp("cfg") / "lcm.json"
     path.write_text(json.dumps(config))
     return path
