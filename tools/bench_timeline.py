@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(timelines)} timelines x {args.rows} rows (3-5 s each, test captions), {args.steps} "
           f"{pipe.sampler(args.steps)} steps, blend {TIMELINE_BLEND_S:g} s; transition = +-{WINDOW_S:g} s around each "
-          f"boundary, within-segment = "
-          f"+-{WINDOW_S:g} s around each segment's middle (m/s^3, means over the boundaries / middles)\n")
+          f"boundary, within-segment = +-{WINDOW_S:g} s around each segment's middle (m/s^3, means over the "
+          f"boundaries / middles)\n")
     print("| method | transition peak | within peak | peak ratio | transition mean | within mean | mean ratio |")
     print("|---|---|---|---|---|---|---|")
     summary = {}
