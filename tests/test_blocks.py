@@ -93,6 +93,30 @@ def test_mamba_inference_matches_the_reference(batch, length, d_model, d_conv, m
     assert len(fused) == int(ssm.uses_compiled_scan()) and layer.conv1d.weight.grad.abs().sum() > 0
 
 
+def test_mamba_compiled_inference_path_is_the_general_path_bit_for_bit(monkeypatch):
+    """Without autograd or a mask, the CPU layer takes its lean compiled path: the same numbers, bit for bit, as
+    the general path run without gradients (frozen weights under grad mode), for every batch and length."""
+    if not ssm.uses_compiled_scan():
+        pytest.skip("the compiled scan kernel could not be built on this machine")
+    taken = []
+    original = Mamba._forward_compiled
+    monkeypatch.setattr(Mamba, "_forward_compiled", lambda self, h: taken.append(1) or original(self, h))
+    layer = seeded(Mamba, 24, d_state=16).eval()
+    for batch, length in ((1, 1), (3, 17), (2, 100)):
+        x = torch.randn(batch, length, 24)
+        with torch.inference_mode():
+            lean = layer(x)
+        layer.requires_grad_(False)
+        with torch.enable_grad():
+            general = layer(x)
+        layer.requires_grad_(True)
+        assert torch.equal(lean, general)
+    assert len(taken) == 3
+    with torch.inference_mode():  # a mask takes the general path
+        layer(x, mask=torch.ones(x.shape[:2], dtype=torch.bool))
+    assert len(taken) == 3
+
+
 def test_mamba_is_causal():
     layer = seeded(Mamba, 8).eval()
     x = torch.randn(1, 10, 8)

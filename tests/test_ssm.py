@@ -229,7 +229,9 @@ def test_inference_forward_equals_training_forward(implementation):
 
 @pytest.mark.parametrize("layout", ["channels_last", "every_other_step"])
 def test_scan_accepts_strided_layouts(implementation, layout):
-    """u, delta, z may be views, e.g. (b, L, d) memory seen as (b, d, L), as the Mamba layer passes them."""
+    """u, delta, z may be views, e.g. (b, L, d) memory seen as (b, d, L), as the Mamba layer passes them; B and C
+    may be views too: the Mamba layer's are slices of its x_proj output (b, L, dt_rank + 2 d_state), read in place
+    by the compiled kernel."""
     inputs = make_inputs(2, 32, 4, 23)
     for name in ("u", "delta", "z"):
         values = inputs[name].detach()
@@ -240,6 +242,14 @@ def test_scan_accepts_strided_layouts(implementation, layout):
             strided.copy_(values)
         assert not strided.is_contiguous()
         inputs[name] = strided.requires_grad_()
+    B, C = inputs["B"].detach(), inputs["C"].detach()  # (b, n, L)
+    if layout == "channels_last":  # x_proj's output: [dt (3) | B (n) | C (n)] per step
+        projected = torch.cat([torch.randn(2, 23, 3), B.transpose(1, 2), C.transpose(1, 2)], dim=-1)
+        B, C = (part.transpose(1, 2) for part in projected.split([3, 4, 4], dim=-1)[1:])
+    else:
+        B, C = (torch.zeros(2, 4, 2 * 23)[..., ::2].copy_(t) for t in (B, C))
+    assert not B.is_contiguous() and not C.is_contiguous()
+    inputs["B"], inputs["C"] = B.requires_grad_(), C.requires_grad_()
     assert_matches_oracle(inputs, delta_softplus=True)
 
 

@@ -4,7 +4,8 @@ and builds in a few seconds.
 
 It computes all of `selective_scan` (delta_bias, softplus, the recurrence, D and the silu(z) gate) and its
 backward, on float32 u, delta, z (b, d, L) in any strided layout (fastest with adjacent channels, i.e.
-(b, L, d) memory, which is what the Mamba layer has), A (d, n), B, C (b, g, L, n). The SIMD lanes are W
+(b, L, d) memory, which is what the Mamba layer has), A (d, n), B, C (b, g, L, n) with any strides but a unit one
+along n (so the Mamba layer's x_proj output is read in place). The SIMD lanes are W
 consecutive channels d of one batch element (W = 16 where d allows), which share B_t and C_t, so the d_state
 loop has no horizontal reductions and the state stays in L1. Work goes chunk by chunk (`CHUNK` steps): the
 forward checkpoints the state before every chunk; the backward walks the chunks from the last, recomputes
@@ -38,16 +39,19 @@ CHUNK = 32  # steps between checkpointed states; the backward recomputes one chu
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* A (b, d, L) tensor in any strided layout; adjacent channels ((b, L, d) memory) are the fastest. */
+/* A (b, d, L) tensor in any strided layout; adjacent channels ((b, L, d) memory) are the fastest. B and C, which are
+   (b, g, L, n), are Views too: sd is then the group stride, and the n numbers of a step are adjacent. */
 typedef struct { float *p; int64_t sb, sd, st; } View;
 
 typedef struct {
     View u, delta, z, out, dout, du, ddelta, dz;   /* z may be absent (p NULL); dout, du, ... backward only */
-    const float *A, *B, *C, *D, *delta_bias;       /* D, delta_bias may be NULL */
+    View B, C;
+    const float *A, *D, *delta_bias;               /* D, delta_bias may be NULL */
     float *last, *ckpt;                            /* (b, d, n); (b, d, chunks, n) or NULL */
     int64_t dim, groups, L, n, K, softplus;
 } Scan;
@@ -136,7 +140,7 @@ INLINE void step_size(const Scan *s, int64_t d0, const float *raw, float *dt, fl
     const int64_t b = blk / (dim / W), d0 = (blk % (dim / W)) * W, row0 = b * dim + d0;       \
     const int64_t g = d0 / (dim / s->groups);                                                 \
     const int64_t t0 = c * K, m = (L - t0 < K) ? L - t0 : K;                                  \
-    const float *Bg = s->B + (b * s->groups + g) * L * n, *Cg = s->C + (b * s->groups + g) * L * n; \
+    const float *Bg = s->B.p + b * s->B.sb + g * s->B.sd, *Cg = s->C.p + b * s->C.sb + g * s->C.sd; \
     float *ck = s->ckpt ? s->ckpt + (blk * nck + c) * n * W : NULL;  /* state before chunk c */ \
     float Ab[n * W], U[K * W], DT[K * W], SIG[K * W], Z[K * W];                               \
     for (int64_t k = 0; k < n; k++)                                                           \
@@ -177,7 +181,7 @@ INLINE void fwd_chunk(const Scan *s, int64_t blk, int64_t c, float *x, const int
     for (int64_t j = 0; j < m; j++) {
         const float *ut = U + j * W;
         float *y = O + j * W;
-        step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, DT + j * W, ut, x, x, NULL, y, n, W);
+        step(Ab, Bg + (t0 + j) * s->B.st, Cg + (t0 + j) * s->C.st, DT + j * W, ut, x, x, NULL, y, n, W);
         if (s->D)
             for (int w = 0; w < W; w++) y[w] += s->D[d0 + w] * ut[w];
         if (s->z.p)
@@ -201,7 +205,7 @@ INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Car
     float *dBg = sl->dB + (b * s->groups + g) * L * n, *dCg = sl->dC + (b * s->groups + g) * L * n;
     memcpy(x0, ck, n * W * sizeof(float));
     for (int64_t j = 0; j < m; j++)
-        step(Ab, Bg + (t0 + j) * n, Cg + (t0 + j) * n, DT + j * W, U + j * W, j ? X + (j - 1) * n * W : x0,
+        step(Ab, Bg + (t0 + j) * s->B.st, Cg + (t0 + j) * s->C.st, DT + j * W, U + j * W, j ? X + (j - 1) * n * W : x0,
              X + j * n * W, decay + j * n * W, Y + j * W, n, W);
     stage_in(s->dout, b, d0, t0, m, GY, W);
     if (s->z.p)  /* out = (y + D u) * silu(z): gradients of z, and of y + D u (into GY) */
@@ -222,7 +226,7 @@ INLINE void bwd_chunk(const Scan *s, const Slot *sl, int64_t blk, int64_t c, Car
             gB[w] = 0.0f;
             gA[w] = 0.0f;
         }
-        const float *Bt = Bg + t * n, *Ct = Cg + t * n, *Xj = X + j * n * W, *aj = decay + j * n * W;
+        const float *Bt = Bg + t * s->B.st, *Ct = Cg + t * s->C.st, *Xj = X + j * n * W, *aj = decay + j * n * W;
         const float *Xp = j > 0 ? X + (j - 1) * n * W : x0;
         float *dBt = dBg + t * n, *dCt = dCg + t * n;
         for (int64_t k = 0; k < n; k++) {
@@ -315,9 +319,14 @@ void scan_bwd(const Scan *s, const Slot *slots, int64_t W, const int64_t *bounds
 
 /* The Mamba layer's depthwise causal convolution and SiLU, forward only: out[b, t, c] = silu(sum_k wt[k, c]
    x[b, t - K + 1 + k, c] + bias[c]) (the taps in order, then the bias: the PyTorch path's order). x (b, L, d) in
-   any strides; wt (K, d), out (b, L, d) contiguous; bias may be NULL. */
-void conv_silu(const float *x, int64_t sb, int64_t st, int64_t sd, const float *wt, const float *bias, float *out,
-               int64_t batch, int64_t L, int64_t d, int64_t K) {
+   any strides; weight (d, K) (a Conv1d's, contiguous), out (b, L, d) contiguous; bias may be NULL. Returns 0, or
+   -1 when the taps' scratch cannot be allocated. */
+int conv_silu(const float *x, int64_t sb, int64_t st, int64_t sd, const float *weight, const float *bias, float *out,
+              int64_t batch, int64_t L, int64_t d, int64_t K) {
+    float *wt = malloc((size_t)(K * d) * sizeof(float));  /* the taps as (K, d): tap k of adjacent channels adjacent */
+    if (!wt) return -1;
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t k = 0; k < K; k++) wt[k * d + c] = weight[c * K + k];
     for (int64_t b = 0; b < batch; b++)
         for (int64_t t = 0; t < L; t++) {
             float *o = out + (b * L + t) * d;
@@ -335,6 +344,8 @@ void conv_silu(const float *x, int64_t sb, int64_t st, int64_t sd, const float *
                 o[c] = v / (1.0f + vexp(-v));
             }
         }
+    free(wt);
+    return 0;
 }
 """
 
@@ -408,7 +419,8 @@ def build() -> ctypes.CDLL:
     lib.scan_fwd.argtypes = [ctypes.POINTER(_Scan), i64, ptr, i64, ptr, i64]
     lib.scan_bwd.argtypes = [ctypes.POINTER(_Scan), ctypes.POINTER(_Slot), i64, ptr, i64, i64]
     lib.conv_silu.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
-    lib.scan_fwd.restype = lib.scan_bwd.restype = lib.conv_silu.restype = None
+    lib.scan_fwd.restype = lib.scan_bwd.restype = None
+    lib.conv_silu.restype = ctypes.c_int
     return lib
 
 
@@ -424,8 +436,8 @@ class _View(ctypes.Structure):
     _fields_ = [("p", ctypes.c_void_p), *((name, ctypes.c_int64) for name in ("sb", "sd", "st"))]
 
 
-_VIEWS = ("u", "delta", "z", "out", "dout", "du", "ddelta", "dz")
-_PTRS = ("A", "B", "C", "D", "delta_bias", "last", "ckpt")
+_VIEWS = ("u", "delta", "z", "out", "dout", "du", "ddelta", "dz", "B", "C")
+_PTRS = ("A", "D", "delta_bias", "last", "ckpt")
 
 
 class _Scan(ctypes.Structure):
@@ -438,9 +450,10 @@ class _Slot(ctypes.Structure):
 
 
 def _scan_struct(dim: int, groups: int, L: int, n: int, softplus: bool, **tensors) -> _Scan:
-    """The kernel's argument block; absent tensors (None or not given) become NULL."""
+    """The kernel's argument block; absent tensors (None or not given) become NULL. B and C (b, g, L, n) need a unit
+    stride along n."""
     def view(t):
-        return _View() if t is None else _View(t.data_ptr(), *t.stride())
+        return _View() if t is None else _View(t.data_ptr(), *t.stride()[:3])
 
     return _Scan(**{k: view(tensors.get(k)) for k in _VIEWS},
                  **{k: (None if tensors.get(k) is None else tensors[k].data_ptr()) for k in _PTRS},
@@ -468,17 +481,18 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     """silu(depthwise causal conv1d over time) of x (b, L, d) float32, any strides, with a Conv1d's weight
     (d, 1, K) and bias (d,): the Mamba layer's, forward only (no autograd), as one contiguous (b, L, d) tensor."""
     batch, length, dim = x.shape
-    wt = weight.detach().reshape(dim, -1).t().contiguous()
+    w = weight.detach().contiguous()
     b = None if bias is None else bias.detach().contiguous()
     out = x.new_empty(batch, length, dim)
-    load().conv_silu(x.data_ptr(), *x.stride(), wt.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
-                     batch, length, dim, wt.shape[0])
+    if load().conv_silu(x.data_ptr(), *x.stride(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
+                        batch, length, dim, w.shape[-1]):
+        raise MemoryError(f"conv_silu: no memory for the taps of {dim} channels")
     return out
 
 
 class CompiledScan:
     """`selective_scan`'s CPU implementation on the C kernel: float32; u, delta, z (b, d, L) in any layout
-    (adjacent channels fastest); A, D, delta_bias contiguous; B, C contiguous (b, g, L, n)."""
+    (adjacent channels fastest); A, D, delta_bias contiguous; B, C (b, g, L, n) with a unit stride along n."""
 
     name = "compiled"
 

@@ -94,8 +94,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return _mamba_selective_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                           return_last_state)
     dtype_in = u.dtype
-    # The scan wants B, C as (batch, groups, L, d_state): each step reads d_state contiguous numbers.
-    B_t, C_t = (t.float().reshape(u.shape[0], -1, *t.shape[-2:]).transpose(-1, -2).contiguous() for t in (B, C))
+    # The scan wants B, C as (batch, groups, L, d_state) with each step's d_state numbers adjacent: the Mamba layer's
+    # x_proj output is that already (read in place); mamba_ssm's (batch, d_state, L) layout gets a copy.
+    B_t, C_t = (_steps_adjacent(t.float().reshape(u.shape[0], -1, *t.shape[-2:]).transpose(-1, -2)) for t in (B, C))
     if B_t.shape[1] != C_t.shape[1]:  # B and C grouped differently: give both the common refinement
         groups = math.lcm(B_t.shape[1], C_t.shape[1])
         B_t = B_t.repeat_interleave(groups // B_t.shape[1], dim=1)
@@ -111,9 +112,14 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return (out, last_state) if return_last_state else out
 
 
+def _steps_adjacent(t: torch.Tensor) -> torch.Tensor:
+    """t (..., L, n) with a unit stride along n (a copy only where it lacks one)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _SelectiveScan(torch.autograd.Function):
-    """The whole selective scan on float32 tensors (u, delta, z (b, d, L) in any layout; B, C contiguous
-    (b, g, L, n)); runs the implementation in use, whose backward is hand-written.
+    """The whole selective scan on float32 tensors (u, delta, z (b, d, L) in any layout; B, C (b, g, L, n) with a
+    unit stride along n); runs the implementation in use, whose backward is hand-written.
     An implementation's forward returns (out, last_state, saved tensors), its backward(saved, softplus, dout)
     the gradients of (u, delta, A, B, C, D, z, delta_bias)."""
 
