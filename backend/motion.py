@@ -450,7 +450,15 @@ ROTATION_CHANNELS = ("auto", "local", "humanml3d")
 
 
 def features_to_rotations(features: Array, channels: str = "auto") -> tuple[Array, Array]:
-    """Features (..., T, D) to (root_translation (..., T, 3), local joint rotations (..., T, J, 4) as w, x, y, z).
+    """Features (..., T, D) to (root_translation (..., T, 3), local joint rotations (..., T, J, 4) as w, x, y, z):
+    :func:`features_to_joints`, with the root's position for the joint positions."""
+    positions, rotations = features_to_joints(features, channels)
+    return positions[..., 0, :], rotations
+
+
+def features_to_joints(features: Array, channels: str = "auto") -> tuple[Array, Array]:
+    """Features (..., T, D) to (joint positions (..., T, J, 3) as :func:`features_to_positions` gives them, local
+    joint rotations (..., T, J, 4) as w, x, y, z), the positions computed once for both.
 
     The rotations are standard parent-relative ones over the rest pose ``SMPL22.rest_offsets`` (what the backend
     streams and the add-on keys). Every joint starts from the orientation its rotation channel gives ("local"
@@ -496,7 +504,7 @@ def features_to_rotations(features: Array, channels: str = "auto") -> tuple[Arra
                 world[..., j, :] = guess[..., k, :]
     local = torch.cat([world[..., :1, :], qmul(qinv(world[..., list(parents[1:]), :]), world[..., 1:, :])], dim=-2)
     rotations = qfix(qnormalize(local))
-    return back(p[..., 0, :]), back(rotations)
+    return back(p), back(rotations)
 
 
 def forward_kinematics(root_translation: Array, local_quaternions: Array, skeleton: Skeleton = SMPL22) -> Array:

@@ -37,8 +37,7 @@ from backend.motion import (
     PLANT_REACH,
     ROTATION_CHANNELS,
     SMOOTH_REACH,
-    features_to_positions,
-    features_to_rotations,
+    features_to_joints,
     forward_kinematics,
     plant_feet,
     smooth_pose,
@@ -499,15 +498,13 @@ class MotionPipeline:
         """Frames ``start..`` of one sample; positions and rotations come from the whole prefix decoded so
         far, since the root's path and heading integrate over it."""
         decoded.append(features)
-        prefix = np.concatenate(decoded)
-        root, rotations = self._rotations(prefix)
-        return Motion(features, features_to_positions(prefix)[start:], root[start:], rotations[start:], self.fps,
-                      prompt, seed)
+        positions, rotations = self._joints(np.concatenate(decoded))
+        return Motion(features, positions[start:], positions[start:, 0], rotations[start:], self.fps, prompt, seed)
 
-    def _rotations(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``features_to_rotations`` in the convention of the model's training data, which its checkpoint
-        records (detecting it on every chunk cost a third of the rotations; "auto" still does)."""
-        return features_to_rotations(features, self.rotation_channels)
+    def _joints(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``features_to_joints`` (positions, rotations) in the convention of the model's training data, which its
+        checkpoint records (detecting it on every chunk cost a third of the rotations; "auto" still does)."""
+        return features_to_joints(features, self.rotation_channels)
 
     @torch.inference_mode()
     def edit(self, root_translation: np.ndarray, rotations: np.ndarray, start: int, stop: int, prompt: str,
@@ -547,7 +544,8 @@ class MotionPipeline:
             if z is None:
                 return None
             decoded = self._decode(z, 0, tokens)[0]
-        root_c, rot_c = self._rotations(decoded.astype(np.float64))
+        positions, rot_c = self._joints(decoded.astype(np.float64))
+        root_c = positions[:, 0]
         root_g, rot_g = place_range(root_w, rot_w, root_c, rot_c, lo, start, stop, floor, self.fps)
         root_w[start:stop], rot_w[start:stop] = root_g, rot_g
         features = piece_features(root_w, rot_w, floor)

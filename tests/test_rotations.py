@@ -21,6 +21,7 @@ from backend.data.prepare import clip_features
 from backend.data.retarget import JointMap, load_map, retarget_rotations
 from backend.motion import (
     canonicalize_rotations,
+    features_to_joints,
     features_to_positions,
     features_to_rotations,
     forward_kinematics,
@@ -125,6 +126,10 @@ def test_twist_free_channels_still_give_exact_positions(prepared) -> None:
     root, rotations = features_to_rotations(features)
     error = np.linalg.norm(forward_kinematics(root, rotations) - features_to_positions(features), axis=-1)
     assert error.max() < 1e-6
+    positions, same_rotations = features_to_joints(features)  # what the pipeline streams: the same, at once
+    np.testing.assert_array_equal(positions, features_to_positions(features))
+    np.testing.assert_array_equal(same_rotations, rotations)
+    np.testing.assert_array_equal(positions[..., 0, :], root)
     # and the twist channels of the real preparation are ignored when told so: the same positions
     root, rotations = features_to_rotations(walk["features"], channels="humanml3d")
     error = np.linalg.norm(forward_kinematics(root, rotations) - features_to_positions(walk["features"]), axis=-1)

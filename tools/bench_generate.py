@@ -63,8 +63,10 @@ class StageClock:
         for name in ("smooth_pose", "plant_feet"):  # absent before 2026-11-29: the stage reads 0
             if hasattr(pipeline_module, name):
                 self.wrap(pipeline_module, name, "smooth + plant")
-        for name in ("features_to_positions", "features_to_rotations"):
-            self.wrap(pipeline_module, name, "positions + rotations")
+        # features_to_joints: from 2026-11-30 (positions computed once for both)
+        for name in ("features_to_positions", "features_to_rotations", "features_to_joints"):
+            if hasattr(pipeline_module, name):
+                self.wrap(pipeline_module, name, "positions + rotations")
 
 
 def main() -> None:
