@@ -35,6 +35,18 @@ def test_bench_generate_times_every_sampler_and_profiles_the_stages():
     assert all(p > 0 for p in parts[:5]) and abs(sum(parts) - total) < 0.2, stages  # the stages add up
 
 
+def test_bench_generate_against_an_old_checkout_alternates_and_prints_ratios():
+    """Before/after against a checkout (here this one: the tool itself is what is checked): both sides measured in
+    fresh processes, each row's ratio now / before computed from the printed times, both profiles."""
+    text = _run("tools/bench_generate.py", "--config", "tiny", "--seconds", "2", "--repeats", "1", "--ddim", "2",
+                "--fast", "--profile", "--against", str(ROOT), "--rounds", "1")
+    rows = re.findall(r"^\| DDIM 2 steps,[^|]*" + r"\| ([\d.]+) " * 5 + r"\|$", text, re.M)
+    assert len(rows) == 1, text
+    before, now, ratio, before_same, now_same = map(float, rows[0])
+    assert min(before, now, before_same, now_same) > 0 and abs(ratio - now / before) < 0.01, rows
+    assert re.search(r"^\| before: DDIM 2 steps", text, re.M) and re.search(r"^\| now: DDIM 2 steps", text, re.M), text
+
+
 def test_bench_scaling_quick_run_measures_both_models():
     text = _run("tools/bench_scaling.py", "--quick")
     points = re.findall(r"^cpu (\w+) +(\d+) s: +([\d.]+) s", text, re.M)

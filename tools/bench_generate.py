@@ -11,22 +11,31 @@ when only the seed changes). Ratios are to the first row, measured in the same r
 ``--profile`` adds where the time of a new prompt goes: text encoder, denoiser, VAE decode, the pose smoothing
 and foot planting, positions and rotations, and the rest (DDIM arithmetic, Python glue), timed by wrapping those
 calls of the pipeline in use. The wrapping names functions, not lines, so the script profiles older versions of
-the pipeline too (``cd OLD_CHECKOUT && PYTHONPATH=. python /path/to/tools/bench_generate.py --profile``):
-before/after on one machine.
+the pipeline too.
+
+``--against OLD_CHECKOUT`` measures before/after: this script runs in fresh processes on the old checkout's code and
+on this one's, alternating (old, new, old, new, ...) for ``--rounds`` rounds, and prints each row's best round of
+either side and their ratio. A shared virtual machine's speed drifts by tens of percent between hours; alternating
+in one run puts both sides on the same hours.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import backend.pipeline as pipeline_module
 from backend.pipeline import MotionPipeline
 
 STAGES = ("text encoder", "denoiser", "VAE decode", "smooth + plant", "positions + rotations")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class StageClock:
@@ -69,19 +78,9 @@ class StageClock:
                 self.wrap(pipeline_module, name, "positions + rotations")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="generation checkpoint folder (default: the shipped weights)")
-    parser.add_argument("--config", help="random weights of this config instead of a checkpoint")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--ddim", type=int, nargs="*", default=[50, 10, 4])
-    parser.add_argument("--fast", type=int, nargs="*", default=[4, 2, 1])
-    parser.add_argument("--guidance", type=float, default=2.5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
-    parser.add_argument("--profile", action="store_true", help="print where the time goes")
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace) -> dict:
+    """Time every row in this process: {"header": str, "rows": [{"label", "new", "same", "stages"}]} (seconds;
+    ``stages`` of the fastest new-prompt repeat, with its "total")."""
     if args.config:
         pipe = MotionPipeline.random(args.config)
     else:
@@ -92,8 +91,8 @@ def main() -> None:
     rows = [(f"DDIM {n} step{'s' * (n != 1)}, guidance {args.guidance:g} (2 passes)", n) for n in args.ddim
             if fast is None or not fast(n)]
     rows += [(f"fast sampler {n} step{'s' * (n > 1)}", n) for n in args.fast if fast is not None and fast(n)]
-    print(f"model {info['model']} ({info['arch']}), cpu, torch threads {args.threads}, {args.seconds:g} s of motion,"
-          f" best of {args.repeats}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    header = (f"model {info['model']} ({info['arch']}), cpu, torch threads {args.threads}, {args.seconds:g} s of "
+              f"motion, best of {args.repeats}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     prompt = "a person walks forward, then waves with the right hand"
     pipe(prompt, seconds=2.0, steps=2)  # warm-up; also caches this prompt's encoding
     clock = StageClock()
@@ -110,18 +109,100 @@ def main() -> None:
             start = time.process_time()
             pipe(prompt, seconds=args.seconds, seed=r, guidance=args.guidance, steps=steps)
             same.append(time.process_time() - start)
-        results.append((label, min(new), min(same), min(stages, key=lambda s: s["total"])))
-    base = results[0][1]
-    print("| sampler | new prompt (ms) | same prompt (ms) | x first row |\n|---|---|---|---|")
-    for label, new_s, same_s, _ in results:
-        print(f"| {label} | {1000 * new_s:.1f} | {1000 * same_s:.1f} | {new_s / base:.3f} |")
+        results.append({"label": label, "new": min(new), "same": min(same),
+                        "stages": min(stages, key=lambda s: s["total"])})
+    return {"header": header, "rows": results}
+
+
+def _print_profile(named_rows: list[tuple[str, dict]]) -> None:
+    print(f"\nwhere the time of a new prompt goes (ms, the fastest repeat)\n"
+          f"| sampler | {' | '.join(STAGES)} | other | total |\n|---|{'---|' * (len(STAGES) + 2)}")
+    for label, stages in named_rows:
+        other = stages["total"] - sum(stages.get(s, 0.0) for s in STAGES)
+        cells = " | ".join(f"{1000 * stages.get(s, 0.0):.1f}" for s in STAGES)
+        print(f"| {label} | {cells} | {1000 * other:.1f} | {1000 * stages['total']:.1f} |")
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The measuring options of this run, for a child process that runs in another folder."""
+    argv = ["--seconds", str(args.seconds), "--ddim", *map(str, args.ddim), "--fast", *map(str, args.fast),
+            "--guidance", str(args.guidance), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.checkpoint:
+        argv += ["--checkpoint", str(Path(args.checkpoint).resolve())]
+    if args.config:
+        argv += ["--config", args.config]
+    return argv
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Before/after: this script on ``args.against``'s code and on this checkout's, alternating, in fresh
+    processes; each row's best round per side, and their ratio."""
+    trees = {"before": Path(args.against).resolve(), "now": ROOT}
+    rounds: dict[str, list[dict]] = {side: [] for side in trees}
+    for _ in range(args.rounds):
+        for side, tree in trees.items():
+            out = subprocess.run([sys.executable, __file__, *_child_argv(args), "--json"], cwd=tree, text=True,
+                                 capture_output=True, env={**os.environ, "PYTHONPATH": str(tree)}, check=False)
+            if out.returncode:
+                raise SystemExit(f"bench_generate on {tree} failed:\n{out.stderr[-3000:]}")
+            rounds[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def best(side: str, label: str) -> dict | None:
+        rows = [row for run in rounds[side] for row in run["rows"] if row["label"] == label]
+        if not rows:
+            return None
+        return {"new": min(r["new"] for r in rows), "same": min(r["same"] for r in rows),
+                "stages": min((r["stages"] for r in rows), key=lambda st: st["total"])}
+
+    labels = [row["label"] for row in rounds["now"][0]["rows"]]
+    print(f"{rounds['now'][-1]['header']}\nbefore: {trees['before']}; now: {ROOT}; the best of {args.rounds} "
+          f"alternating rounds each")
+    print("| sampler | before: new prompt (ms) | now: new prompt (ms) | now / before | before: same prompt (ms) | "
+          "now: same prompt (ms) |\n|---|---|---|---|---|---|")
+    profile = []
+    for label in labels:
+        now, before = best("now", label), best("before", label)
+        if before is None:
+            print(f"| {label} | - | {1000 * now['new']:.1f} | - | - | {1000 * now['same']:.1f} |")
+        else:
+            print(f"| {label} | {1000 * before['new']:.1f} | {1000 * now['new']:.1f} | "
+                  f"{now['new'] / before['new']:.3f} | {1000 * before['same']:.1f} | {1000 * now['same']:.1f} |")
+            profile.append((f"before: {label}", before["stages"]))
+        profile.append((f"now: {label}", now["stages"]))
     if args.profile:
-        print(f"\nwhere the time of a new prompt goes (ms, the fastest repeat)\n"
-              f"| sampler | {' | '.join(STAGES)} | other | total |\n|---|{'---|' * (len(STAGES) + 2)}")
-        for label, _, _, stages in results:
-            other = stages["total"] - sum(stages.get(s, 0.0) for s in STAGES)
-            cells = " | ".join(f"{1000 * stages.get(s, 0.0):.1f}" for s in STAGES)
-            print(f"| {label} | {cells} | {1000 * other:.1f} | {1000 * stages['total']:.1f} |")
+        _print_profile(profile)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="generation checkpoint folder (default: the shipped weights)")
+    parser.add_argument("--config", help="random weights of this config instead of a checkpoint")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--ddim", type=int, nargs="*", default=[50, 10, 4])
+    parser.add_argument("--fast", type=int, nargs="*", default=[4, 2, 1])
+    parser.add_argument("--guidance", type=float, default=2.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes")
+    parser.add_argument("--against", metavar="OLD_CHECKOUT", help="before/after against an older checkout's code")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --against")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one process's rows, for --against
+    args = parser.parse_args()
+
+    if args.against:
+        compare(args)
+        return
+    measured = measure(args)
+    if args.json:
+        print(json.dumps(measured))
+        return
+    print(measured["header"])
+    base = measured["rows"][0]["new"]
+    print("| sampler | new prompt (ms) | same prompt (ms) | x first row |\n|---|---|---|---|")
+    for row in measured["rows"]:
+        print(f"| {row['label']} | {1000 * row['new']:.1f} | {1000 * row['same']:.1f} | {row['new'] / base:.3f} |")
+    if args.profile:
+        _print_profile([(row["label"], row["stages"]) for row in measured["rows"]])
 
 
 if __name__ == "__main__":
