@@ -45,6 +45,10 @@ def test_bench_generate_against_an_old_checkout_alternates_and_prints_ratios():
     before, now, ratio, before_same, now_same = map(float, rows[0])
     assert min(before, now, before_same, now_same) > 0 and abs(ratio - now / before) < 0.01, rows
     assert re.search(r"^\| before: DDIM 2 steps", text, re.M) and re.search(r"^\| now: DDIM 2 steps", text, re.M), text
+    bad = subprocess.run([sys.executable, "tools/bench_generate.py", "--against", str(ROOT / "no-such-checkout")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "--against needs a checkout" in bad.stderr, bad.stderr
 
 
 def test_bench_scaling_quick_run_measures_both_models():

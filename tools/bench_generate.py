@@ -190,6 +190,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.against:
+        if not (Path(args.against) / "backend").is_dir() or args.rounds < 1:
+            parser.error("--against needs a checkout of this project (a folder with backend/) and --rounds >= 1")
         compare(args)
         return
     measured = measure(args)
