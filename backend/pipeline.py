@@ -499,7 +499,9 @@ class MotionPipeline:
         far, since the root's path and heading integrate over it."""
         decoded.append(features)
         positions, rotations = self._joints(np.concatenate(decoded))
-        return Motion(features, positions[start:], positions[start:, 0], rotations[start:], self.fps, prompt, seed)
+        # the root translation its own array, as before: not a view a caller could move the positions through
+        return Motion(features, positions[start:], positions[start:, 0].copy(), rotations[start:], self.fps, prompt,
+                      seed)
 
     def _joints(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``features_to_joints`` (positions, rotations) in the convention of the model's training data, which its
